@@ -1,0 +1,1 @@
+"""Checkpoint reading and conversion (installed as m2bert_hf_mlx.conversion)."""

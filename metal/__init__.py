@@ -1,0 +1,1 @@
+"""Kernel sources (installed as m2bert_hf_mlx.metal)."""

@@ -1,0 +1,1 @@
+"""Model card templates (installed as m2bert_hf_mlx.model_cards)."""
