@@ -1,0 +1,449 @@
+"""Finding, reading, checking and writing M2-BERT weights: local folders, Hub repos, every published format."""
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from . import __version__
+from .configuration_m2_bert import PRESETS, M2BertConfig
+from .conversion.checkpoints import CheckpointError, load_state_dict
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"]
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+
+# Keys of task heads that another model class owns: reported, then left out, when loading into a class without them.
+_HEAD_PREFIXES = ("cls.", "classifier.", "bert.pooler.", "pooler.")
+
+
+class WeightsMismatchError(ValueError):
+    """The checkpoint's tensors do not fit the model: missing, unexpected or mis-shaped weights."""
+
+
+class HubError(OSError):
+    """A model that could not be fetched: missing repo or revision, offline without a cache, unreachable Hub."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resolution: a local folder or file as is, anything else through huggingface_hub.
+
+
+def _hub_download(repo_id, allow_patterns, hub, *, dry_run=False):
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        HfHubHTTPError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = hub.get("endpoint") or "the Hugging Face Hub"
+    try:
+        return snapshot_download(
+            repo_id,
+            allow_patterns=allow_patterns,
+            library_name="m2bert-hf-mlx",
+            library_version=__version__,
+            dry_run=dry_run,
+            **hub,
+        )
+    except HFValidationError as e:
+        raise HubError(f"{repo_id!r} is neither a local folder or file nor a valid Hub repo id ({e}).") from e
+    except GatedRepoError as e:
+        raise HubError(f"{repo_id} on {where} is gated: accept its terms on the Hub and pass token=... .") from e
+    except RepositoryNotFoundError as e:
+        raise HubError(
+            f"Repository {repo_id!r} was not found on {where}. Check the name, pass token=... if it is private, "
+            "or give the path of a local folder."
+        ) from e
+    except RevisionNotFoundError as e:
+        raise HubError(f"Revision {hub.get('revision')!r} does not exist in {repo_id}.") from e
+    except IncompleteSnapshotError as e:
+        raise HubError(
+            f"The cached copy of {repo_id} is incomplete and {where} cannot be reached; go online once to finish "
+            "the download."
+        ) from e
+    except LocalEntryNotFoundError as e:
+        raise HubError(
+            f"{repo_id!r} is not a local folder, is not in the Hugging Face cache, and {where} cannot be reached "
+            "(offline mode, local_files_only=True, or no network). Download it once online, unset HF_HUB_OFFLINE, "
+            "or give the path of a local folder."
+        ) from e
+    except HfHubHTTPError as e:
+        raise HubError(f"{where} refused the request for {repo_id}: {e}") from e
+
+
+def _hub_kwargs(revision, cache_dir, local_files_only, token, force_download, endpoint):
+    return dict(
+        revision=revision,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        token=token,
+        force_download=force_download,
+        endpoint=endpoint,
+    )
+
+
+def _prefixed(subfolder, names):
+    return [f"{subfolder}/{n}" if subfolder else n for n in names]
+
+
+def _fetch_config_folder(name_or_path, hub, subfolder):
+    """The folder holding config.json (and later the weights) of a local path or a Hub repo."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path / subfolder if subfolder and path.is_dir() else path
+    folder = Path(_hub_download(str(name_or_path), _prefixed(subfolder, ["config.json"]), hub))
+    return folder / subfolder if subfolder else folder
+
+
+def _fetch_weights(repo_id, hub, subfolder, folder):
+    """Download the preferred weight files and the tokenizer files of a Hub repo; return the local folder."""
+    from huggingface_hub.errors import DryRunError
+
+    try:
+        listing = [f.filename for f in _hub_download(repo_id, None, hub, dry_run=True)]
+    except DryRunError:
+        return folder  # offline: the cached snapshot holds what an earlier online load fetched
+    if subfolder:
+        listing = [n[len(subfolder) + 1 :] for n in listing if n.startswith(subfolder + "/")]
+    listing = [n for n in listing if "/" not in n]
+    wanted = _choose_weight_files(listing, repo_id) + [n for n in TOKENIZER_FILES if n in listing]
+    root = Path(_hub_download(repo_id, _prefixed(subfolder, wanted), hub))
+    return root / subfolder if subfolder else root
+
+
+def _choose_weight_files(names, where):
+    """The files of the preferred weight format among a folder's or a repo's file names."""
+    names = set(names)
+    safetensors = sorted(n for n in names if n.endswith(".safetensors"))
+    if "model.safetensors.index.json" in names:
+        return ["model.safetensors.index.json"] + safetensors
+    if safetensors:
+        return safetensors
+    if "pytorch_model.bin.index.json" in names:
+        return ["pytorch_model.bin.index.json"] + sorted(n for n in names if n.startswith("pytorch_model-") and n.endswith(".bin"))
+    for candidates in (
+        [n for n in ("pytorch_model.bin", "model.bin") if n in names][:1],
+        sorted(n for n in names if n.endswith(".bin")),
+        sorted(n for n in names if n.endswith(".pt")),
+    ):
+        if len(candidates) == 1:
+            return candidates
+        if candidates:
+            raise CheckpointError(f"{where} holds several weight files ({', '.join(candidates)}); pass the path of the one to load.")
+    raise CheckpointError(
+        f"No weights found in {where}: expected model.safetensors (or shards with an index), pytorch_model.bin, "
+        "model.bin or a Composer .pt file."
+    )
+
+
+def _weight_files(folder):
+    if folder.is_file():
+        return [folder]
+    chosen = _choose_weight_files([p.name for p in folder.iterdir() if p.is_file()], folder)
+    if not chosen[0].endswith(".index.json"):
+        return [folder / n for n in chosen]
+    index = folder / chosen[0]
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{index} is not a valid weight index ({e}); download it again.") from e
+    missing = [n for n in shards if not (folder / n).is_file()]
+    if missing:
+        raise CheckpointError(f"{folder} is missing the weight shards {missing} that {index.name} names; download them again.")
+    return [folder / n for n in shards]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configs
+
+
+def _config_from_argument(config):
+    if isinstance(config, M2BertConfig):
+        return config.to_dict()
+    if isinstance(config, dict):
+        return dict(config)
+    if isinstance(config, (str, os.PathLike)):
+        if str(config) in PRESETS:
+            return M2BertConfig.from_preset(str(config)).to_dict()
+        if Path(config).is_file():
+            return M2BertConfig.from_json_file(config).to_dict()
+    raise ValueError(
+        f"config={config!r} is not an M2BertConfig, a dict, a JSON file or a preset name ({', '.join(PRESETS)})."
+    )
+
+
+def _read_config_dict(folder, name_or_path, config):
+    if config is not None:
+        return _config_from_argument(config)
+    path = folder / "config.json" if folder.is_dir() else folder.parent / "config.json"
+    if not path.is_file():
+        raise ValueError(
+            f"{name_or_path} has no config.json (Composer .pt checkpoints ship none). Pass config= with an "
+            f"M2BertConfig, a JSON file, or a preset name: {', '.join(PRESETS)}."
+        )
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable JSON config ({e}); download it again.") from e
+
+
+def load_config(name_or_path, *, revision=None, cache_dir=None, local_files_only=False, token=None,
+                force_download=False, endpoint=None, subfolder="", **overrides):
+    hub = _hub_kwargs(revision, cache_dir, local_files_only, token, force_download, endpoint)
+    folder = _fetch_config_folder(name_or_path, hub, subfolder)
+    return M2BertConfig.from_upstream_dict(_read_config_dict(folder, name_or_path, None), **overrides)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading weights
+
+
+def read_weights(files):
+    """All tensors of the given weight files, as MLX arrays keyed by their checkpoint names."""
+    weights = {}
+    for path in files:
+        if path.suffix == ".safetensors":
+            try:
+                tensors = mx.load(str(path))
+            except (RuntimeError, ValueError, OSError) as e:
+                raise CheckpointError(f"{path} is not a readable safetensors file ({e}); download it again.") from e
+        else:
+            tensors = {k: mx.array(v) for k, v in load_state_dict(path).items()}
+        weights.update(tensors)
+    return weights
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sanitize: checkpoint names -> this package's names
+
+
+def _strip_training_prefixes(key):
+    for prefix in ("module.", "model."):
+        if key.startswith(prefix):
+            key = key[len(prefix) :]
+    return key
+
+
+def _same(a, b):
+    return a.shape == b.shape and bool(mx.array_equal(a.astype(mx.float32), b.astype(mx.float32)))
+
+
+def sanitize_weights(model, weights):
+    """See `M2BertPreTrainedModel.sanitize`."""
+    has_base_prefix = "bert" in model
+    out = {}
+    for key, value in weights.items():
+        key = _strip_training_prefixes(key)
+        if has_base_prefix and key.split(".")[0] in ("embeddings", "encoder", "pooler"):
+            key = "bert." + key
+        elif not has_base_prefix and key.startswith("bert."):
+            key = key[len("bert.") :]
+        out[key] = value
+
+    for key in [k for k in out if k.endswith("embeddings.position_ids")]:
+        ids = np.asarray(out.pop(key)).reshape(-1)
+        if not np.array_equal(ids, np.arange(ids.size)):
+            raise WeightsMismatchError(f"{key} is not arange({ids.size}); this checkpoint's positions are not canonical.")
+
+    for key in [k for k in out if k.endswith("short_filter.weight")]:
+        w = out[key]
+        if w.ndim == 3 and w.shape[1] == 1 and w.shape[2] != 1:
+            out[key] = w.transpose(0, 2, 1)  # torch depthwise (C, 1, k) -> MLX Conv1d (C, k, 1)
+
+    _merge_shared_freq(out)
+
+    base = "bert." if has_base_prefix else ""
+    words_key = f"{base}embeddings.word_embeddings.weight"
+    decoder_key = "cls.predictions.decoder.weight"
+    if decoder_key in out:
+        decoder = out.pop(decoder_key)
+        if words_key not in out:
+            out[words_key] = decoder
+        elif not _same(decoder, out[words_key]):
+            raise WeightsMismatchError(
+                f"{decoder_key} differs from {words_key}: M2-BERT ties the MLM decoder to the word embeddings, so "
+                "this checkpoint cannot be represented faithfully."
+            )
+    return out
+
+
+def _merge_shared_freq(out):
+    """The six `freq` copies of a HyenaFilter are one tensor in the canonical model: keep one, check the others."""
+    copies = {}
+    for key in list(out):
+        parts = key.split(".")
+        if parts[-1] == "freq" and len(parts) >= 3 and parts[-3] in ("implicit_filter", "implicit_filter_rev"):
+            copies.setdefault(".".join(parts[:-3]), []).append(key)
+    for filter_prefix, keys in copies.items():
+        keys.sort(key=lambda k: (k.split(".")[-3] != "implicit_filter", k))
+        target = f"{filter_prefix}.freq"
+        reference = out.get(target, out[keys[0]])
+        for key in keys:
+            if not _same(out[key], reference):
+                raise WeightsMismatchError(
+                    f"{key} differs from {target}: the canonical HyenaFilter shares one Sin.freq between all its sine "
+                    "activations, so this checkpoint does not describe an M2-BERT filter."
+                )
+            del out[key]
+        out[target] = reference
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Strict loading
+
+
+def _describe(keys, limit=12):
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def apply_weights(model, weights, *, strict=True, source="the checkpoint"):
+    """Load sanitized weights into the model, checking that they fit (see `load_model`'s `strict`)."""
+    expected = dict(tree_flatten(model.parameters()))
+    other_heads = {k for k in weights if k not in expected and k.startswith(_HEAD_PREFIXES)}
+    unexpected = set(weights) - set(expected) - other_heads
+    missing = set(expected) - set(weights) - model.buffer_keys()
+    mismatched = [
+        f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(weights) & set(expected))
+        if weights[k].shape != expected[k].shape
+    ]
+    problems = []
+    if mismatched:
+        problems.append("shape mismatches: " + "; ".join(mismatched[:12]))
+    if strict and missing:
+        problems.append(f"missing from {source}: {_describe(missing)}")
+    if strict and unexpected:
+        problems.append(f"not used by {type(model).__name__}: {_describe(unexpected)}")
+    if problems:
+        raise WeightsMismatchError(
+            f"{source} does not fit {type(model).__name__} ({model.config.num_hidden_layers} layers, hidden size "
+            f"{model.config.hidden_size}): " + " | ".join(problems)
+            + ". Check that the config matches the checkpoint (config= or a preset) and that the model class fits "
+            "it (M2BertForMaskedLM for MLM checkpoints, M2BertModel for retrieval ones)."
+            + ("" if mismatched else " strict=False loads what fits and keeps the rest initialised.")
+        )
+    if other_heads:
+        logger.warning(
+            "%s has task-head weights that %s does not have; they are not loaded: %s",
+            source, type(model).__name__, _describe(other_heads),
+        )
+    if missing:
+        logger.warning("strict=False: left at their initial values: %s", _describe(missing))
+    if unexpected:
+        logger.warning("strict=False: not loaded: %s", _describe(unexpected))
+    model.load_weights([(k, v) for k, v in weights.items() if k in expected], strict=False)
+
+
+def cast_model(model, dtype):
+    """Cast the weights to `dtype`, except the long-convolution filters, which stay float32 (their positional
+    tables need the resolution, and the convolution runs in float32 anyway)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
+    target = DTYPES[dtype]
+
+    def cast(path, value):
+        keep = ".filter_fn" in f".{path}" or mx.issubdtype(value.dtype, mx.integer)
+        return value if keep else value.astype(target)
+
+    model.update(_map_with_path(model.parameters(), cast))
+
+
+def _map_with_path(tree, fn, prefix=""):
+    if isinstance(tree, dict):
+        return {k: _map_with_path(v, fn, f"{prefix}.{k}" if prefix else k) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_map_with_path(v, fn, f"{prefix}.{i}") for i, v in enumerate(tree)]
+    return fn(prefix, tree)
+
+
+def _stored_dtype(weights):
+    dtypes = {v.dtype for v in weights.values() if mx.issubdtype(v.dtype, mx.floating)}
+    names = {d: n for n, d in DTYPES.items()}
+    return names[dtypes.pop()] if len(dtypes) == 1 and next(iter(dtypes)) in names else "float32"
+
+
+def _declared_dtype(config_dict):
+    declared = config_dict.get("dtype") or config_dict.get("torch_dtype")
+    return declared if declared in DTYPES else None
+
+
+def load_model(cls, name_or_path, *, config=None, revision=None, cache_dir=None, local_files_only=False, token=None,
+               force_download=False, dtype=None, strict=True, endpoint=None, subfolder="", **config_overrides):
+    hub = _hub_kwargs(revision, cache_dir, local_files_only, token, force_download, endpoint)
+    folder = _fetch_config_folder(name_or_path, hub, subfolder)
+    config_dict = _read_config_dict(folder, name_or_path, config)
+    # Building the config validates the model type before any weight file is fetched.
+    config_obj = M2BertConfig.from_upstream_dict(config_dict, **config_overrides)
+    if not Path(name_or_path).exists():
+        folder = _fetch_weights(str(name_or_path), hub, subfolder, folder)
+
+    files = _weight_files(folder)
+    weights = read_weights(files)
+    if "add_pooling_layer" not in config_dict and "add_pooling_layer" not in config_overrides:
+        # Upstream configs do not say; the retrieval checkpoints carry a pooler, the MLM ones do not.
+        config_obj.add_pooling_layer = any(_strip_training_prefixes(k).startswith(("bert.pooler.", "pooler.")) for k in weights)
+    model = cls(config_obj)
+    source = ", ".join(str(f) for f in files)
+    apply_weights(model, model.sanitize(weights), strict=strict, source=source)
+    cast_model(model, dtype or _declared_dtype(config_dict) or _stored_dtype(weights))
+    model.eval()
+    mx.eval(model.parameters())
+    model.name_or_path = str(name_or_path)
+    model.source_folder = folder if folder.is_dir() else folder.parent
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_model(model, save_directory, *, max_shard_size=None):
+    save_directory = Path(save_directory)
+    save_directory.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(model.parameters()))
+    max_shard_size = max_shard_size or DEFAULT_MAX_SHARD_SIZE
+    shards, current, size = [], {}, 0
+    for key in sorted(weights):
+        nbytes = weights[key].nbytes
+        if current and size + nbytes > max_shard_size:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = weights[key]
+        size += nbytes
+    shards.append(current)
+
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    for stale in save_directory.glob("model*.safetensors"):
+        stale.unlink()
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        mx.save_safetensors(str(save_directory / name), shard, metadata={"format": "mlx"})
+        weight_map.update({k: name for k in shard})
+    index = {
+        "metadata": {"total_size": sum(v.nbytes for v in weights.values()), "total_parameters": model.num_parameters()},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    (save_directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    config = model.config
+    config.architectures = [type(model).__name__]
+    config.dtype = {v: k for k, v in DTYPES.items()}.get(model.dtype, "float32")
+    config.save_pretrained(save_directory)
