@@ -200,13 +200,13 @@ class M2BertConfig(PretrainedConfig):
                 f"Unsupported model type {model_type!r}: m2bert_hf_mlx loads M2-BERT checkpoints (model_type "
                 "'m2_bert', or 'bert' with the Monarch Mixer fields). Use the library made for that model type."
             )
-        rest = set(d) - {"model_type", "auto_map", "architectures", "transformers_version", "torch_dtype", "dtype"}
+        rest = set(d) - {"model_type", "auto_map", "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path"}
         if model_type == "bert" and rest and not rest.intersection(_M2_ONLY_KEYS):
             raise ValueError(
                 "This config.json describes a plain BERT (model_type 'bert' without any Monarch Mixer field such as "
                 "long_conv_l_max or hyena_filter_order), not an M2-BERT. Use transformers' BertModel for it."
             )
-        for key in ("model_type", "architectures", "transformers_version"):
+        for key in ("model_type", "architectures", "transformers_version", "_name_or_path"):
             d.pop(key, None)
         if "torch_dtype" in d:
             d.setdefault("dtype", d.pop("torch_dtype"))
