@@ -20,7 +20,8 @@ def upload_model_folder(folder, repo_id, *, token=None, endpoint=None, private=F
 
     The repo is created if it does not exist (`private` applies then). `token` is a Hub token with write access;
     by default huggingface_hub looks it up (HF_TOKEN, then the token saved by `hf auth login`). `endpoint` is the
-    Hub URL (default: huggingface.co). `revision` is the branch to commit to, created from main if missing.
+    Hub URL (default: HF_ENDPOINT, else huggingface.co). `revision` is the branch to commit to, created from main
+    if missing.
     """
     import httpx2
     from huggingface_hub import HfApi
@@ -122,7 +123,7 @@ def register(subparsers):
     )
     parser.add_argument("--path", required=True, help="the model folder to upload")
     parser.add_argument("--upload-repo", required=True, help="the Hub repo id, e.g. your-name/m2-bert-80M-mlx")
-    parser.add_argument("--hf-endpoint", help="the Hub URL (default: https://huggingface.co)")
+    parser.add_argument("--hf-endpoint", help="the Hub URL (default: HF_ENDPOINT, else https://huggingface.co)")
     parser.add_argument(
         "--token", help="a Hub token with write access (default: HF_TOKEN or the token saved by `hf auth login`)"
     )
