@@ -1,0 +1,70 @@
+"""The M2-BERT tokenizer: bert-base-uncased WordPiece as a transformers `BertTokenizerFast`.
+
+Every published M2-BERT uses bert-base-uncased (30522 tokens; the models pad their vocabulary to 30528). A copy of
+its `vocab.txt` ships in this package, so a tokenizer is available offline and for checkpoints that come without
+tokenizer files (the Composer `.pt` files).
+"""
+
+from pathlib import Path
+
+from transformers import BertTokenizerFast
+
+from .loading import TOKENIZER_FILES, _hub_download, _hub_kwargs
+
+VOCAB_FILE = Path(__file__).parent / "data" / "vocab.txt"
+# sha256 of bert-base-uncased's vocab.txt, as the ecosystem conventions record it.
+VOCAB_SHA256 = "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
+
+
+def has_tokenizer_files(folder):
+    """Whether a folder holds a tokenizer this module reads (tokenizer.json or vocab.txt)."""
+    return any((Path(folder) / name).is_file() for name in ("tokenizer.json", "vocab.txt"))
+
+
+def load_tokenizer(name_or_path=None, *, model_max_length=None, revision=None, cache_dir=None,
+                   local_files_only=False, token=None, endpoint=None):
+    """A `BertTokenizerFast` from a local folder or Hub repo holding tokenizer.json or vocab.txt, or, with no
+    `name_or_path`, bert-base-uncased from the vocabulary shipped with this package.
+
+    `model_max_length` should be the model's `max_position_embeddings`: the length to pad to
+    (`padding="max_length"`) to reproduce the reference outputs, and the limit `truncation=True` cuts at.
+    """
+    if name_or_path is None:
+        tokenizer = BertTokenizerFast(vocab=str(VOCAB_FILE))
+    else:
+        folder = _tokenizer_folder(name_or_path, _hub_kwargs(revision, cache_dir, local_files_only, token, False, endpoint))
+        try:
+            tokenizer = BertTokenizerFast.from_pretrained(folder)
+        except Exception as e:  # tokenizers reports malformed files with its own exception types
+            raise ValueError(f"The tokenizer files in {folder} cannot be read ({type(e).__name__}: {e}).") from e
+    if model_max_length is not None:
+        tokenizer.model_max_length = model_max_length
+    return tokenizer
+
+
+def _tokenizer_folder(name_or_path, hub):
+    path = Path(name_or_path)
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{path} is a file; give the folder that holds tokenizer.json or vocab.txt.")
+        folder = path
+    else:
+        folder = Path(_hub_download(str(name_or_path), TOKENIZER_FILES, hub))
+    if not has_tokenizer_files(folder):
+        raise ValueError(
+            f"{name_or_path} has no tokenizer.json or vocab.txt. M2-BERT uses bert-base-uncased: load_tokenizer() "
+            "without a path gives the copy shipped with m2bert_hf_mlx."
+        )
+    return folder
+
+
+def save_tokenizer(tokenizer, folder, *, model_max_length):
+    """Write tokenizer.json, tokenizer_config.json (tokenizer_class "BertTokenizer", `model_max_length`) and
+    vocab.txt into `folder`, as mlx-community model folders carry them. Sets `tokenizer.model_max_length`."""
+    folder = Path(folder)
+    tokenizer.model_max_length = model_max_length
+    tokenizer.save_pretrained(folder)
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    if [i for _, i in vocab] != list(range(len(vocab))):
+        raise ValueError("The tokenizer's token ids are not 0..n-1 without gaps, so it cannot be written as a vocab.txt.")
+    (folder / "vocab.txt").write_text("".join(f"{token}\n" for token, _ in vocab), encoding="utf-8")
