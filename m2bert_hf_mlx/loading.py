@@ -12,6 +12,7 @@ from mlx.utils import tree_flatten
 from . import __version__
 from .configuration_m2_bert import PRESETS, M2BertConfig
 from .conversion.checkpoints import CheckpointError, load_state_dict
+from .quantization import apply_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -398,7 +399,10 @@ def load_model(cls, name_or_path, *, config=None, revision=None, cache_dir=None,
         config_obj.add_pooling_layer = any(_strip_training_prefixes(k).startswith(("bert.pooler.", "pooler.")) for k in weights)
     model = cls(config_obj)
     source = ", ".join(str(f) for f in files)
-    apply_weights(model, model.sanitize(weights), strict=strict, source=source)
+    weights = model.sanitize(weights)
+    if getattr(config_obj, "quantization", None):
+        apply_quantization(model, config_obj.quantization, weights)
+    apply_weights(model, weights, strict=strict, source=source)
     cast_model(model, dtype or _declared_dtype(config_dict) or _stored_dtype(weights))
     model.eval()
     mx.eval(model.parameters())

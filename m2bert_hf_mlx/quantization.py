@@ -1,0 +1,134 @@
+"""Affine weight quantization of M2-BERT (MLX's `mx.quantize`), and the layers a quantized folder loads into.
+
+What `quantize_model` quantizes, in groups of `group_size` inputs with `bits` bits and a float scale and bias each:
+- the sequence mixer's `in_linear` and `out_linear` (`nn.QuantizedLinear`);
+- the block-diagonal MLP weights `gated_layers` and `wo`, of shape (nblocks, out/nblocks, in/nblocks):
+  each block is quantized along its own inputs and the layer runs one batched `mx.quantized_matmul` over the
+  blocks (`QuantizedBlockdiagLinear`), so they shrink like the dense layers; skip group "mlp";
+- the word and token-type embeddings (`nn.QuantizedEmbedding`); the MLM decoder, tied to the word embeddings,
+  then runs quantized too; skip group "embeddings";
+- the task heads: the MLM transform, the pooler and the classifier; skip group "heads".
+
+It never quantizes the long-convolution filters (their implicit MLPs generate the convolution kernels, which the
+loader keeps in float32), the short depthwise convolution, LayerNorms, biases, the position-embedding table (the
+model slices it directly), nor a layer whose input width is not a multiple of `group_size` (the tiny test sizes).
+A quantized folder records {"group_size", "bits", "mode"} as `quantization` (and `quantization_config`) in its
+config.json; loading rebuilds exactly the layers whose `<name>.scales` the weights hold.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map_with_path
+
+from .modeling_m2_bert import BlockdiagLinear
+
+SKIPPABLE_GROUPS = ("embeddings", "heads", "mlp")
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
+SUPPORTED_GROUP_SIZES = (32, 64, 128)
+_HEAD_PREFIXES = ("cls.", "classifier", "pooler.", "bert.pooler.")
+
+
+class QuantizedBlockdiagLinear(nn.Module):
+    """`BlockdiagLinear` with each block's weight affine-quantized along its inputs: weight (nblocks, out_blk,
+    in_blk * bits / 32) uint32, scales and biases (nblocks, out_blk, in_blk / group_size)."""
+
+    def __init__(self, in_features, out_features, nblocks, bias=True, *, group_size=64, bits=4):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size, self.bits = group_size, bits
+        blocks = mx.zeros((nblocks, out_features // nblocks, in_features // nblocks))
+        self.weight, self.scales, self.biases = mx.quantize(blocks, group_size, bits)
+        if bias:
+            self.bias = mx.zeros((out_features,))
+        self.freeze()
+
+    @classmethod
+    def from_blockdiag(cls, layer, group_size, bits):
+        nblocks = layer.weight.shape[0]
+        quantized = cls(layer.in_features, layer.out_features, nblocks, "bias" in layer, group_size=group_size, bits=bits)
+        quantized.weight, quantized.scales, quantized.biases = mx.quantize(layer.weight, group_size, bits)
+        if "bias" in layer:
+            quantized.bias = layer.bias
+        return quantized
+
+    def _extra_repr(self):
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, nblocks={self.weight.shape[0]}, "
+            f"bias={'bias' in self}, group_size={self.group_size}, bits={self.bits}"
+        )
+
+    def __call__(self, x):
+        nblocks = self.weight.shape[0]
+        lead = x.shape[:-1]
+        x = x.reshape(-1, nblocks, self.in_features // nblocks).swapaxes(0, 1)
+        y = mx.quantized_matmul(x, self.weight, self.scales, self.biases, transpose=True, group_size=self.group_size, bits=self.bits)
+        y = y.swapaxes(0, 1).reshape(*lead, self.out_features)
+        return y + self.bias if "bias" in self else y
+
+
+def _group(path, module):
+    """The quantization group of a layer, or None for layers that stay float."""
+    if isinstance(module, BlockdiagLinear):
+        nblocks = module.weight.shape[0]
+        divides = module.in_features % nblocks == 0 and module.out_features % nblocks == 0
+        return "mlp" if divides else None
+    if isinstance(module, nn.Embedding):
+        return None if path.endswith("position_embeddings") else "embeddings"
+    if isinstance(module, nn.Linear):
+        if ".filter_fn" in f".{path}":
+            return None
+        return "heads" if path.startswith(_HEAD_PREFIXES) or ".pooler." in path else "mixer"
+    return None
+
+
+def _quantize_layers(model, predicate, group_size, bits):
+    def convert(path, module):
+        if not predicate(path, module):
+            return module
+        if isinstance(module, BlockdiagLinear):
+            return QuantizedBlockdiagLinear.from_blockdiag(module, group_size, bits)
+        return module.to_quantized(group_size=group_size, bits=bits)
+
+    model.update_modules(tree_map_with_path(convert, model.leaf_modules(), is_leaf=nn.Module.is_module))
+
+
+def quantize_model(model, *, bits=4, group_size=64, skip=()):
+    """Quantize `model` in place, record it in `model.config` (so `save_pretrained` writes a folder that loads
+    quantized) and return the config entry {"group_size", "bits", "mode"}.
+
+    `skip` names groups to keep in float: "embeddings" (word and token-type embeddings, hence also the tied MLM
+    decoder), "heads" (MLM transform, pooler, classifier) and "mlp" (the block-diagonal MLP weights).
+    """
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits} is not supported by MLX affine quantization; use one of {SUPPORTED_BITS}.")
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"group_size={group_size} is not supported; use one of {SUPPORTED_GROUP_SIZES}.")
+    unknown = set(skip) - set(SKIPPABLE_GROUPS)
+    if unknown:
+        raise ValueError(f"Cannot skip {sorted(unknown)}: the groups that can stay float are {', '.join(SKIPPABLE_GROUPS)}.")
+
+    def predicate(path, module):
+        group = _group(path, module)
+        return group is not None and group not in skip and module.weight.shape[-1] % group_size == 0
+
+    _quantize_layers(model, predicate, group_size, bits)
+    quantization = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    # Both names, as mlx-lm writes them: `quantization` for MLX loaders, `quantization_config` for transformers'.
+    model.config.quantization = quantization
+    model.config.quantization_config = dict(quantization)
+    return quantization
+
+
+def apply_quantization(model, quantization, weights):
+    """Turn the layers whose quantized weights (`<name>.scales`) are in `weights` into quantized layers, so that a
+    folder written after `quantize_model` loads. `quantization` is the config.json entry."""
+    try:
+        group_size, bits = int(quantization["group_size"]), int(quantization["bits"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(
+            f"The config's quantization entry {quantization!r} needs integer group_size and bits; the folder was "
+            "not written by this package. Convert it again with `m2bert-mlx convert -q`."
+        ) from e
+    if quantization.get("mode", "affine") != "affine":
+        raise ValueError(f"Quantization mode {quantization['mode']!r} is not supported; this package writes affine.")
+    _quantize_layers(model, lambda path, module: _group(path, module) is not None and f"{path}.scales" in weights, group_size, bits)
