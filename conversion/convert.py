@@ -1,0 +1,249 @@
+"""`m2bert-mlx convert`: a published M2-BERT checkpoint to an MLX model folder anyone can load.
+
+Sources: a Hub repo id or a local folder or file holding a HF `pytorch_model.bin`/`model.bin`, a Composer `.pt`
+(which ships no config: give `--config` or `--preset`), safetensors, or an MLX folder to re-quantize. The output
+folder holds config.json, MLX safetensors (+ index), the tokenizer files and a README.md model card. The flag names
+are mlx-lm's.
+"""
+
+import re
+import secrets
+import shutil
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .. import M2BertConfig, M2BertForMaskedLM, M2BertModel
+from ..configuration_m2_bert import PRESETS
+from ..loading import DTYPES, _fetch_config_folder, _fetch_weights, _hub_kwargs, _weight_files
+from ..quantization import SKIPPABLE_GROUPS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, quantize_model
+from ..tokenization import has_tokenizer_files, load_tokenizer, save_tokenizer
+from .checkpoints import checkpoint_keys
+from .model_card import render_model_card
+
+DEFAULT_MLX_PATH = "mlx_model"
+
+
+class ConvertError(ValueError):
+    """A conversion that cannot go ahead as asked; the message says what to change."""
+
+
+def convert(hf_path, mlx_path=DEFAULT_MLX_PATH, *, config=None, preset=None, tokenizer=None, dtype=None,
+            quantize=False, q_bits=4, q_group_size=64, q_skip=(), revision=None, upload_repo=None, hf_endpoint=None,
+            token=None, force=False):
+    """Convert `hf_path` (Hub repo id, folder or file) into the MLX folder `mlx_path` and return its path.
+
+    `config` is a JSON file with the canonical config fields, or `preset` a preset name, for checkpoints without
+    config.json. `tokenizer` is a folder or repo id (default: the source's tokenizer files, else the bert-base-uncased
+    vocabulary shipped with this package). `dtype` is "float32", "float16" or "bfloat16" (default: the source's).
+    With `quantize`, the weights are quantized (see `m2bert_hf_mlx.quantization.quantize_model`). With
+    `upload_repo`, the folder is then uploaded to that Hub repo. The folder is written next to its final place and
+    renamed into it, so a failure leaves no half-written folder; an existing non-empty folder is replaced only with
+    `force`.
+    """
+    mlx_path = Path(mlx_path)
+    _check_destination(hf_path, mlx_path, force)
+    if dtype is not None and dtype not in DTYPES:
+        raise ConvertError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
+    hub = _hub_kwargs(revision, None, False, token, False, hf_endpoint)
+    is_local = Path(hf_path).exists()
+
+    # Only config.json is fetched before the config is checked, so an unsupported model fails before a large download.
+    folder = _fetch_config_folder(hf_path, hub, "")
+    config_obj = _resolve_config(hf_path, folder, config, preset)
+    source = Path(hf_path) if is_local else _fetch_weights(hf_path, hub, "", folder)
+    source_folder = source if source.is_dir() else source.parent
+
+    if quantize and getattr(config_obj, "quantization", None):
+        raise ConvertError(f"{hf_path} is already quantized; convert from the float checkpoint to quantize differently.")
+    keys = {key for path in _weight_files(source) for key in checkpoint_keys(path)}
+    cls = M2BertForMaskedLM if any(k.startswith("cls.") for k in keys) else M2BertModel
+    has_pooler = any(k.startswith(("bert.pooler.", "pooler.")) for k in keys)
+
+    tok, tokenizer_origin = _resolve_tokenizer(tokenizer, source_folder, hub)
+    if len(tok) > config_obj.vocab_size:
+        raise ConvertError(
+            f"The tokenizer has {len(tok)} tokens but the model only {config_obj.vocab_size} embeddings: pass "
+            "--tokenizer with the tokenizer this checkpoint was trained with."
+        )
+
+    with tqdm(total=4 if upload_repo else 3, unit="step", disable=None) as progress:
+        progress.set_description("Reading weights")
+        model = cls.from_pretrained(str(source), config=config_obj, dtype=dtype, add_pooling_layer=has_pooler)
+        progress.update()
+        progress.set_description("Quantizing" if quantize else "Converting")
+        quantization = quantize_model(model, bits=q_bits, group_size=q_group_size, skip=q_skip) if quantize else None
+        progress.update()
+        progress.set_description(f"Writing {mlx_path}")
+        card = render_model_card(
+            repo_id=upload_repo or str(mlx_path),
+            architecture=cls.__name__,
+            config=model.config,
+            source=hf_path,
+            base_model=None if is_local else hf_path,
+            revision=_revision_of(source_folder, revision, is_local),
+            dtype=_float_dtype_name(model),
+            quantization=quantization,
+            q_skip=q_skip,
+            tokenizer=tokenizer_origin,
+        )
+        _write_atomically(mlx_path, lambda tmp: _write_folder(tmp, model, tok, card))
+        progress.update()
+        if upload_repo:
+            progress.set_description(f"Uploading to {upload_repo}")
+            _upload(mlx_path, upload_repo, token, hf_endpoint)
+            progress.update()
+    return mlx_path
+
+
+def _upload(folder, repo_id, token, endpoint):
+    from ..hub import upload_model_folder
+
+    try:
+        upload_model_folder(folder, repo_id, token=token, endpoint=endpoint)
+    except (ValueError, OSError) as e:
+        raise ConvertError(
+            f"{folder} was written, but the upload failed: {e} Once that is fixed, upload it with: m2bert-mlx upload "
+            f"--path {folder} --upload-repo {repo_id}"
+        ) from e
+
+
+def _check_destination(hf_path, mlx_path, force):
+    if mlx_path.exists() and not mlx_path.is_dir():
+        raise ConvertError(f"--mlx-path {mlx_path} is a file; give a folder path.")
+    source = Path(hf_path).resolve()
+    target = mlx_path.resolve()
+    if Path(hf_path).exists() and (target == source or target in source.parents):
+        raise ConvertError(f"--mlx-path {mlx_path} would replace the source {hf_path}; write the MLX folder elsewhere.")
+    if mlx_path.is_dir() and any(mlx_path.iterdir()) and not force:
+        raise ConvertError(f"{mlx_path} already exists and is not empty; pass --force to replace it, or choose another --mlx-path.")
+
+
+def _resolve_config(hf_path, folder, config, preset):
+    if config is not None and preset is not None:
+        raise ConvertError("Give either --config or --preset, not both.")
+    if preset is not None:
+        return M2BertConfig.from_preset(preset)
+    if config is not None:
+        return M2BertConfig.from_json_file(config)
+    config_path = folder / "config.json" if folder.is_dir() else folder.parent / "config.json"
+    if not config_path.is_file():
+        raise ConvertError(
+            f"{hf_path} has no config.json (Composer .pt checkpoints ship none). Pass --config FILE (a JSON file with "
+            f"the canonical config fields) or --preset NAME ({', '.join(PRESETS)})."
+        )
+    return M2BertConfig.from_json_file(config_path)
+
+
+def _resolve_tokenizer(tokenizer, source_folder, hub):
+    """The tokenizer to ship, and where it came from (for the model card)."""
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer, token=hub["token"], endpoint=hub["endpoint"]), str(tokenizer)
+    if has_tokenizer_files(source_folder):
+        return load_tokenizer(source_folder), "the source's tokenizer files"
+    return load_tokenizer(), "bert-base-uncased (the vocab.txt shipped with m2bert-hf-mlx)"
+
+
+def _revision_of(source_folder, revision, is_local):
+    if is_local:
+        return "local files"
+    # huggingface_hub's cache keeps each download under snapshots/<commit sha>.
+    if re.fullmatch(r"[0-9a-f]{40}", source_folder.name):
+        return source_folder.name if revision in (None, source_folder.name) else f"{revision} ({source_folder.name})"
+    return revision or "main"
+
+
+def _float_dtype_name(model):
+    # LayerNorms are never quantized and always take the model's dtype.
+    base = model.bert if "bert" in model else model
+    names = {v: k for k, v in DTYPES.items()}
+    return names[base.embeddings.LayerNorm.weight.dtype]
+
+
+def _write_folder(folder, model, tokenizer, card):
+    model.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder, model_max_length=model.config.max_sequence_length)
+    (folder / "README.md").write_text(card, encoding="utf-8")
+
+
+def _write_atomically(target, write):
+    """Run `write(tmp)` on a fresh sibling folder, then rename it to `target` (replacing what is there)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.partial-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}")
+            target.rename(old)
+            try:
+                tmp.rename(target)
+            except BaseException:
+                old.rename(target)
+                raise
+            shutil.rmtree(old)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# m2bert-mlx convert
+
+
+def register(subparsers):
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert a PyTorch M2-BERT checkpoint into an MLX model folder",
+        description="Convert an M2-BERT checkpoint (Hub repo or local folder/file: pytorch_model.bin, model.bin, "
+        "Composer .pt, safetensors) into an MLX model folder with config.json, safetensors weights, tokenizer files "
+        "and a model card; optionally quantize it and upload it to the Hub.",
+    )
+    parser.add_argument("--hf-path", required=True, help="Hub repo id, or a local folder or checkpoint file")
+    parser.add_argument("--mlx-path", default=DEFAULT_MLX_PATH, help=f"output folder (default: {DEFAULT_MLX_PATH})")
+    source_config = parser.add_mutually_exclusive_group()
+    source_config.add_argument("--config", metavar="FILE", help="JSON config with the canonical field names, for checkpoints without config.json")
+    source_config.add_argument("--preset", choices=list(PRESETS), metavar="NAME", help=f"a published configuration: {', '.join(PRESETS)}")
+    parser.add_argument("--tokenizer", help="tokenizer folder or repo id (default: the source's, else bert-base-uncased shipped with the package)")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="weight dtype (default: the source's)")
+    parser.add_argument("-q", "--quantize", action="store_true", help="quantize the weights (MLX affine quantization)")
+    parser.add_argument("--q-bits", type=int, choices=SUPPORTED_BITS, help="bits per weight (default: 4)")
+    parser.add_argument("--q-group-size", type=int, choices=SUPPORTED_GROUP_SIZES, help="weights per scale and bias (default: 64)")
+    parser.add_argument("--q-skip", nargs="+", choices=SKIPPABLE_GROUPS, default=[], help="groups to keep in float")
+    parser.add_argument("--revision", help="revision of the source repo (branch, tag or commit)")
+    parser.add_argument("--upload-repo", help="Hub repo id to upload the folder to")
+    parser.add_argument("--hf-endpoint", help="Hub URL for download and upload (default: HF_ENDPOINT, else https://huggingface.co)")
+    parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --mlx-path")
+    parser.set_defaults(func=run_convert)
+
+
+def run_convert(args):
+    try:
+        if not args.quantize and (args.q_bits or args.q_group_size or args.q_skip):
+            raise ConvertError("--q-bits, --q-group-size and --q-skip only apply with -q/--quantize.")
+        folder = convert(
+            args.hf_path,
+            args.mlx_path,
+            config=args.config,
+            preset=args.preset,
+            tokenizer=args.tokenizer,
+            dtype=args.dtype,
+            quantize=args.quantize,
+            q_bits=args.q_bits or 4,
+            q_group_size=args.q_group_size or 64,
+            q_skip=tuple(args.q_skip),
+            revision=args.revision,
+            upload_repo=args.upload_repo,
+            hf_endpoint=args.hf_endpoint,
+            token=args.token,
+            force=args.force,
+        )
+    except (ValueError, OSError) as e:
+        print(f"m2bert-mlx convert: error: {e}", file=sys.stderr)
+        return 1
+    print(f"Wrote {folder}" + (f" and uploaded it to {args.upload_repo}" if args.upload_repo else ""))
+    return 0
