@@ -1,19 +1,180 @@
-"""The long convolution at the heart of the Monarch mixer."""
-
-import mlx.core as mx
-
-
-def long_conv(u, k_fwd, k_rev, skip, *, backend=None):
-    """Bidirectional long convolution with a per-channel skip, channels-last.
+"""The long convolution at the heart of the Monarch mixer.
 
     y[b, t, c] = sum_{s<=t} k_fwd[c, t-s] u[b, s, c] + sum_{s>t} k_rev[c, s-t-1] u[b, s, c] + skip[c] u[b, t, c]
 
-    u: (B, L, C); k_fwd, k_rev: (C, L) (k_rev=None: causal); skip: (C,). Returns (B, L, C) in u's dtype.
+Back ends: "metal" and "cuda" run the fused FFT kernel (``kernels.py``), "emulated" runs the Metal build of the
+same kernel on the CPU (``emulator.py``), "mlx" is the ``mx.fft`` reference. ``None`` picks Metal on an Apple GPU,
+CUDA on an NVIDIA GPU and "mlx" on the CPU; the environment variable M2BERT_LONG_CONV_BACKEND overrides that choice.
+"""
+
+import os
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from . import emulator, kernels
+
+BACKENDS = ("metal", "cuda", "mlx", "emulated")
+BACKEND_ENV = "M2BERT_LONG_CONV_BACKEND"
+_IO_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+
+
+def resolve_backend(backend=None):
+    """The back end a long_conv call with `backend` runs on (see the module docstring)."""
+    if backend is None:
+        backend = os.environ.get(BACKEND_ENV) or None
+    if backend is None:
+        if mx.metal.is_available():
+            return "metal"
+        if mx.cuda.is_available():
+            return "cuda"
+        return "mlx"
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"Unknown long_conv backend {backend!r} (from the argument or {BACKEND_ENV}); choose one of {BACKENDS}."
+        )
+    if backend == "metal" and not mx.metal.is_available():
+        raise RuntimeError("long_conv backend 'metal' needs an Apple GPU; use 'emulated' to run its code on the CPU.")
+    if backend == "cuda" and not mx.cuda.is_available():
+        raise RuntimeError("long_conv backend 'cuda' needs MLX with its CUDA back end and an NVIDIA GPU.")
+    return backend
+
+
+@dataclass(frozen=True)
+class FilterSpectrum:
+    """The frequency-domain filters of one long convolution, for one back end and one sequence length.
+
+    Made by `filter_spectrum`; depends on k_fwd, k_rev, skip, the length and the back end, so a cache of it must
+    be dropped when any of them changes.
     """
-    L = u.shape[1]
-    n = 2 * L
+
+    backend: str
+    length: int
+    values: mx.array
+
+
+def _target(backend):
+    return kernels.METAL if backend == "emulated" else kernels.TARGETS[backend]
+
+
+def _n1(backend, length, channels):
+    return kernels.plan(_target(backend), 1, length, channels).n1
+
+
+def _reference_spectrum(k_fwd, k_rev, length):
     k = k_fwd if k_rev is None else mx.concatenate([k_fwd, k_rev[:, ::-1]], axis=-1)
-    k_f = mx.fft.rfft(k.astype(mx.float32), n=n, axis=-1)
+    return mx.fft.rfft(k.astype(mx.float32), n=2 * length, axis=-1)
+
+
+def filter_spectrum(k_fwd, k_rev, skip, length, *, backend=None):
+    """Precomputes the filters of `long_conv` for sequences of `length`, to pass as ``long_conv(..., spectrum=)``.
+
+    At inference the filters do not depend on the input, so a model can compute this once per (layer, length)
+    and reuse it until its weights change. Gradients never flow through a precomputed spectrum.
+    """
+    backend = resolve_backend(backend)
+    _check_filters(k_fwd, k_rev, skip, length)
+    if backend == "mlx":
+        values = _reference_spectrum(k_fwd, k_rev, length)
+    else:
+        n1 = _n1(backend, length, k_fwd.shape[0])
+        values = kernels.packed_filter(k_fwd, k_rev, skip, kernels.fft_size(length), n1)
+    return FilterSpectrum(backend, length, mx.stop_gradient(values))
+
+
+def _check_filters(k_fwd, k_rev, skip, length):
+    if k_fwd.ndim != 2 or k_fwd.shape[1] != length:
+        raise ValueError(f"k_fwd must have shape (C, L) = (C, {length}); got {tuple(k_fwd.shape)}.")
+    channels = k_fwd.shape[0]
+    if k_rev is not None and tuple(k_rev.shape) != (channels, length):
+        raise ValueError(f"k_rev must have the shape of k_fwd, {(channels, length)}; got {tuple(k_rev.shape)}.")
+    if tuple(skip.shape) != (channels,):
+        raise ValueError(f"skip must have shape (C,) = ({channels},); got {tuple(skip.shape)}.")
+
+
+def long_conv(u, k_fwd, k_rev, skip, *, backend=None, spectrum=None):
+    """Bidirectional long convolution with a per-channel skip, channels-last.
+
+    u: (B, L, C) float32, float16 or bfloat16 (computed in float32, returned in u's dtype); k_fwd, k_rev: (C, L)
+    (k_rev=None: causal); skip: (C,). Returns (B, L, C). backend: see the module docstring. spectrum: an optional
+    `filter_spectrum(k_fwd, k_rev, skip, L, backend=...)` of the same filters, which skips their FFT (inference).
+    Differentiable with respect to u, k_fwd, k_rev and skip on every back end.
+    """
+    if u.ndim != 3:
+        raise ValueError(f"u must be (batch, length, channels); got shape {tuple(u.shape)}.")
+    if u.dtype not in _IO_DTYPES:
+        raise TypeError(f"u must be float32, float16 or bfloat16; got {u.dtype}. Cast it first.")
+    _, length, _ = u.shape
+    _check_filters(k_fwd, k_rev, skip, length)
+    if k_fwd.shape[0] != u.shape[2]:
+        raise ValueError(f"u has {u.shape[2]} channels but the filters have {k_fwd.shape[0]}.")
+    backend = resolve_backend(backend)
+    if spectrum is not None and (spectrum.backend, spectrum.length) != (backend, length):
+        raise ValueError(
+            f"spectrum was made for backend {spectrum.backend!r} and length {spectrum.length}, but this call "
+            f"runs backend {backend!r} at length {length}; make it with filter_spectrum(..., {length}, "
+            f"backend={backend!r})."
+        )
+    if backend == "mlx":
+        return _mlx_long_conv(u, k_fwd, k_rev, skip, spectrum)
+    return _fused_long_conv(backend, spectrum, k_rev is None)(u, k_fwd, skip, *(() if k_rev is None else (k_rev,)))
+
+
+def _mlx_long_conv(u, k_fwd, k_rev, skip, spectrum):
+    length = u.shape[1]
+    k_f = _reference_spectrum(k_fwd, k_rev, length) if spectrum is None else spectrum.values
     u32 = u.astype(mx.float32)
-    y = mx.fft.irfft(mx.fft.rfft(u32, n=n, axis=1) * k_f.T, n=n, axis=1)[:, :L]
+    y = mx.fft.irfft(mx.fft.rfft(u32, n=2 * length, axis=1) * k_f.T, n=2 * length, axis=1)[:, :length]
     return (y + u32 * skip.astype(mx.float32)).astype(u.dtype)
+
+
+def _run_kernels(backend, u, packed):
+    batch, length, channels = u.shape
+    target = _target(backend)
+    plan = kernels.plan(target, batch, length, channels)
+    if backend == "emulated":
+        launch_fn = emulator.launch_fn(target.threadgroup_bytes_limit)
+    else:
+        launch_fn = kernels.gpu_launch(backend)
+    return kernels.run_plan(plan, u, packed, launch_fn)
+
+
+def _filter_gradients(u, g, causal):
+    """d/dk_fwd, d/dk_rev, d/dskip: correlations of the cotangent g with u, summed over the batch."""
+    length = u.shape[1]
+    n = kernels.fft_size(length)
+    cross = mx.sum(mx.fft.rfft(g.astype(mx.float32), n=n, axis=1) * mx.conj(mx.fft.rfft(u.astype(mx.float32), n=n, axis=1)), axis=0)
+    corr = mx.fft.irfft(cross, n=n, axis=0).T  # corr[c, j] = sum_{b, t} g[b, t, c] u[b, t - j, c] (j mod n)
+    dk_fwd = corr[:, :length]
+    dskip = mx.sum(g.astype(mx.float32) * u.astype(mx.float32), axis=(0, 1))
+    if causal:
+        return dk_fwd, None, dskip
+    dk_rev = mx.concatenate([corr[:, n - length + 1 :][:, ::-1], mx.zeros((corr.shape[0], 1))], axis=1)
+    return dk_fwd, dk_rev, dskip
+
+
+def _fused_long_conv(backend, spectrum, causal):
+    """long_conv on a kernel back end as a custom function of (u, k_fwd, skip[, k_rev]) with its own VJP."""
+
+    def packed_filter(k_fwd, k_rev, skip, length):
+        if spectrum is not None:
+            return spectrum.values
+        return filter_spectrum(k_fwd, k_rev, skip, length, backend=backend).values
+
+    @mx.custom_function
+    def conv(u, k_fwd, skip, *k_rev):
+        k_rev = k_rev[0] if k_rev else None
+        return _run_kernels(backend, u, packed_filter(k_fwd, k_rev, skip, u.shape[1]))
+
+    @conv.vjp
+    def conv_vjp(primals, cotangent, output):
+        u, k_fwd, skip, *k_rev = primals
+        k_rev = k_rev[0] if k_rev else None
+        # The gradient of a convolution is the convolution with the time-reversed filter: conj of the spectrum.
+        reversed_filter = kernels.conjugate_filter(packed_filter(k_fwd, k_rev, skip, u.shape[1]))
+        du = _run_kernels(backend, cotangent, reversed_filter)
+        dk_fwd, dk_rev, dskip = _filter_gradients(u, cotangent, causal)
+        grads = (du, dk_fwd.astype(k_fwd.dtype), dskip.astype(skip.dtype))
+        return grads if causal else grads + (dk_rev.astype(k_rev.dtype),)
+
+    return conv

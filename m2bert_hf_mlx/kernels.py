@@ -1,0 +1,371 @@
+"""The fused FFT long-convolution kernels: one body source, instantiated for Metal, CUDA and the CPU emulator.
+
+The kernel sources live in ``m2bert_hf_mlx.metal``: ``long_conv.h`` (device functions in the common dialect of
+Metal, CUDA C++ and C++20), one ``*.inc`` file per kernel body, and one prelude per target. This module plans the
+launches of a convolution for a target (tile sizes, pass structure) and runs them through
+``mx.fast.metal_kernel`` / ``mx.fast.cuda_kernel``; ``emulator.py`` runs the same plan on the CPU.
+
+A convolution of length L is an FFT convolution of size N = next power of two >= 2L - 1. Two channels c, c+1
+share one complex FFT (a "pair"). When P pairs of N points fit one threadgroup, a single kernel does everything;
+beyond that, the four-step decomposition N = N1 * N2 splits it into three passes through device memory.
+"""
+
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+import mlx.core as mx
+import numpy as np
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One kernel body: its buffers ((name, kind) with kind "io" for u's dtype or "f32") and template constants."""
+
+    name: str
+    inputs: tuple
+    outputs: tuple
+    constants: tuple
+
+    @property
+    def body(self):
+        return _read_source(f"long_conv_{self.name}.inc")
+
+    @property
+    def uses_io_dtype(self):
+        return any(kind == "io" for _, kind in self.inputs + self.outputs)
+
+
+_COLUMN_CONSTANTS = ("SEQ_LEN", "CHANNELS", "PAIRS", "LOG_N1", "LOG_N2", "LOG_P", "LOG_Q", "PAD", "SMEM")
+
+KERNELS = {
+    spec.name: spec
+    for spec in (
+        KernelSpec(
+            "single_pass",
+            (("u", "io"), ("spectrum", "f32"), ("tw", "f32")),
+            (("y", "io"),),
+            ("SEQ_LEN", "CHANNELS", "PAIRS", "LOG_N", "LOG_P", "PAD", "SMEM"),
+        ),
+        KernelSpec(
+            "columns_forward", (("u", "io"), ("tw", "f32")), (("scratch", "f32"),), _COLUMN_CONSTANTS + ("TW_N",)
+        ),
+        KernelSpec(
+            "rows",
+            (("scratch", "f32"), ("spectrum", "f32"), ("tw", "f32")),
+            (("out", "f32"),),
+            ("PAIRS", "LOG_N1", "LOG_N2", "LOG_RP", "TW_N", "PAD", "SMEM"),
+        ),
+        KernelSpec("columns_inverse", (("scratch", "f32"), ("tw", "f32")), (("y", "io"),), _COLUMN_CONSTANTS),
+    )
+}
+
+
+@lru_cache(maxsize=None)
+def _read_source(filename):
+    return resources.files("m2bert_hf_mlx.metal").joinpath(filename).read_text()
+
+
+def header(target):
+    """The header every kernel of `target` ("metal", "cuda" or "cpu") is compiled with: prelude + long_conv.h."""
+    return _read_source(f"prelude_{target}.h") + "\n" + _read_source("long_conv.h")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Tile limits of a GPU family, in complex values per threadgroup.
+
+    single_pass: (max N, values per threadgroup, values per thread) tiers, the first with N <= max N wins;
+    four_step: (values per threadgroup, values per thread) of the multi-pass kernels. pad: pad rows against bank
+    conflicts (costs 1/16 more threadgroup memory).
+    """
+
+    name: str
+    single_pass: tuple
+    four_step: tuple
+    pad: bool
+
+    @property
+    def threadgroup_bytes_limit(self):
+        values = max([tier[1] for tier in self.single_pass] + [self.four_step[0]])
+        return 8 * (values + (values >> 4 if self.pad else 0))
+
+
+# Metal: 32 KB of threadgroup memory holds 4096 complex fp32 values, without room for padding.
+METAL = Target("metal", single_pass=((4096, 4096, 16),), four_step=(4096, 16), pad=False)
+# CUDA (H100, 227 KB of shared memory per block): 8192 values (70 KB) leave room for two blocks per
+# multiprocessor; N = 16384 stays in one pass with one block of 512 threads holding 32 values each.
+CUDA = Target("cuda", single_pass=((8192, 8192, 16), (16384, 16384, 32)), four_step=(8192, 16), pad=True)
+TARGETS = {"metal": METAL, "cuda": CUDA}
+
+
+@dataclass(frozen=True)
+class Launch:
+    kernel: str
+    groups: tuple
+    threads: int
+    elems: int
+    constants: tuple
+
+    @property
+    def spec(self):
+        return KERNELS[self.kernel]
+
+    @property
+    def smem_values(self):
+        return dict(self.constants)["SMEM"]
+
+    def template(self, dtype):
+        io = [("T", dtype)] if self.spec.uses_io_dtype else []
+        return io + [("ELEMS", self.elems)] + list(self.constants)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one (B, L, C) convolution runs on a target: FFT size n = n1 * n2 (n1 = 1: single pass) and launches."""
+
+    batch: int
+    length: int
+    channels: int
+    n: int
+    n1: int
+    launches: tuple
+
+    @property
+    def pairs(self):
+        return (self.channels + 1) // 2
+
+    @property
+    def n2(self):
+        return self.n // self.n1
+
+    @property
+    def max_log_n(self):
+        """log2 of the longest FFT a threadgroup does."""
+        return _log2(max(self.n1, self.n2))
+
+
+def fft_size(length):
+    """The FFT size of a length-L bidirectional convolution: no lag in (-L, L) wraps around."""
+    return max(2, 1 << (2 * length - 2).bit_length())
+
+
+def _log2(x):
+    return x.bit_length() - 1
+
+
+def _pow2_at_least(x):
+    return 1 << (x - 1).bit_length()
+
+
+def _threads(values, elems):
+    return max(1, -(-values // elems))
+
+
+def _smem(values, pad):
+    return values + (values >> 4 if pad else 0)
+
+
+@lru_cache(maxsize=256)
+def plan(target, batch, length, channels):
+    n = fft_size(length)
+    pairs = (channels + 1) // 2
+    pad = int(target.pad)
+    for max_n, capacity, elems in target.single_pass:
+        if n <= max_n:
+            p = min(capacity // n, _pow2_at_least(pairs))
+            values = p * n
+            launch = Launch(
+                "single_pass",
+                (-(-pairs // p), batch, 1),
+                _threads(values, elems),
+                elems,
+                (
+                    ("SEQ_LEN", length),
+                    ("CHANNELS", channels),
+                    ("PAIRS", pairs),
+                    ("LOG_N", _log2(n)),
+                    ("LOG_P", _log2(p)),
+                    ("PAD", pad),
+                    ("SMEM", _smem(values, pad)),
+                ),
+            )
+            return Plan(batch, length, channels, n, 1, (launch,))
+
+    capacity, elems = target.four_step
+    log_n1 = _log2(n) // 2
+    n1, n2 = 1 << log_n1, n >> log_n1
+    if 2 * n2 > capacity:
+        raise ValueError(
+            f"long_conv supports lengths up to {capacity * capacity // 8} on {target.name}; got L={length}. "
+            "Split the sequence or use backend='mlx'."
+        )
+    # Columns: up to 4 pairs (32 bytes of fp32 channels per time step) and as many adjacent columns as fit.
+    p = min(_pow2_at_least(pairs), 4, capacity // n1)
+    q = min(n2, capacity // (n1 * p))
+    column_values = p * q * n1
+    column_constants = (
+        ("SEQ_LEN", length),
+        ("CHANNELS", channels),
+        ("PAIRS", pairs),
+        ("LOG_N1", log_n1),
+        ("LOG_N2", _log2(n2)),
+        ("LOG_P", _log2(p)),
+        ("LOG_Q", _log2(q)),
+        ("PAD", pad),
+        ("SMEM", _smem(column_values, pad)),
+    )
+    column_groups = (-(-pairs // p), n2 // q, batch)
+    rp = min(n1 // 2, capacity // (2 * n2))
+    row_values = 2 * rp * n2
+    tw_n = ("TW_N", stage_twiddle_size(max(log_n1, _log2(n2))))
+    launches = (
+        Launch("columns_forward", column_groups, _threads(column_values, elems), elems, column_constants + (tw_n,)),
+        Launch(
+            "rows",
+            ((n1 // 2) // rp, pairs, batch),
+            _threads(row_values, elems),
+            elems,
+            (
+                ("PAIRS", pairs),
+                ("LOG_N1", log_n1),
+                ("LOG_N2", _log2(n2)),
+                ("LOG_RP", _log2(rp)),
+                tw_n,
+                ("PAD", pad),
+                ("SMEM", _smem(row_values, pad)),
+            ),
+        ),
+        Launch("columns_inverse", column_groups, _threads(column_values, elems), elems, column_constants),
+    )
+    return Plan(batch, length, channels, n, n1, launches)
+
+
+def stage_twiddle_size(max_log_n):
+    """Entries of the stage-twiddle blocks (long_conv.h) that FFTs of up to 2^max_log_n points read."""
+    blocks = (max_log_n + 2) // 3  # radix-8 stages, then one of radix 2 or 4, each after ns = 8^i
+    return 8 * (8**blocks - 1) // 7
+
+
+def _twiddle_table(max_log_n, n):
+    parts = []
+    for i in range((max_log_n + 2) // 3):
+        ns = 8**i
+        parts.append(np.exp(-2j * np.pi * np.outer(np.arange(8), np.arange(ns)) / (8 * ns)).reshape(-1))
+    if n is not None:
+        parts.append(np.exp(-2j * np.pi * np.arange(n) / n))
+    w = np.concatenate(parts)
+    return np.stack([w.real, w.imag], axis=-1).astype(np.float32)
+
+
+_twiddle_arrays = {}
+
+
+def twiddles(plan_):
+    """The twiddle table of a plan as (entries, 2) float32: stage blocks, then (four-step) exp(-2 pi i j / N)."""
+    key = (plan_.max_log_n, None if plan_.n1 == 1 else plan_.n)
+    if key not in _twiddle_arrays:
+        _twiddle_arrays[key] = mx.array(_twiddle_table(*key))
+    return _twiddle_arrays[key]
+
+
+@lru_cache(maxsize=None)
+def _four_step_bins(n, n1):
+    """Bin k = k1 + n1 k2 for k1 < n1, k2 <= n2 / 2, as (index into the half spectrum, whether to conjugate)."""
+    n2 = n // n1
+    k = np.arange(n1)[:, None] + n1 * np.arange(n2 // 2 + 1)[None, :]
+    mirrored = k > n // 2
+    return mx.array(np.where(mirrored, n - k, k).reshape(-1).astype(np.int32)), mx.array(mirrored.reshape(-1))
+
+
+def packed_filter(k_fwd, k_rev, skip, n, n1):
+    """The kernels' filter: per channel pair, (G, F) = (H_c + H_d, H_c - H_d) / 2n at the bins a threadgroup meets.
+
+    H is the length-n spectrum of h = [k_fwd (+ skip at lag 0), 0..., flip(k_rev[:L-1])]: the skip term is
+    a lag-0 tap of the same convolution. Returns float32 (pairs, n1, n2/2 + 1, 4) = (G.re, G.im, F.re, F.im).
+    """
+    channels, length = k_fwd.shape
+    k_fwd = k_fwd.astype(mx.float32)
+    taps = [k_fwd[:, :1] + skip.astype(mx.float32)[:, None], k_fwd[:, 1:], mx.zeros((channels, n - 2 * length + 1))]
+    if k_rev is not None:
+        taps.append(k_rev.astype(mx.float32)[:, : length - 1][:, ::-1])
+    h = mx.concatenate(taps, axis=1)
+    if channels % 2:
+        h = mx.concatenate([h, mx.zeros((1, h.shape[1]))], axis=0)
+    spectrum = mx.fft.rfft(h, n=n, axis=1) / (2 * n)
+    g = spectrum[0::2] + spectrum[1::2]
+    f = spectrum[0::2] - spectrum[1::2]
+    index, mirrored = _four_step_bins(n, n1)
+    g, f = mx.take(g, index, axis=1), mx.take(f, index, axis=1)
+    g, f = mx.where(mirrored, mx.conj(g), g), mx.where(mirrored, mx.conj(f), f)
+    packed = mx.stack([mx.real(g), mx.imag(g), mx.real(f), mx.imag(f)], axis=-1)
+    return mx.contiguous(packed.reshape(g.shape[0], n1, -1, 4))
+
+
+def conjugate_filter(packed):
+    """The packed filter of the time-reversed convolution (the gradient with respect to u): conj(G), conj(F)."""
+    return packed * mx.array([1.0, -1.0, 1.0, -1.0])
+
+
+_gpu_kernels = {}
+
+
+def _gpu_kernel(backend, spec, smem_bytes):
+    key = (backend, spec.name, smem_bytes)
+    if key not in _gpu_kernels:
+        names = dict(
+            name=f"m2_long_conv_{spec.name}",
+            input_names=[name for name, _ in spec.inputs],
+            output_names=[name for name, _ in spec.outputs],
+            source=spec.body,
+            header=header(backend),
+            ensure_row_contiguous=False,
+        )
+        if backend == "metal":
+            _gpu_kernels[key] = mx.fast.metal_kernel(**names)
+        else:
+            _gpu_kernels[key] = mx.fast.cuda_kernel(**names, shared_memory=smem_bytes)
+    return _gpu_kernels[key]
+
+
+def metal_kernel(spec):
+    """The Metal instantiation of a kernel body (constructible without a Mac; only calling it needs Metal)."""
+    return _gpu_kernel("metal", spec, 0)
+
+
+def run_plan(plan_, u, packed, launch_fn):
+    """Runs the launches of `plan_` for u (B, L, C) and a packed filter.
+
+    launch_fn(launch, inputs, outputs, io_dtype) runs one launch (outputs as (shape, dtype) pairs, io_dtype the
+    dtype of u and y) and returns its output arrays.
+    """
+    tw = twiddles(plan_)
+    y_out = ((plan_.batch, plan_.length, plan_.channels), u.dtype)
+    if plan_.n1 == 1:
+        (launch,) = plan_.launches
+        return launch_fn(launch, [u, packed, tw], [y_out], u.dtype)[0]
+    forward, rows, inverse = plan_.launches
+    scratch_out = ((plan_.batch, plan_.pairs, plan_.n, 2), mx.float32)
+    scratch = launch_fn(forward, [u, tw], [scratch_out], u.dtype)[0]
+    scratch = launch_fn(rows, [scratch, packed, tw], [scratch_out], u.dtype)[0]
+    return launch_fn(inverse, [scratch, tw], [y_out], u.dtype)[0]
+
+
+def gpu_launch(backend):
+    """launch_fn for run_plan on a GPU back end ("metal" or "cuda")."""
+
+    def launch_fn(launch, inputs, outputs, io_dtype):
+        smem_bytes = 8 * launch.smem_values if backend == "cuda" else 0
+        kernel = _gpu_kernel(backend, launch.spec, smem_bytes)
+        gx, gy, gz = launch.groups
+        return kernel(
+            inputs=inputs,
+            output_shapes=[shape for shape, _ in outputs],
+            output_dtypes=[dtype for _, dtype in outputs],
+            grid=(gx * launch.threads, gy, gz),
+            threadgroup=(launch.threads, 1, 1),
+            template=launch.template(io_dtype),
+        )
+
+    return launch_fn
+

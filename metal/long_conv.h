@@ -1,0 +1,231 @@
+// FFT long convolution: device functions shared by every back end.
+//
+// Written in the common subset of the Metal Shading Language, CUDA C++ and C++20. Everything that differs
+// between them comes from the prelude pasted before this file (prelude_metal.h, prelude_cuda.h, prelude_cpu.h):
+//   M2_FUNC              qualifiers of a device function
+//   M2_TG, M2_GLOBAL,    address spaces of threadgroup memory, device memory and private (register) memory
+//   M2_THREAD
+//   M2_BARRIER()         threadgroup barrier over threadgroup memory
+//   M2_UNROLL            full unroll of the next loop (register arrays are only indexed by unrolled counters)
+//   m2_f2(x, y)          makes a float2
+// Kernel bodies also use M2_THREADGROUP_BUFFER(name, count) to declare their one float2 threadgroup array, and
+// Metal's names for thread indices (thread_position_in_threadgroup, threadgroup_position_in_grid,
+// threads_per_threadgroup), which the CUDA and C++ preludes map onto their own.
+//
+// The FFT is a Stockham radix-8 transform (one radix-4 or radix-2 stage last) over rows held in threadgroup memory.
+// Each thread keeps at most E complex values in registers between the two barriers of a stage, so a threadgroup
+// of `nthreads` threads transforms up to E * nthreads values. Twiddle factors come from a host-side table
+// (float64, rounded once), so every back end multiplies by the same numbers. The stage after sub-transforms of
+// length ns = 8^i reads block i of the table, tw[(8^(i+1) - 8) / 7 + r * ns + k] = exp(-2 pi i r k / (8 ns)) for
+// r < 8, k < ns: adjacent threads (adjacent k) read adjacent entries.
+
+struct m2c {
+  float re;
+  float im;
+};
+
+M2_FUNC m2c m2_cx(float re, float im) {
+  m2c z;
+  z.re = re;
+  z.im = im;
+  return z;
+}
+
+M2_FUNC m2c m2_add(m2c a, m2c b) {
+  return m2_cx(a.re + b.re, a.im + b.im);
+}
+
+M2_FUNC m2c m2_sub(m2c a, m2c b) {
+  return m2_cx(a.re - b.re, a.im - b.im);
+}
+
+M2_FUNC m2c m2_mul(m2c a, m2c b) {
+  return m2_cx(a.re * b.re - a.im * b.im, a.re * b.im + a.im * b.re);
+}
+
+M2_FUNC m2c m2_conj(m2c a) {
+  return m2_cx(a.re, -a.im);
+}
+
+// a * (-i)
+M2_FUNC m2c m2_mul_neg_i(m2c a) {
+  return m2_cx(a.im, -a.re);
+}
+
+// Threadgroup rows are padded by one float2 every 16 when `pad` is set, which spreads the strided accesses of
+// the first radix stages over the banks.
+M2_FUNC int m2_slot(int i, int pad) {
+  return pad != 0 ? i + (i >> 4) : i;
+}
+
+M2_FUNC m2c m2_tg_load(M2_TG float2* buf, int i, int pad) {
+  float2 f = buf[m2_slot(i, pad)];
+  return m2_cx(f.x, f.y);
+}
+
+M2_FUNC void m2_tg_store(M2_TG float2* buf, int i, int pad, m2c z) {
+  buf[m2_slot(i, pad)] = m2_f2(z.re, z.im);
+}
+
+// Stores one real value into the real (part 0) or imaginary (part 1) half of a complex slot.
+M2_FUNC void m2_tg_store_part(M2_TG float2* buf, int i, int pad, int part, float x) {
+  if (part == 0) {
+    buf[m2_slot(i, pad)].x = x;
+  } else {
+    buf[m2_slot(i, pad)].y = x;
+  }
+}
+
+M2_FUNC m2c m2_load_complex(const M2_GLOBAL float* data, int i) {
+  float2 f = reinterpret_cast<const M2_GLOBAL float2*>(data)[i];
+  return m2_cx(f.x, f.y);
+}
+
+M2_FUNC void m2_store_complex(M2_GLOBAL float* data, int64_t i, m2c z) {
+  reinterpret_cast<M2_GLOBAL float2*>(data)[i] = m2_f2(z.re, z.im);
+}
+
+// In-register DFTs of R values (forward sign), natural order in and out.
+template <int R>
+M2_FUNC void m2_dft(M2_THREAD m2c* v);
+
+template <>
+M2_FUNC void m2_dft<2>(M2_THREAD m2c* v) {
+  m2c a = v[0];
+  v[0] = m2_add(a, v[1]);
+  v[1] = m2_sub(a, v[1]);
+}
+
+template <>
+M2_FUNC void m2_dft<4>(M2_THREAD m2c* v) {
+  m2c t0 = m2_add(v[0], v[2]);
+  m2c t1 = m2_sub(v[0], v[2]);
+  m2c t2 = m2_add(v[1], v[3]);
+  m2c t3 = m2_mul_neg_i(m2_sub(v[1], v[3]));
+  v[0] = m2_add(t0, t2);
+  v[1] = m2_add(t1, t3);
+  v[2] = m2_sub(t0, t2);
+  v[3] = m2_sub(t1, t3);
+}
+
+template <>
+M2_FUNC void m2_dft<8>(M2_THREAD m2c* v) {
+  const float h = 0.70710678118654752f;
+  m2c e[4];
+  m2c o[4];
+  M2_UNROLL for (int r = 0; r < 4; ++r) {
+    e[r] = v[2 * r];
+    o[r] = v[2 * r + 1];
+  }
+  m2_dft<4>(e);
+  m2_dft<4>(o);
+  // o[q] *= exp(-2 pi i q / 8)
+  o[1] = m2_cx(h * (o[1].re + o[1].im), h * (o[1].im - o[1].re));
+  o[2] = m2_mul_neg_i(o[2]);
+  o[3] = m2_cx(h * (o[3].im - o[3].re), -h * (o[3].re + o[3].im));
+  M2_UNROLL for (int q = 0; q < 4; ++q) {
+    v[q] = m2_add(e[q], o[q]);
+    v[q + 4] = m2_sub(e[q], o[q]);
+  }
+}
+
+// One Stockham stage of radix R = 2^LOG_R over `total` values forming rows of length 2^log_n, with sub-transforms
+// of length 2^log_ns (a power of 8) done. Reads every value into registers, then writes every value: the two
+// barriers make the stage safe in place. Twiddle exp(-2 pi i r k / (R ns)) is entry (8 / R) r of the stage's block.
+template <int LOG_R, int E>
+M2_FUNC void m2_fft_stage(
+    M2_TG float2* buf,
+    int log_n,
+    int total,
+    int log_ns,
+    const M2_GLOBAL float* tw,
+    int tid,
+    int nthreads,
+    int pad) {
+  const int R = 1 << LOG_R;
+  const int log_m = log_n - LOG_R;
+  const int butterflies = total >> LOG_R;
+  const int tw_block = ((8 << log_ns) - 8) / 7;
+  m2c v[E];
+  M2_UNROLL for (int i = 0; i < E / R; ++i) {
+    const int w = tid + i * nthreads;
+    if (w < butterflies) {
+      const int base = (w >> log_m) << log_n;
+      const int j = w & ((1 << log_m) - 1);
+      const int k = j & ((1 << log_ns) - 1);
+      M2_UNROLL for (int r = 0; r < R; ++r) {
+        v[i * R + r] = m2_tg_load(buf, base + j + (r << log_m), pad);
+      }
+      M2_UNROLL for (int r = 1; r < R; ++r) {
+        v[i * R + r] = m2_mul(v[i * R + r], m2_load_complex(tw, tw_block + ((r << (3 - LOG_R)) << log_ns) + k));
+      }
+      m2_dft<R>(v + i * R);
+    }
+  }
+  M2_BARRIER();
+  M2_UNROLL for (int i = 0; i < E / R; ++i) {
+    const int w = tid + i * nthreads;
+    if (w < butterflies) {
+      const int base = (w >> log_m) << log_n;
+      const int j = w & ((1 << log_m) - 1);
+      const int k = j & ((1 << log_ns) - 1);
+      const int out = base + ((j >> log_ns) << (log_ns + LOG_R)) + k;
+      M2_UNROLL for (int r = 0; r < R; ++r) {
+        m2_tg_store(buf, out + (r << log_ns), pad, v[i * R + r]);
+      }
+    }
+  }
+  M2_BARRIER();
+}
+
+// Forward FFT of every row (length 2^log_n) of the `total` values in buf. The caller puts a barrier between
+// filling buf and this call; the result is visible to all threads on return.
+template <int E>
+M2_FUNC void m2_fft_rows(
+    M2_TG float2* buf,
+    int log_n,
+    int total,
+    const M2_GLOBAL float* tw,
+    int tid,
+    int nthreads,
+    int pad) {
+  int log_ns = 0;
+  for (; log_ns + 3 <= log_n; log_ns += 3) {
+    m2_fft_stage<3, E>(buf, log_n, total, log_ns, tw, tid, nthreads, pad);
+  }
+  if (log_n - log_ns == 2) {
+    m2_fft_stage<2, E>(buf, log_n, total, log_ns, tw, tid, nthreads, pad);
+  } else if (log_n - log_ns == 1) {
+    m2_fft_stage<1, E>(buf, log_n, total, log_ns, tw, tid, nthreads, pad);
+  }
+}
+
+// The spectral product of two real rows c, d packed as z = u_c + i u_d, with Z = FFT(z).
+// For bins k and k' = N - k (k <= k'), a = Z[k], b = Z[k'] and the packed filter (G, F) of bin k, where
+// G = (H_c + H_d) / 2N and F = (H_c - H_d) / 2N, the output spectrum W = FFT(y_c + i y_d) / N is
+//   W[k] = a G + conj(b) F,   W[k'] = b conj(G) + conj(a) conj(F).
+// The kernels store conj(W): a forward FFT of it is conj(y_c + i y_d), so no inverse transform is needed.
+M2_FUNC m2c m2_product_at_k(m2c a, m2c b, m2c g, m2c f) {
+  return m2_add(m2_mul(m2_conj(a), m2_conj(g)), m2_mul(b, m2_conj(f)));
+}
+
+M2_FUNC m2c m2_product_at_partner(m2c a, m2c b, m2c g, m2c f) {
+  return m2_add(m2_mul(m2_conj(b), g), m2_mul(a, f));
+}
+
+// Applies the spectral product to the pair of bins held at buffer slots e (bin k) and ep (bin k' = N - k), with the
+// packed filter gf = (G.re, G.im, F.re, F.im) of bin k.
+M2_FUNC void m2_spectral_product(M2_TG float2* buf, int e, int ep, int pad, float4 gf) {
+  const m2c g = m2_cx(gf.x, gf.y);
+  const m2c f = m2_cx(gf.z, gf.w);
+  const m2c a = m2_tg_load(buf, e, pad);
+  const m2c b = m2_tg_load(buf, ep, pad);
+  m2_tg_store(buf, e, pad, m2_product_at_k(a, b, g, f));
+  if (ep != e) {
+    m2_tg_store(buf, ep, pad, m2_product_at_partner(a, b, g, f));
+  }
+}
+
+M2_FUNC float4 m2_load_filter(const M2_GLOBAL float* spectrum, int i) {
+  return reinterpret_cast<const M2_GLOBAL float4*>(spectrum)[i];
+}

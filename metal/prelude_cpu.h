@@ -1,0 +1,136 @@
+// C++20 prelude of the long-convolution kernels (see long_conv.h for the dialect): runs a kernel body on the CPU
+// with the threadgroup semantics of a GPU, so that tests execute the same body as the Metal and CUDA builds.
+// Each thread of a threadgroup is one std::thread; the threadgroup buffer lives in an arena shared by the group,
+// sized to the target's threadgroup-memory limit and filled with NaN before each group, so a read of a value that
+// no thread wrote shows up in the output; M2_BARRIER() is a real std::barrier.
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <thread>
+#include <vector>
+
+struct alignas(8) float2 {
+  float x;
+  float y;
+};
+
+struct alignas(16) float4 {
+  float x;
+  float y;
+  float z;
+  float w;
+};
+
+struct uint3 {
+  unsigned x;
+  unsigned y;
+  unsigned z;
+};
+
+using m2_half = _Float16;
+
+// bfloat16 as MLX stores it: the top half of a float32, rounded to nearest even.
+struct m2_bfloat16 {
+  uint16_t bits;
+
+  m2_bfloat16() = default;
+
+  m2_bfloat16(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof(u));
+    if (std::isnan(f)) {
+      bits = static_cast<uint16_t>((u >> 16) | 0x40);
+    } else {
+      bits = static_cast<uint16_t>((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+    }
+  }
+
+  operator float() const {
+    uint32_t u = static_cast<uint32_t>(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+  }
+};
+
+#define M2_FUNC inline
+#define M2_TG
+#define M2_GLOBAL
+#define M2_THREAD
+#define M2_BARRIER() m2_emu_barrier()
+#define M2_UNROLL
+#define M2_UNROLL_4
+#define M2_THREADGROUP_BUFFER(name, count) float2* name = m2_emu_threadgroup_alloc(count)
+
+inline float2 m2_f2(float x, float y) {
+  return float2{x, y};
+}
+
+struct m2_emu_group {
+  std::barrier<>* barrier;
+  float2* arena;
+  int capacity;
+  std::atomic<int>* overflow;
+};
+
+thread_local m2_emu_group m2_emu_current;
+thread_local int m2_emu_used;
+thread_local std::vector<float2> m2_emu_spill;
+
+inline void m2_emu_barrier() {
+  m2_emu_current.barrier->arrive_and_wait();
+}
+
+// Past the limit the request is recorded (the launch then fails) and served from private memory, so that the
+// group still runs to its end without touching memory it does not own.
+inline float2* m2_emu_threadgroup_alloc(int count) {
+  if (m2_emu_used + count > m2_emu_current.capacity) {
+    m2_emu_current.overflow->store((m2_emu_used + count) * static_cast<int>(sizeof(float2)));
+    m2_emu_spill.assign(count, float2{0.0f, 0.0f});
+    return m2_emu_spill.data();
+  }
+  float2* p = m2_emu_current.arena + m2_emu_used;
+  m2_emu_used += count;
+  return p;
+}
+
+// Runs kernel(thread_position_in_threadgroup, threadgroup_position_in_grid, threads_per_threadgroup) over the
+// grid of groups, one group at a time. Returns 0, or the threadgroup bytes asked for beyond `limit_bytes`.
+template <typename Kernel>
+int m2_emu_launch(Kernel kernel, int groups_x, int groups_y, int groups_z, int threads, int limit_bytes) {
+  std::barrier<> sync(threads);
+  std::vector<float2> arena(limit_bytes / sizeof(float2));
+  std::atomic<int> overflow{0};
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  auto worker = [&](int tid) {
+    m2_emu_current = m2_emu_group{&sync, arena.data(), static_cast<int>(arena.size()), &overflow};
+    for (int z = 0; z < groups_z; ++z) {
+      for (int y = 0; y < groups_y; ++y) {
+        for (int x = 0; x < groups_x; ++x) {
+          if (tid == 0) {
+            std::fill(arena.begin(), arena.end(), float2{nan, nan});
+          }
+          sync.arrive_and_wait();
+          m2_emu_used = 0;
+          kernel(
+              uint3{static_cast<unsigned>(tid), 0, 0},
+              uint3{static_cast<unsigned>(x), static_cast<unsigned>(y), static_cast<unsigned>(z)},
+              uint3{static_cast<unsigned>(threads), 1, 1});
+          sync.arrive_and_wait();
+        }
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(threads);
+  for (int tid = 0; tid < threads; ++tid) {
+    pool.emplace_back(worker, tid);
+  }
+  for (auto& t : pool) {
+    t.join();
+  }
+  return overflow.load();
+}
