@@ -449,6 +449,14 @@ class M2BertModel(M2BertPreTrainedModel):
         pooled = self.pooler(hidden_states, attention_mask) if "pooler" in self else None
         return M2BertModelOutput(last_hidden_state=hidden_states, pooler_output=pooled)
 
+    def encode(self, texts, **kwargs):
+        """Sentence embeddings (the pooled output) of one text or a list of texts, as a float32 (N, D) array, like
+        sentence-transformers' `encode`. Arguments: `tokenizer`, `batch_size`, `normalize`, `padding`,
+        `truncation`, `show_progress_bar`, `convert_to`; see `m2bert_hf_mlx.pipelines.encode`."""
+        from .pipelines import encode
+
+        return encode(self, texts, **kwargs)
+
 
 class M2BertForMaskedLM(M2BertPreTrainedModel):
     def __init__(self, config):
