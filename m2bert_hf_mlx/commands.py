@@ -1,0 +1,267 @@
+"""`m2bert-mlx fill-mask`, `embed` and `info`: the pipelines and a model summary on the command line.
+
+Exit codes: 0 on success, 1 for a problem with the inputs or the model (one line on stderr), 2 for a usage error
+(argparse's), 130 when interrupted.
+"""
+
+import argparse
+import functools
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .conversion.checkpoints import checkpoint_keys
+from .loading import DTYPES, _fetch_config_folder, _fetch_weights, _hub_kwargs, _weight_files
+from .modeling_m2_bert import M2BertForMaskedLM, M2BertForSequenceClassification, M2BertModel
+from .pipelines import PADDING_CHOICES, default_tokenizer, pipeline
+from .tokenization import has_tokenizer_files
+
+
+def register(subparsers):
+    fill = subparsers.add_parser(
+        "fill-mask",
+        help="predict the tokens at [MASK]",
+        description="Predict the tokens at each [MASK] of the texts with an MLM checkpoint and print them with their "
+        "scores (softmax over the 30522 real tokens).",
+    )
+    _add_model_arguments(fill)
+    fill.add_argument("--top-k", type=_positive_int, default=5, metavar="K", help="predictions per mask (default: 5)")
+    _add_padding_argument(fill)
+    fill.add_argument("texts", nargs="+", metavar="TEXT", help="a text with one or more [MASK]")
+    fill.set_defaults(func=_reporting_errors(run_fill_mask))
+
+    embed = subparsers.add_parser(
+        "embed",
+        help="embed texts with a retrieval checkpoint",
+        description="Embed texts (the pooled output of a model with a pooler, such as the retrieval checkpoints) and "
+        "write them as an (N, D) float32 .npy file, or print one vector per line.",
+    )
+    _add_model_arguments(embed)
+    embed.add_argument("--input", metavar="FILE", help="a UTF-8 text file with one text per line ('-': standard input)")
+    embed.add_argument("--output", metavar="FILE.npy", help="write the embeddings there (default: print them)")
+    embed.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
+    embed.add_argument("--batch-size", type=_positive_int, metavar="N", help="texts per batch (default: by length)")
+    _add_padding_argument(embed)
+    embed.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed, after those of --input")
+    embed.set_defaults(func=_reporting_errors(run_embed), parser=embed)
+
+    info = subparsers.add_parser(
+        "info",
+        help="summarize a model: config, parameters, dtype, files",
+        description="Print a model's configuration summary, parameter count, dtype, tokenizer and files.",
+    )
+    _add_model_arguments(info)
+    info.set_defaults(func=_reporting_errors(run_info))
+
+
+def _add_model_arguments(parser):
+    parser.add_argument("--model", required=True, metavar="M", help="a model folder or Hub repo id")
+    parser.add_argument(
+        "--config",
+        metavar="CONFIG",
+        help="a preset name or JSON config file, for checkpoints without config.json (Composer .pt files)",
+    )
+
+
+def _add_padding_argument(parser):
+    parser.add_argument(
+        "--padding",
+        choices=PADDING_CHOICES,
+        default="max_length",
+        help="max_length (default) pads every text to the model's maximum length, which reproduces the reference "
+        "outputs; longest pads each batch to its longest text: faster, different outputs",
+    )
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def _reporting_errors(command):
+    """Run a sub-command, turning errors of the user's inputs or model into one line on stderr and exit code 1."""
+
+    @functools.wraps(command)
+    def run(args):
+        try:
+            return command(args)
+        except BrokenPipeError:
+            # The reader of stdout went away (`| head`); keep Python from failing again when it flushes at exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
+        except (ValueError, OSError) as e:
+            print(f"m2bert-mlx {args.command}: error: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"m2bert-mlx {args.command}: interrupted", file=sys.stderr)
+            return 130
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fill-mask
+
+
+def run_fill_mask(args):
+    fill_mask = pipeline("fill-mask", model=args.model, model_kwargs={"config": args.config})
+    results = fill_mask(args.texts, top_k=args.top_k, padding=args.padding)
+    # transformers' nesting: a list of one text gives that text's result, and one mask a flat list.
+    results = [results] if len(args.texts) == 1 else results
+    blocks = []
+    for text, result in zip(args.texts, results):
+        per_mask = [result] if isinstance(result[0], dict) else result
+        for m, predictions in enumerate(per_mask):
+            title = text if len(per_mask) == 1 else f"{text}  (mask {m + 1} of {len(per_mask)})"
+            blocks.append(_table(title, predictions))
+    print("\n\n".join(blocks))
+    return 0
+
+
+def _table(title, predictions):
+    width = max(len("token"), *(len(p["token_str"]) for p in predictions))
+    lines = [title, f"  {'token':<{width}}  score"]
+    lines += [f"  {p['token_str']:<{width}}  {p['score']:.4f}" for p in predictions]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# embed
+
+
+def run_embed(args):
+    texts = _read_lines(args.input) if args.input else []
+    texts += args.texts
+    if not texts:
+        args.parser.error("give texts to embed as arguments or with --input FILE")
+    model = M2BertModel.from_pretrained(args.model, config=args.config)
+    embeddings = model.encode(texts, batch_size=args.batch_size, normalize=args.normalize, padding=args.padding)
+    if args.output:
+        with open(args.output, "wb") as f:
+            np.save(f, embeddings)
+        print(f"Wrote {embeddings.shape[0]} embeddings of dimension {embeddings.shape[1]} to {args.output}")
+    else:
+        np.savetxt(sys.stdout, embeddings, fmt="%.8g")
+    return 0
+
+
+def _read_lines(path):
+    name = "standard input" if path == "-" else path
+    try:
+        content = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--input {name} is not UTF-8 text ({e.reason} at byte {e.start}).") from None
+    except OSError as e:
+        raise OSError(f"cannot read --input {name}: {e.strerror or e}") from None
+    lines = content.splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise ValueError(
+                f"line {number} of --input {name} is empty; give one text per line (each line becomes one row of "
+                "the output)."
+            )
+    if not lines:
+        raise ValueError(f"--input {name} holds no text; give one text per line.")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# info
+
+
+def run_info(args):
+    model_class, source = _model_class_and_source(args.model)
+    model = model_class.from_pretrained(str(source), config=args.config)
+    config = model.config
+    tokenizer = default_tokenizer(model)
+    base = model.bert if "bert" in model else model
+    pooler = "none"
+    if "pooler" in base:
+        pooler = "masked mean, tanh(dense(.))" if config.pool_all else "[CLS], tanh(dense(h[:, 0]))"
+    quantization = getattr(config, "quantization", None)
+    rows = [
+        ("model", args.model),
+        ("architecture", model_class.__name__),
+        ("hidden size", config.hidden_size),
+        ("layers", config.num_hidden_layers),
+        ("intermediate size", config.intermediate_size),
+        ("max sequence length", config.max_sequence_length),
+        ("vocabulary", f"{config.vocab_size} embedding rows, {len(tokenizer)} tokens in the tokenizer"),
+        ("pooler", pooler),
+        ("mixer", f"filter order {config.hyena_filter_order}, "
+                  f"{'bidirectional' if config.bidirectional else 'causal'}, "
+                  f"residual long conv {'on' if config.residual_long_conv else 'off'}, "
+                  f"legacy hyena_training_additions {'on' if config.hyena_training_additions else 'off'}"),
+        ("parameters", f"{_parameter_count(model):,}"),
+        # LayerNorms are never quantized, so theirs is the float dtype of the model.
+        ("dtype", {v: k for k, v in DTYPES.items()}[base.embeddings.LayerNorm.weight.dtype]),
+        ("quantization", f"{quantization['bits']}-bit {quantization.get('mode', 'affine')}, group size "
+                         f"{quantization['group_size']}" if quantization else "none"),
+        ("tokenizer", _tokenizer_origin(model)),
+        ("folder", model.source_folder),
+    ]
+    width = max(len(name) for name, _ in rows)
+    print("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
+    print("files")
+    files = sorted(p for p in model.source_folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    name_width = max(len(p.name) for p in files)
+    print("\n".join(f"  {p.name:<{name_width}}  {_size(p.stat().st_size):>9}" for p in files))
+    return 0
+
+
+def _model_class_and_source(name_or_path):
+    """The model class whose weights the checkpoint holds, and its local folder or file (downloaded if needed)."""
+    hub = _hub_kwargs(None, None, False, None, False, None)
+    folder = _fetch_config_folder(name_or_path, hub, "")
+    if not Path(name_or_path).exists():
+        folder = _fetch_weights(name_or_path, hub, "", folder)
+    keys = {key for path in _weight_files(folder) for key in checkpoint_keys(path)}
+    heads = {key.removeprefix("module.").removeprefix("model.").split(".")[0] for key in keys}
+    if "cls" in heads:
+        model_class = M2BertForMaskedLM
+    elif "classifier" in heads:
+        model_class = M2BertForSequenceClassification
+    else:
+        model_class = M2BertModel
+    return model_class, folder
+
+
+def _parameter_count(model):
+    """Parameters as the float model has them: a quantized weight counts its unpacked elements, not its packed
+    words, scales and biases."""
+    quantized = {name for name, module in model.named_modules() if "scales" in module}
+    buffers = model.buffer_keys()
+    count = 0
+    for key, value in tree_flatten(model.parameters()):
+        owner, _, leaf = key.rpartition(".")
+        if key in buffers:
+            continue
+        if owner in quantized:
+            if leaf == "weight":
+                count += value.size * 32 // model.config.quantization["bits"]
+            elif leaf == "bias":
+                count += value.size
+        else:
+            count += value.size
+    return count
+
+
+def _tokenizer_origin(model):
+    if has_tokenizer_files(model.source_folder):
+        return f"the tokenizer files in {model.source_folder}"
+    return "bert-base-uncased (the vocabulary shipped with m2bert-hf-mlx)"
+
+
+def _size(nbytes):
+    for unit in ("B", "kB", "MB", "GB"):
+        if nbytes < 1000 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
