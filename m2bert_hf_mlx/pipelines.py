@@ -277,8 +277,9 @@ class Pipeline:
     task = None
 
     def __init__(self, model, tokenizer=None, **defaults):
-        self.tokenizer = default_tokenizer(model) if tokenizer is None else tokenizer
         self.model = self._check_model(model)
+        # The object given, not its `bert`, knows the folder it was loaded from.
+        self.tokenizer = default_tokenizer(model) if tokenizer is None else tokenizer
         _check_tokenizer_fits(self.tokenizer, self.model.config)
         self._check_arguments(defaults)
         self._defaults = defaults
@@ -330,14 +331,17 @@ class FillMaskPipeline(Pipeline):
 
     task = "fill-mask"
 
+    def __init__(self, model, tokenizer=None, **defaults):
+        super().__init__(model, tokenizer, **defaults)
+        if self.tokenizer.mask_token_id is None:
+            raise ValueError("The tokenizer has no mask token, so there is nothing to fill; use bert-base-uncased's.")
+
     def _check_model(self, model):
         if not isinstance(model, M2BertForMaskedLM):
             raise TypeError(
                 f"The fill-mask pipeline needs an M2BertForMaskedLM (an MLM checkpoint), got {type(model).__name__}. "
                 "Retrieval checkpoints have no MLM head: use the 'sentence-embedding' or 'feature-extraction' pipeline."
             )
-        if self.tokenizer.mask_token_id is None:
-            raise ValueError("The tokenizer has no mask token, so there is nothing to fill; use bert-base-uncased's.")
         return model
 
     def _run(self, inputs, *, top_k=5, targets=None, tokenizer_kwargs=None, padding="max_length", truncation=True,
@@ -365,11 +369,7 @@ class FillMaskPipeline(Pipeline):
             probs = mx.softmax(logits.astype(mx.float32), axis=-1)
             if target_ids is not None:
                 probs = probs[:, mx.array(target_ids)]
-            k = min(top_k, probs.shape[-1])
-            candidates = mx.argpartition(-probs, kth=k - 1, axis=-1)[:, :k]
-            scores = mx.take_along_axis(probs, candidates, axis=-1)
-            ranking = mx.argsort(-scores, axis=-1)
-            candidates, scores = mx.take_along_axis(candidates, ranking, axis=-1), mx.take_along_axis(scores, ranking, axis=-1)
+            candidates, scores = _top_k(probs, min(top_k, probs.shape[-1]))
             mx.eval(candidates, scores)
             candidates, scores = np.array(candidates), np.array(scores)
             start = 0
@@ -432,6 +432,14 @@ class FillMaskPipeline(Pipeline):
             sequence = self.tokenizer.decode(filled, skip_special_tokens=single_mask)
             predictions.append({"score": score, "token": token, "token_str": self.tokenizer.decode([token]), "sequence": sequence})
         return predictions
+
+
+def _top_k(probs, k):
+    """The indices and values of the k largest entries of each row, largest first."""
+    candidates = mx.argpartition(-probs, kth=k - 1, axis=-1)[:, :k]
+    values = mx.take_along_axis(probs, candidates, axis=-1)
+    ranking = mx.argsort(-values, axis=-1)
+    return mx.take_along_axis(candidates, ranking, axis=-1), mx.take_along_axis(values, ranking, axis=-1)
 
 
 def _tokenizer_kwargs(tokenizer_kwargs, padding, truncation):
