@@ -25,8 +25,9 @@ from .kernels import KERNELS, header
 CXX_FLAGS = ("-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-fno-strict-aliasing")
 ELEMS = (16, 32)
 _CPP_TYPES = {"float32": "float", "float16": "m2_half", "bfloat16": "m2_bfloat16"}
-# numpy views of MLX buffers; bfloat16 has no numpy type and travels as its bits.
-_NUMPY_VIEWS = {"float32": (mx.float32, np.float32), "float16": (mx.float16, np.float16), "bfloat16": (mx.uint16, np.uint16)}
+_FIXED_TYPES = {"f32": "float", "i32": "int"}
+# numpy types of the kernels' I/O dtypes; bfloat16 has none and travels as its bits.
+_NUMPY_TYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
 
 def _entry_name(kernel, dtype, elems):
@@ -36,10 +37,10 @@ def _entry_name(kernel, dtype, elems):
 def _wrapper(spec):
     params = []
     for name, kind in spec.inputs:
-        params.append(f"const {'T' if kind == 'io' else 'float'}* {name}")
-        if "u" == name:
+        params.append(f"const {'T' if kind == 'io' else _FIXED_TYPES[kind]}* {name}")
+        if name == "u":
             params.append("const int64_t* u_strides")
-    params += [f"{'T' if kind == 'io' else 'float'}* {name}" for name, kind in spec.outputs]
+    params += [f"{'T' if kind == 'io' else _FIXED_TYPES[kind]}* {name}" for name, kind in spec.outputs]
     params += [
         "const int* m2_constants",
         "uint3 thread_position_in_threadgroup",
@@ -59,7 +60,7 @@ def _wrapper(spec):
             args = []
             for i, (name, kind) in enumerate(buffers):
                 const = "const " if i < len(spec.inputs) else ""
-                args.append(f"static_cast<{const}{cpp_type if kind == 'io' else 'float'}*>(buffers[{i}])")
+                args.append(f"static_cast<{const}{cpp_type if kind == 'io' else _FIXED_TYPES[kind]}*>(buffers[{i}])")
                 if name == "u":
                     args.append("u_strides")
             lines += [
@@ -121,9 +122,8 @@ def library():
 
 
 def _numpy_view(a):
-    dtype_name = str(a.dtype).split(".")[-1]
-    view_dtype, np_dtype = _NUMPY_VIEWS[dtype_name]
-    return np.asarray(a.view(view_dtype) if view_dtype != a.dtype else a).view(np_dtype)
+    """A numpy view of an MLX array's buffer, strides included."""
+    return np.asarray(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)
 
 
 def launch_fn(limit_bytes):
@@ -134,7 +134,7 @@ def launch_fn(limit_bytes):
         arrays = [_numpy_view(a) for a in inputs]
         results = []
         for (shape, dtype), (_, kind) in zip(outputs, launch.spec.outputs):
-            np_dtype = _NUMPY_VIEWS[dtype_name][1] if kind == "io" else np.float32
+            np_dtype = _NUMPY_TYPES[dtype_name] if kind == "io" else np.float32
             # NaN (or all ones for bfloat16 bits, also a NaN) marks every value the kernel fails to write.
             results.append(np.full(shape, np.nan if np_dtype != np.uint16 else 0xFFFF, dtype=np_dtype))
         u_strides = np.zeros(3, dtype=np.int64)

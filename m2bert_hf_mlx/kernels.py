@@ -20,7 +20,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """One kernel body: its buffers ((name, kind) with kind "io" for u's dtype or "f32") and template constants."""
+    """One kernel body: its buffers ((name, kind), kind "io" for u's dtype, "f32" or "i32") and template constants."""
 
     name: str
     inputs: tuple
@@ -36,27 +36,32 @@ class KernelSpec:
         return any(kind == "io" for _, kind in self.inputs + self.outputs)
 
 
-_COLUMN_CONSTANTS = ("SEQ_LEN", "CHANNELS", "PAIRS", "LOG_N1", "LOG_N2", "LOG_P", "LOG_Q", "PAD", "SMEM")
+_COLUMN_CONSTANTS = ("LOG_N1", "LOG_N2", "LOG_P", "LOG_Q", "PAD", "SMEM")
 
 KERNELS = {
     spec.name: spec
     for spec in (
         KernelSpec(
             "single_pass",
-            (("u", "io"), ("spectrum", "f32"), ("tw", "f32")),
+            (("u", "io"), ("dims", "i32"), ("spectrum", "f32"), ("tw", "f32")),
             (("y", "io"),),
-            ("SEQ_LEN", "CHANNELS", "PAIRS", "LOG_N", "LOG_P", "PAD", "SMEM"),
+            ("LOG_N", "LOG_P", "PAD", "SMEM"),
         ),
         KernelSpec(
-            "columns_forward", (("u", "io"), ("tw", "f32")), (("scratch", "f32"),), _COLUMN_CONSTANTS + ("TW_N",)
+            "columns_forward",
+            (("u", "io"), ("dims", "i32"), ("tw", "f32")),
+            (("scratch", "f32"),),
+            _COLUMN_CONSTANTS + ("TW_N",),
         ),
         KernelSpec(
             "rows",
-            (("scratch", "f32"), ("spectrum", "f32"), ("tw", "f32")),
+            (("scratch", "f32"), ("dims", "i32"), ("spectrum", "f32"), ("tw", "f32")),
             (("out", "f32"),),
-            ("PAIRS", "LOG_N1", "LOG_N2", "LOG_RP", "TW_N", "PAD", "SMEM"),
+            ("LOG_N1", "LOG_N2", "LOG_RP", "TW_N", "PAD", "SMEM"),
         ),
-        KernelSpec("columns_inverse", (("scratch", "f32"), ("tw", "f32")), (("y", "io"),), _COLUMN_CONSTANTS),
+        KernelSpec(
+            "columns_inverse", (("scratch", "f32"), ("dims", "i32"), ("tw", "f32")), (("y", "io"),), _COLUMN_CONSTANTS
+        ),
     )
 }
 
@@ -181,9 +186,6 @@ def plan(target, batch, length, channels):
                 _threads(values, elems),
                 elems,
                 (
-                    ("SEQ_LEN", length),
-                    ("CHANNELS", channels),
-                    ("PAIRS", pairs),
                     ("LOG_N", _log2(n)),
                     ("LOG_P", _log2(p)),
                     ("PAD", pad),
@@ -205,9 +207,6 @@ def plan(target, batch, length, channels):
     q = min(n2, capacity // (n1 * p))
     column_values = p * q * n1
     column_constants = (
-        ("SEQ_LEN", length),
-        ("CHANNELS", channels),
-        ("PAIRS", pairs),
         ("LOG_N1", log_n1),
         ("LOG_N2", _log2(n2)),
         ("LOG_P", _log2(p)),
@@ -227,7 +226,6 @@ def plan(target, batch, length, channels):
             _threads(row_values, elems),
             elems,
             (
-                ("PAIRS", pairs),
                 ("LOG_N1", log_n1),
                 ("LOG_N2", _log2(n2)),
                 ("LOG_RP", _log2(rp)),
@@ -340,15 +338,16 @@ def run_plan(plan_, u, packed, launch_fn):
     dtype of u and y) and returns its output arrays.
     """
     tw = twiddles(plan_)
+    dims = mx.array([plan_.length, plan_.channels], dtype=mx.int32)
     y_out = ((plan_.batch, plan_.length, plan_.channels), u.dtype)
     if plan_.n1 == 1:
         (launch,) = plan_.launches
-        return launch_fn(launch, [u, packed, tw], [y_out], u.dtype)[0]
+        return launch_fn(launch, [u, dims, packed, tw], [y_out], u.dtype)[0]
     forward, rows, inverse = plan_.launches
     scratch_out = ((plan_.batch, plan_.pairs, plan_.n, 2), mx.float32)
-    scratch = launch_fn(forward, [u, tw], [scratch_out], u.dtype)[0]
-    scratch = launch_fn(rows, [scratch, packed, tw], [scratch_out], u.dtype)[0]
-    return launch_fn(inverse, [scratch, tw], [y_out], u.dtype)[0]
+    scratch = launch_fn(forward, [u, dims, tw], [scratch_out], u.dtype)[0]
+    scratch = launch_fn(rows, [scratch, dims, packed, tw], [scratch_out], u.dtype)[0]
+    return launch_fn(inverse, [scratch, dims, tw], [y_out], u.dtype)[0]
 
 
 def gpu_launch(backend):

@@ -143,7 +143,8 @@ def _filter_gradients(u, g, causal):
     """d/dk_fwd, d/dk_rev, d/dskip: correlations of the cotangent g with u, summed over the batch."""
     length = u.shape[1]
     n = kernels.fft_size(length)
-    cross = mx.sum(mx.fft.rfft(g.astype(mx.float32), n=n, axis=1) * mx.conj(mx.fft.rfft(u.astype(mx.float32), n=n, axis=1)), axis=0)
+    g_f = mx.fft.rfft(g.astype(mx.float32), n=n, axis=1)
+    cross = mx.sum(g_f * mx.conj(mx.fft.rfft(u.astype(mx.float32), n=n, axis=1)), axis=0)
     corr = mx.fft.irfft(cross, n=n, axis=0).T  # corr[c, j] = sum_{b, t} g[b, t, c] u[b, t - j, c] (j mod n)
     dk_fwd = corr[:, :length]
     dskip = mx.sum(g.astype(mx.float32) * u.astype(mx.float32), axis=(0, 1))

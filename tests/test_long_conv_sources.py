@@ -1,0 +1,181 @@
+"""The kernel sources as MLX assembles them (MLX 0.32: mlx/backend/common/metal_kernel.cpp and
+mlx/backend/cuda/custom_kernel.cpp), for compile checks of the Metal and CUDA instantiations without their GPUs."""
+
+import os
+import re
+import shutil
+import subprocess
+
+import mlx.core as mx
+import pytest
+
+from m2bert_hf_mlx import kernels, ops
+
+METAL_TYPES = {"float32": "float", "float16": "half", "bfloat16": "bfloat16_t", "int32": "int"}
+CUDA_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "int32": "int32_t"}
+_FIXED = {"f32": "float32", "i32": "int32"}
+
+
+def _buffer_dtype(kind, dtype):
+    return dtype if kind == "io" else _FIXED[kind]
+
+
+def metal_kernel_source(launch, dtype, input_sizes, kernel_name):
+    """Templated signature, body and explicit instantiation, as MLX writes them for Metal after the header.
+
+    input_sizes: element count of each input; MLX passes inputs of fewer than 8 elements as `constant`.
+    """
+    spec = launch.spec
+    template = launch.template(dtype)
+    params = []
+    for (name, kind), size in zip(spec.inputs, input_sizes):
+        space = "constant" if size < 8 else "device"
+        params.append(f"  const {space} {METAL_TYPES[_buffer_dtype(kind, dtype)]}* {name}")
+        if f"{name}_strides" in spec.body:
+            params.append(f"  const constant int64_t* {name}_strides")
+    params += [f"  device {METAL_TYPES[_buffer_dtype(kind, dtype)]}* {name}" for name, kind in spec.outputs]
+    params += [
+        f"  uint3 {attr} [[{attr}]]"
+        for attr in ("thread_position_in_threadgroup", "threadgroup_position_in_grid", "threads_per_threadgroup")
+        if attr in spec.body
+    ]
+    decl = ", ".join(("typename " if key == "T" else "int ") + key for key, _ in template)
+    values = ", ".join(METAL_TYPES[v] if key == "T" else str(v) for key, v in template)
+    return "\n".join(
+        [
+            f"template <{decl}>",
+            f"[[kernel]] void {kernel_name}(\n" + ",\n".join(params) + ") {",
+            spec.body,
+            "}",
+            f'template [[host_name("{kernel_name}")]] [[kernel]] decltype({kernel_name}<{values}>) '
+            f"{kernel_name}<{values}>;",
+        ]
+    )
+
+
+def cuda_kernel_source(launch, dtype, kernel_name):
+    """Signature, template constexprs and body, as MLX writes them for NVRTC after its default header and ours."""
+    spec = launch.spec
+    params = []
+    for name, kind in spec.inputs:
+        params.append(f"    const {CUDA_TYPES[_buffer_dtype(kind, dtype)]}* {name}")
+        if f"{name}_strides" in spec.body:
+            params.append(f"    const __grid_constant__ Strides {name}_strides")
+    params += [f"    {CUDA_TYPES[_buffer_dtype(kind, dtype)]}* {name}" for name, kind in spec.outputs]
+    constants = [
+        f"  using {name} = {CUDA_TYPES[value]};" if name == "T" else f"  constexpr int {name} = {value};"
+        for name, value in launch.template(dtype)
+    ]
+    return "\n".join(
+        [
+            "namespace mlx::core::cu {",
+            f"__global__ void {kernel_name}(\n" + ",\n".join(params) + ") {",
+            *constants,
+            spec.body,
+            "}",
+            "}  // namespace mlx::core::cu",
+        ]
+    )
+
+
+# A stand-in for Metal's standard library, enough for a C++ compiler to parse and type-check the Metal build
+# (address spaces and attributes are dropped: they are Metal's own).
+METAL_STDLIB_SHIM = """
+#pragma once
+#include <cstdint>
+#define device
+#define constant
+#define threadgroup
+#define thread
+namespace metal {
+struct float2 {
+  float x, y;
+  float2() = default;
+  float2(float a, float b) : x(a), y(b) {}
+};
+struct float4 {
+  float x, y, z, w;
+};
+struct uint3 {
+  unsigned x, y, z;
+};
+enum class mem_flags { mem_none, mem_threadgroup };
+inline void threadgroup_barrier(mem_flags) {}
+}  // namespace metal
+using half = _Float16;
+struct bfloat16_t {
+  uint16_t bits;
+  bfloat16_t(float f) : bits(0) { (void)f; }
+  operator float() const { return 0.0f; }
+};
+"""
+
+CUDA_UTILS_STUB = """
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda/std/array>
+namespace mlx::core::cu {
+using Strides = cuda::std::array<int64_t, 10>;
+}
+"""
+
+# Plans that reach every kernel and register-array size, on both GPU targets.
+SHAPES = [(2, 100, 70), (1, 4097, 6), (1, 8192, 768), (1, 32768, 768)]
+
+
+def _unique_launches(target):
+    launches = {}
+    for batch, length, channels in SHAPES:
+        for launch in kernels.plan(target, batch, length, channels).launches:
+            launches.setdefault((launch.kernel, launch.elems), launch)
+    return list(launches.values())
+
+
+def _input_sizes(launch):
+    # dims has 2 elements (Metal's constant address space); u and the tables have more than 8.
+    return [2 if name == "dims" else 1 << 20 for name, _ in launch.spec.inputs]
+
+
+@pytest.mark.skipif(mx.metal.is_available(), reason="checks the Metal build where Metal is missing")
+def test_metal_kernels_construct_without_metal():
+    for spec in kernels.KERNELS.values():
+        assert callable(kernels.metal_kernel(spec))
+    with pytest.raises(RuntimeError, match="needs an Apple GPU"):
+        ops.resolve_backend("metal")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_metal_instantiation_compiles_as_cpp(tmp_path, dtype):
+    (tmp_path / "metal_stdlib").write_text(METAL_STDLIB_SHIM)
+    launches = _unique_launches(kernels.METAL)
+    source = [kernels.header("metal")]
+    source += [metal_kernel_source(launch, dtype, _input_sizes(launch), f"k{i}") for i, launch in enumerate(launches)]
+    (tmp_path / "kernels.cpp").write_text("\n".join(source))
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    flags = ["-std=c++17", "-fsyntax-only", "-Wno-attributes", "-Wno-unknown-pragmas"]
+    result = subprocess.run(
+        [cxx, *flags, "-I", str(tmp_path), str(tmp_path / "kernels.cpp")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[:4000]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA build is also tested on the GPU)")
+def test_cuda_instantiation_compiles_for_hopper_within_the_register_file(tmp_path):
+    stub = tmp_path / "mlx" / "backend" / "cuda" / "device" / "utils.cuh"
+    stub.parent.mkdir(parents=True)
+    stub.write_text(CUDA_UTILS_STUB)
+    launches = _unique_launches(kernels.CUDA)
+    source = ['#include "mlx/backend/cuda/device/utils.cuh"', kernels.header("cuda")]
+    source += [cuda_kernel_source(launch, "float32", f"k{i}") for i, launch in enumerate(launches)]
+    (tmp_path / "kernels.cu").write_text("\n".join(source))
+    flags = ["-std=c++17", "-arch=sm_90a", "-Xptxas", "-v", "-I", str(tmp_path), "-c", "-o", os.devnull]
+    result = subprocess.run(["nvcc", *flags, str(tmp_path / "kernels.cu")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[:4000]
+    # MLX launches without a register bound, so every thread of a block must fit the 64K-register file.
+    entry = r"Compiling entry function '_ZN3mlx4core2cu\d+(k\d+)E.*?Used (\d+) registers"
+    usage = dict(re.findall(entry, result.stderr, re.S))
+    assert len(usage) == len(launches)
+    for i, launch in enumerate(launches):
+        assert int(usage[f"k{i}"]) * launch.threads <= 65536, (launch.kernel, usage[f"k{i}"], launch.threads)
+    assert re.findall(r"(\d+) bytes spill stores", result.stderr) == ["0"] * len(launches)
