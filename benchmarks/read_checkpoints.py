@@ -1,0 +1,62 @@
+"""Time the torch-free checkpoint reader on a checkpoint of the 80M MLM's size, in every format it reads, against
+torch.load(weights_only=True) where torch can read the file.
+
+Run from the repository root (needs torch for the files torch writes): .venv/bin/python benchmarks/read_checkpoints.py
+"""
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from checkpoint_files import composer_checkpoint  # noqa: E402
+from random_checkpoint import random_state_dict  # noqa: E402
+
+from m2bert_hf_mlx.configuration_m2_bert import PRESETS  # noqa: E402
+from m2bert_hf_mlx.conversion.checkpoints import checkpoint_keys, load_state_dict  # noqa: E402
+from m2bert_hf_mlx.conversion.torch_format import save_torch_object, save_torch_state_dict  # noqa: E402
+
+
+def best_of(fn, repeats=3):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main():
+    import torch
+
+    state = random_state_dict(PRESETS["m2-bert-80m"], head="mlm", seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        tensors = {k: torch.from_numpy(v) for k, v in state.items()}
+        torch.save(tensors, tmp / "torch_zip.bin")
+        torch.save(tensors, tmp / "torch_legacy.pt", _use_new_zipfile_serialization=False)
+        save_torch_state_dict(state, tmp / "package_writer.bin")
+        save_torch_object(composer_checkpoint(state), tmp / "composer.pt")
+        mx.save_safetensors(str(tmp / "model.safetensors"), {k: mx.array(v) for k, v in state.items()})
+
+        print(f"80M MLM state dict: {len(state)} tensors, {sum(v.nbytes for v in state.values()) / 1e6:.0f} MB")
+        print(f"  {'file':22s} {'MB':>6s} {'load_state_dict s':>18s} {'checkpoint_keys s':>18s} {'torch.load(weights_only) s':>27s}")
+        for path in sorted(tmp.iterdir()):
+            loaded = load_state_dict(path)
+            assert all(np.array_equal(loaded[k.removeprefix("model.")], v) for k, v in state.items())
+            ours = best_of(lambda: load_state_dict(path))
+            keys = best_of(lambda: checkpoint_keys(path))
+            try:
+                theirs = f"{best_of(lambda: torch.load(path, weights_only=True)):27.2f}"
+            except Exception as e:  # safetensors and Composer files are not torch.load(weights_only=True) material
+                theirs = f"{'refused: ' + type(e).__name__:>27s}"
+            print(f"  {path.name:22s} {path.stat().st_size / 1e6:6.0f} {ours:18.2f} {keys:18.3f} {theirs}")
+
+
+if __name__ == "__main__":
+    main()
