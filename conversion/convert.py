@@ -17,7 +17,13 @@ from tqdm import tqdm
 from .. import M2BertConfig, M2BertForMaskedLM, M2BertModel
 from ..configuration_m2_bert import PRESETS
 from ..loading import DTYPES, _fetch_config_folder, _fetch_weights, _hub_kwargs, _weight_files
-from ..quantization import SKIPPABLE_GROUPS, SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, quantize_model
+from ..quantization import (
+    SKIPPABLE_GROUPS,
+    SUPPORTED_BITS,
+    SUPPORTED_GROUP_SIZES,
+    check_quantization_settings,
+    quantize_model,
+)
 from ..tokenization import has_tokenizer_files, load_tokenizer, save_tokenizer
 from .checkpoints import checkpoint_keys
 from .model_card import render_model_card
@@ -46,17 +52,21 @@ def convert(hf_path, mlx_path=DEFAULT_MLX_PATH, *, config=None, preset=None, tok
     _check_destination(hf_path, mlx_path, force)
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
+    if quantize:
+        check_quantization_settings(q_bits, q_group_size, q_skip)
     hub = _hub_kwargs(revision, None, False, token, False, hf_endpoint)
     is_local = Path(hf_path).exists()
 
     # Only config.json is fetched before the config is checked, so an unsupported model fails before a large download.
     folder = _fetch_config_folder(hf_path, hub, "")
     config_obj = _resolve_config(hf_path, folder, config, preset)
+    if quantize and getattr(config_obj, "quantization", None):
+        raise ConvertError(
+            f"{hf_path} is already quantized; convert from the float checkpoint to quantize differently."
+        )
     source = Path(hf_path) if is_local else _fetch_weights(hf_path, hub, "", folder)
     source_folder = source if source.is_dir() else source.parent
 
-    if quantize and getattr(config_obj, "quantization", None):
-        raise ConvertError(f"{hf_path} is already quantized; convert from the float checkpoint to quantize differently.")
     keys = {key for path in _weight_files(source) for key in checkpoint_keys(path)}
     cls = M2BertForMaskedLM if any(k.startswith("cls.") for k in keys) else M2BertModel
     has_pooler = any(k.startswith(("bert.pooler.", "pooler.")) for k in keys)
@@ -68,13 +78,16 @@ def convert(hf_path, mlx_path=DEFAULT_MLX_PATH, *, config=None, preset=None, tok
             "--tokenizer with the tokenizer this checkpoint was trained with."
         )
 
-    with tqdm(total=4 if upload_repo else 3, unit="step", disable=None) as progress:
+    # Steps: read, (quantize), write, (upload); huggingface_hub shows its own bars for the downloads.
+    with tqdm(total=2 + int(quantize) + int(bool(upload_repo)), unit="step", disable=None) as progress:
         progress.set_description("Reading weights")
         model = cls.from_pretrained(str(source), config=config_obj, dtype=dtype, add_pooling_layer=has_pooler)
         progress.update()
-        progress.set_description("Quantizing" if quantize else "Converting")
-        quantization = quantize_model(model, bits=q_bits, group_size=q_group_size, skip=q_skip) if quantize else None
-        progress.update()
+        quantization = None
+        if quantize:
+            progress.set_description("Quantizing")
+            quantization = quantize_model(model, bits=q_bits, group_size=q_group_size, skip=q_skip)
+            progress.update()
         progress.set_description(f"Writing {mlx_path}")
         card = render_model_card(
             repo_id=upload_repo or str(mlx_path),
@@ -117,7 +130,9 @@ def _check_destination(hf_path, mlx_path, force):
     if Path(hf_path).exists() and (target == source or target in source.parents):
         raise ConvertError(f"--mlx-path {mlx_path} would replace the source {hf_path}; write the MLX folder elsewhere.")
     if mlx_path.is_dir() and any(mlx_path.iterdir()) and not force:
-        raise ConvertError(f"{mlx_path} already exists and is not empty; pass --force to replace it, or choose another --mlx-path.")
+        raise ConvertError(
+            f"{mlx_path} already exists and is not empty; pass --force to replace it, or choose another --mlx-path."
+        )
 
 
 def _resolve_config(hf_path, folder, config, preset):
@@ -205,17 +220,28 @@ def register(subparsers):
     parser.add_argument("--hf-path", required=True, help="Hub repo id, or a local folder or checkpoint file")
     parser.add_argument("--mlx-path", default=DEFAULT_MLX_PATH, help=f"output folder (default: {DEFAULT_MLX_PATH})")
     source_config = parser.add_mutually_exclusive_group()
-    source_config.add_argument("--config", metavar="FILE", help="JSON config with the canonical field names, for checkpoints without config.json")
-    source_config.add_argument("--preset", choices=list(PRESETS), metavar="NAME", help=f"a published configuration: {', '.join(PRESETS)}")
-    parser.add_argument("--tokenizer", help="tokenizer folder or repo id (default: the source's, else bert-base-uncased shipped with the package)")
+    source_config.add_argument(
+        "--config", metavar="FILE", help="JSON config with the canonical field names, for checkpoints without config.json"
+    )
+    source_config.add_argument(
+        "--preset", choices=list(PRESETS), metavar="NAME", help=f"a published configuration: {', '.join(PRESETS)}"
+    )
+    parser.add_argument(
+        "--tokenizer",
+        help="tokenizer folder or repo id (default: the source's, else bert-base-uncased shipped with the package)",
+    )
     parser.add_argument("--dtype", choices=list(DTYPES), help="weight dtype (default: the source's)")
     parser.add_argument("-q", "--quantize", action="store_true", help="quantize the weights (MLX affine quantization)")
     parser.add_argument("--q-bits", type=int, choices=SUPPORTED_BITS, help="bits per weight (default: 4)")
-    parser.add_argument("--q-group-size", type=int, choices=SUPPORTED_GROUP_SIZES, help="weights per scale and bias (default: 64)")
+    parser.add_argument(
+        "--q-group-size", type=int, choices=SUPPORTED_GROUP_SIZES, help="weights per scale and bias (default: 64)"
+    )
     parser.add_argument("--q-skip", nargs="+", choices=SKIPPABLE_GROUPS, default=[], help="groups to keep in float")
     parser.add_argument("--revision", help="revision of the source repo (branch, tag or commit)")
     parser.add_argument("--upload-repo", help="Hub repo id to upload the folder to")
-    parser.add_argument("--hf-endpoint", help="Hub URL for download and upload (default: HF_ENDPOINT, else https://huggingface.co)")
+    parser.add_argument(
+        "--hf-endpoint", help="Hub URL for download and upload (default: HF_ENDPOINT, else https://huggingface.co)"
+    )
     parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --mlx-path")
     parser.set_defaults(func=run_convert)

@@ -7,7 +7,11 @@ from ..quantization import SKIPPABLE_GROUPS
 
 # Layers quantize_model leaves in float whatever it is asked (see m2bert_hf_mlx.quantization).
 _ALWAYS_FLOAT = "long-conv filters, short conv, LayerNorms, biases, position embeddings"
-_GROUP_NAMES = {"embeddings": "word and token-type embeddings (and the tied MLM decoder)", "heads": "task heads", "mlp": "block-diagonal MLP"}
+_GROUP_NAMES = {
+    "embeddings": "word and token-type embeddings (and the tied MLM decoder)",
+    "heads": "task heads",
+    "mlp": "block-diagonal MLP",
+}
 
 
 def _template(name):

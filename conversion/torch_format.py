@@ -204,17 +204,17 @@ class _TorchPickler:
         return self.storages[id(root)][0]
 
 
-def save_torch_object(obj, path, *, archive_name="archive"):
+def save_torch_object(obj, path):
     """Write `obj` (dicts, lists, tuples, scalars, strings, tensors and the pickle spellings above) as torch.save
     would, uncompressed and little-endian."""
     pickler = _TorchPickler()
     data = pickler.dumps(obj)
     with zipfile.ZipFile(Path(path), "w", zipfile.ZIP_STORED) as archive:
-        archive.writestr(f"{archive_name}/data.pkl", data)
-        archive.writestr(f"{archive_name}/byteorder", "little")
+        archive.writestr("archive/data.pkl", data)
+        archive.writestr("archive/byteorder", "little")
         for key, root, _ in pickler.storages.values():
-            archive.writestr(f"{archive_name}/data/{key}", np.ascontiguousarray(root).astype(root.dtype.newbyteorder("<")).tobytes())
-        archive.writestr(f"{archive_name}/version", "3\n")
+            archive.writestr(f"archive/data/{key}", root.astype(root.dtype.newbyteorder("<")).tobytes())
+        archive.writestr("archive/version", "3\n")
 
 
 def save_torch_state_dict(state_dict, path):

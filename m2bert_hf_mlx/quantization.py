@@ -45,7 +45,9 @@ class QuantizedBlockdiagLinear(nn.Module):
     @classmethod
     def from_blockdiag(cls, layer, group_size, bits):
         nblocks = layer.weight.shape[0]
-        quantized = cls(layer.in_features, layer.out_features, nblocks, "bias" in layer, group_size=group_size, bits=bits)
+        quantized = cls(
+            layer.in_features, layer.out_features, nblocks, "bias" in layer, group_size=group_size, bits=bits
+        )
         quantized.weight, quantized.scales, quantized.biases = mx.quantize(layer.weight, group_size, bits)
         if "bias" in layer:
             quantized.bias = layer.bias
@@ -61,7 +63,9 @@ class QuantizedBlockdiagLinear(nn.Module):
         nblocks = self.weight.shape[0]
         lead = x.shape[:-1]
         x = x.reshape(-1, nblocks, self.in_features // nblocks).swapaxes(0, 1)
-        y = mx.quantized_matmul(x, self.weight, self.scales, self.biases, transpose=True, group_size=self.group_size, bits=self.bits)
+        y = mx.quantized_matmul(
+            x, self.weight, self.scales, self.biases, transpose=True, group_size=self.group_size, bits=self.bits
+        )
         y = y.swapaxes(0, 1).reshape(*lead, self.out_features)
         return y + self.bias if "bias" in self else y
 
@@ -92,6 +96,19 @@ def _quantize_layers(model, predicate, group_size, bits):
     model.update_modules(tree_map_with_path(convert, model.leaf_modules(), is_leaf=nn.Module.is_module))
 
 
+def check_quantization_settings(bits, group_size, skip):
+    """Raise a ValueError that says what to change for settings `quantize_model` cannot apply."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits} is not supported by MLX affine quantization; use one of {SUPPORTED_BITS}.")
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"group_size={group_size} is not supported; use one of {SUPPORTED_GROUP_SIZES}.")
+    unknown = set(skip) - set(SKIPPABLE_GROUPS)
+    if unknown:
+        raise ValueError(
+            f"Cannot skip {sorted(unknown)}: the groups that can stay float are {', '.join(SKIPPABLE_GROUPS)}."
+        )
+
+
 def quantize_model(model, *, bits=4, group_size=64, skip=()):
     """Quantize `model` in place, record it in `model.config` (so `save_pretrained` writes a folder that loads
     quantized) and return the config entry {"group_size", "bits", "mode"}.
@@ -99,13 +116,7 @@ def quantize_model(model, *, bits=4, group_size=64, skip=()):
     `skip` names groups to keep in float: "embeddings" (word and token-type embeddings, hence also the tied MLM
     decoder), "heads" (MLM transform, pooler, classifier) and "mlp" (the block-diagonal MLP weights).
     """
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits={bits} is not supported by MLX affine quantization; use one of {SUPPORTED_BITS}.")
-    if group_size not in SUPPORTED_GROUP_SIZES:
-        raise ValueError(f"group_size={group_size} is not supported; use one of {SUPPORTED_GROUP_SIZES}.")
-    unknown = set(skip) - set(SKIPPABLE_GROUPS)
-    if unknown:
-        raise ValueError(f"Cannot skip {sorted(unknown)}: the groups that can stay float are {', '.join(SKIPPABLE_GROUPS)}.")
+    check_quantization_settings(bits, group_size, skip)
 
     def predicate(path, module):
         group = _group(path, module)
@@ -131,4 +142,7 @@ def apply_quantization(model, quantization, weights):
         ) from e
     if quantization.get("mode", "affine") != "affine":
         raise ValueError(f"Quantization mode {quantization['mode']!r} is not supported; this package writes affine.")
-    _quantize_layers(model, lambda path, module: _group(path, module) is not None and f"{path}.scales" in weights, group_size, bits)
+    def stored_quantized(path, module):
+        return _group(path, module) is not None and f"{path}.scales" in weights
+
+    _quantize_layers(model, stored_quantized, group_size, bits)

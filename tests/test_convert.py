@@ -15,6 +15,7 @@ from hub_server import USER, WRITE_TOKEN, HubServer
 
 from m2bert_hf_mlx import M2BertForMaskedLM, M2BertModel
 from m2bert_hf_mlx.cli import main
+from m2bert_hf_mlx.conversion.convert import convert
 from m2bert_hf_mlx.conversion.torch_format import BFloat16, save_torch_object, save_torch_state_dict
 from m2bert_hf_mlx.tokenization import VOCAB_SHA256, load_tokenizer
 
@@ -172,6 +173,9 @@ def test_quantized_conversion_loads_quantized(tmp_path, capsys):
     expected = data["expected/pooled_output"]
     assert 0 < np.abs(pooled - expected).max() / np.abs(expected).max() < 0.05
 
+    with pytest.raises(ValueError, match="bits=7 is not supported"):
+        convert(source, tmp_path / "q7", quantize=True, q_bits=7)
+    assert not (tmp_path / "q7").exists()
     code, output = run(["--hf-path", tmp_path / "out", "--mlx-path", tmp_path / "again", "-q"], capsys)
     assert code == 1 and "is already quantized" in output
     code, output = run(["--hf-path", source, "--mlx-path", tmp_path / "x", "--q-bits", "4"], capsys)
