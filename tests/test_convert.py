@@ -128,6 +128,25 @@ def test_without_tokenizer_files_the_shipped_bert_base_uncased_goes_along(tmp_pa
     assert code == 1 and "does not fit M2BertModel (12 layers, hidden size 768)" in output
 
 
+def test_safetensors_export_without_the_shared_tensors(tmp_path, capsys):
+    """Like hazyresearch/M2-BERT-*-Retrieval-Encoder-V1: safetensors drops the tied decoder and the freq copies."""
+    config, state_dict = canonical_state_dict("mlm_hta0")
+    kept = {
+        k: mx.array(v)
+        for k, v in state_dict.items()
+        if k != "cls.predictions.decoder.weight" and not re.search(r"implicit_filter(\.[35]|_rev\.[135])\.freq$", k)
+    }
+    source = write_vocab(tmp_path / "src")
+    (source / "config.json").write_text(json.dumps({**config, "architectures": ["BertForMaskedLM"]}))
+    mx.save_safetensors(str(source / "model.safetensors"), {k: v.astype(mx.bfloat16) if v.dtype == mx.float32 else v for k, v in kept.items()})
+    code, output = run(["--hf-path", source, "--mlx-path", tmp_path / "out", "--dtype", "float32"], capsys)
+    assert code == 0, output
+    model = M2BertForMaskedLM.from_pretrained(tmp_path / "out")
+    _, _, data = load_fixture("mlm_hta0")
+    logits, expected = np.array(model(**fixture_inputs(data)).logits), data["expected/L32/mlm_logits"]
+    assert np.abs(logits - expected).max() / np.abs(expected).max() < 0.05  # the weights went through bfloat16
+
+
 def test_output_folder_is_replaced_only_with_force_and_failures_leave_nothing(tmp_path, capsys):
     source = hf_retrieval_folder(tmp_path / "src")
     out = tmp_path / "out"
@@ -247,6 +266,33 @@ def test_hub_repo_to_uploaded_mlx_repo(hub, tmp_path, capsys):
     _, _, data = load_fixture("retrieval")
     np.testing.assert_allclose(np.array(model(**fixture_inputs(data)).pooler_output), data["expected/pooled_output"], atol=1e-4)
     assert load_tokenizer(target_repo, endpoint=hub.url, cache_dir=tmp_path / "pull").convert_ids_to_tokens(5) == "paris"
+
+
+def test_composer_repo_without_config(hub, tmp_path, capsys):
+    """Like danfu09/m2-bert-80M: a repo holding only the Composer model.pt."""
+    repo_id = f"{USER}/m2-bert-composer"
+    config, state_dict = canonical_state_dict("mlm_hta1")
+    (tmp_path / "src").mkdir()
+    save_torch_object(composer_checkpoint(state_dict), tmp_path / "src" / "model.pt")
+    api = HfApi(endpoint=hub.url, token=WRITE_TOKEN)
+    api.create_repo(repo_id)
+    api.upload_folder(repo_id=repo_id, folder_path=tmp_path / "src")
+
+    argv = ["--hf-path", repo_id, "--mlx-path", tmp_path / "out", "--hf-endpoint", hub.url]
+    code, output = run(argv, capsys)
+    assert code == 1 and "has no config.json" in output
+    assert not hub.requests("GET", "/model.pt")
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tokenizer = write_vocab(tmp_path / "tokenizer")
+    code, output = run([*argv, "--config", tmp_path / "config.json", "--tokenizer", tokenizer], capsys)
+    assert code == 0, output
+    assert hub.requests("GET", "/model.pt")
+    meta, _ = card_metadata(tmp_path / "out")
+    assert meta["base_model"] == repo_id and meta["pipeline_tag"] == "fill-mask"
+    model = M2BertForMaskedLM.from_pretrained(tmp_path / "out")
+    _, _, data = load_fixture("mlm_hta1")
+    np.testing.assert_allclose(np.array(model(**fixture_inputs(data)).logits), data["expected/L32/mlm_logits"], atol=1e-4)
 
 
 def test_unsupported_repo_fails_before_the_weights_are_fetched(hub, tmp_path, capsys):
