@@ -232,13 +232,28 @@ def _rebuild_from_type(func, new_type, args, state):
     return func(*args)
 
 
+class _Rebuilder:
+    """One of this module's rebuilding functions as the pickle sees it. A new one per name lookup, and BUILD is
+    refused, so a pickle cannot leave state on anything that outlives it."""
+
+    __slots__ = ("function",)
+
+    def __init__(self, function):
+        self.function = function
+
+    def __call__(self, *args):
+        return self.function(*args)
+
+    def __setstate__(self, state):
+        raise _Corrupt("the pickle tries to modify a function")
+
+
 _TENSOR_GLOBALS = {
     "torch._utils._rebuild_tensor_v2": _rebuild_tensor,
     "torch._utils._rebuild_tensor": _rebuild_tensor,
     "torch._utils._rebuild_parameter": _rebuild_parameter,
     "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
     "torch._tensor._rebuild_from_type_v2": _rebuild_from_type,
-    "collections.OrderedDict": _StateDict,
 }
 
 
@@ -250,7 +265,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         qualname = f"{module}.{name}"
         if qualname in _TENSOR_GLOBALS:
-            return _TENSOR_GLOBALS[qualname]
+            return _Rebuilder(_TENSOR_GLOBALS[qualname])
+        if qualname == "collections.OrderedDict":
+            return _StateDict  # a BUILD on the class itself fails: its __setstate__ needs an instance
         if module in ("torch", "torch.cuda") and name.endswith("Storage"):
             return _StorageType(name)
         return _stand_in(qualname)

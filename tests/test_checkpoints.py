@@ -174,6 +174,14 @@ def test_pickles_that_ask_to_run_code_are_refused_and_nothing_runs(tmp_path, kin
     assert not marker.exists()
 
 
+def test_pickles_cannot_modify_the_readers_functions_or_classes(tmp_path, valid_bin):
+    for target in (Global("torch._utils", "_rebuild_tensor_v2"), Global("collections", "OrderedDict"), Global("x", "Y")):
+        save_torch_object({"w": np.zeros(2, np.float32), "x": Build(target, {"__call__": None, "qualname": "os.system"})}, tmp_path / "p.bin")
+        with pytest.raises(CheckpointError, match="cannot be read as a checkpoint"):
+            load_state_dict(tmp_path / "p.bin")
+    assert sorted(load_state_dict(valid_bin)) == ["b", "w"]
+
+
 def test_objects_of_unknown_classes_are_inert_and_not_a_state_dict(tmp_path):
     whole_model = Build(NewObject(Global("src.bert_layers", "BertForMaskedLM")), {"training": False, "_modules": {}})
     save_torch_object(whole_model, tmp_path / "model.pt")
