@@ -2,8 +2,12 @@
 
 __version__ = "0.1.0"
 
-from .configuration_m2_bert import M2BertConfig
-from .modeling_m2_bert import M2BertForMaskedLM, M2BertForSequenceClassification, M2BertModel
-from .pipelines import pipeline
+from . import cpu_blas
+
+cpu_blas.preload()  # must run before anything imports mlx.core
+
+from .configuration_m2_bert import M2BertConfig  # noqa: E402
+from .modeling_m2_bert import M2BertForMaskedLM, M2BertForSequenceClassification, M2BertModel  # noqa: E402
+from .pipelines import pipeline  # noqa: E402
 
 __all__ = ["M2BertConfig", "M2BertModel", "M2BertForMaskedLM", "M2BertForSequenceClassification", "pipeline", "__version__"]

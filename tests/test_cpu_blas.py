@@ -1,0 +1,76 @@
+"""MLX's matrix products go to the CBLAS that M2BERT_BLAS names when m2bert_hf_mlx is imported first."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+# A correct, naive cblas_sgemm that counts its calls: if MLX's products reach it, the interposition works.
+FAKE_CBLAS = r"""
+static long calls = 0;
+long fake_cblas_calls(void) { return calls; }
+static float at(const float *x, int ld, int row_major, int trans, int i, int j) {
+    if (trans == 112) { int t = i; i = j; j = t; }
+    return row_major ? x[(long)i * ld + j] : x[i + (long)j * ld];
+}
+void cblas_sgemm(int layout, int ta, int tb, int m, int n, int k, float alpha, const float *a, int lda,
+                 const float *b, int ldb, float beta, float *c, int ldc) {
+    int row_major = layout == 101;
+    calls++;
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < n; j++) {
+            float s = 0.0f;
+            for (int p = 0; p < k; p++) s += at(a, lda, row_major, ta, i, p) * at(b, ldb, row_major, tb, p, j);
+            float *out = row_major ? &c[(long)i * ldc + j] : &c[i + (long)j * ldc];
+            *out = alpha * s + (beta == 0.0f ? 0.0f : beta * *out);
+        }
+}
+"""
+
+PROBE = textwrap.dedent(
+    """
+    import ctypes, os, numpy as np
+    import m2bert_hf_mlx, mlx.core as mx
+    a = np.random.default_rng(0).standard_normal((37, 19)).astype(np.float32)
+    b = np.random.default_rng(1).standard_normal((19, 23)).astype(np.float32)
+    got = np.array(mx.array(a) @ mx.array(b))
+    assert np.allclose(got, a @ b, atol=1e-4)
+    print(m2bert_hf_mlx.cpu_blas.loaded, ctypes.CDLL(os.environ["M2BERT_BLAS"]).fake_cblas_calls())
+    """
+)
+
+
+def run_python(code, **env):
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def fake_cblas(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cblas")
+    (folder / "fake.c").write_text(FAKE_CBLAS)
+    subprocess.run(["gcc", "-O1", "-shared", "-fPIC", "-o", str(folder / "libfake.so"), str(folder / "fake.c")], check=True)
+    return str(folder / "libfake.so")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the interposition concerns MLX's Linux CPU wheels")
+def test_products_reach_the_selected_cblas(fake_cblas):
+    result = run_python(PROBE, M2BERT_BLAS=fake_cblas)
+    assert result.returncode == 0, result.stderr
+    library, calls = result.stdout.split()
+    assert library == fake_cblas and int(calls) >= 1
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the interposition concerns MLX's Linux CPU wheels")
+def test_nothing_is_loaded_when_mlx_came_first_or_when_off(fake_cblas):
+    first = run_python("import mlx.core, m2bert_hf_mlx; print(m2bert_hf_mlx.cpu_blas.loaded)", M2BERT_BLAS=fake_cblas)
+    assert first.stdout.strip() == "None", first.stderr
+    off = run_python("import m2bert_hf_mlx; print(m2bert_hf_mlx.cpu_blas.loaded)", M2BERT_BLAS="off")
+    assert off.stdout.strip() == "None", off.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the interposition concerns MLX's Linux CPU wheels")
+def test_an_unloadable_library_is_a_clear_error():
+    result = run_python("import m2bert_hf_mlx", M2BERT_BLAS="/nonexistent/libblas.so")
+    assert result.returncode != 0 and "M2BERT_BLAS='/nonexistent/libblas.so' cannot be loaded" in result.stderr
