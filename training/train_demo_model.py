@@ -1,0 +1,252 @@
+"""Train the demo model that ships as m2bert_hf_mlx/demo_model: a small M2-BERT MLM pretrained by this package.
+
+Recipe: DEMO_CONFIG (hidden size 192, 5 layers, maximum length 128, the bert-base-uncased vocabulary) trained from
+scratch with the package's Trainer on the corpus that training/prepare_corpus.py builds: masked-language modelling,
+one line per example padded to 128 tokens, AdamW with warm-up and cosine decay. The last VALIDATION_LINES lines of
+train.txt are held back for the periodic evaluation. The weights are stored in float16 (the long-convolution
+filters in float32), which keeps the folder under 20 MB. Then the top-1 accuracy of single masked tokens on
+heldout.txt is measured against always guessing the most frequent training token (evaluate_demo_model.py), and
+the folder gets its model card with those numbers.
+
+Usage: python training/train_demo_model.py OUTPUT (--steps N | --time-budget SECONDS) [--corpus DIR]
+       [--work-dir DIR] [--resume]
+
+--time-budget S picks the number of steps from the speed of a short timing run so that the whole script ends
+within S seconds; the card records the steps it trained. --work-dir holds the checkpoints; --resume continues the
+latest one (with the same --steps).
+"""
+
+import argparse
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from evaluate_demo_model import evaluate, read_lines, unigram_counts
+from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, __version__
+from m2bert_hf_mlx.loading import cast_model
+from m2bert_hf_mlx.tokenization import load_tokenizer, save_tokenizer
+from m2bert_hf_mlx.training import MaskedLMData, Trainer, TrainingArguments
+
+# The published models' settings (M2 yamls), scaled down so that the float16 folder stays under 20 MB. Dropout is
+# off: a short pretraining run underfits, and dropout would only slow it down.
+DEMO_CONFIG = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=5, hyena_filter_order=64, hidden_dropout_prob=0.0)
+BASE_PRESET = "m2-bert-110m"
+MAX_LENGTH = 128
+SEED = 0
+BATCH_SIZE = 256
+LEARNING_RATE = 1e-3
+WEIGHT_DECAY = 0.01
+WARMUP_FRACTION = 0.06
+EVALUATIONS = 10
+VALIDATION_LINES = 2000
+TIMING_STEPS = 12
+# Seconds kept for what follows training: the held-out evaluation, the float16 copy and the card.
+FINISH_RESERVE_S = 75
+STORED_DTYPE = "float16"
+CORPUS = Path("/work/corpus")
+# "train  108010 lines  8.30 MB  WordNet 3.0 glosses [wordnet-base_....deb; WordNet 3.0 licence (...)]"
+SOURCE_LINE = re.compile(r"^(train|heldout)\s+(\d+) lines\s+([\d.]+) MB\s+(.+?) \[(.+?); (.+)\]$")
+
+
+def demo_config():
+    return M2BertConfig.from_preset(BASE_PRESET, **DEMO_CONFIG)
+
+
+def training_arguments(output_dir, steps):
+    return TrainingArguments(
+        output_dir=str(output_dir), max_steps=steps, seed=SEED, batch_size=BATCH_SIZE, max_length=MAX_LENGTH,
+        learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY, warmup_steps=max(1, round(WARMUP_FRACTION * steps)),
+        eval_steps=max(1, steps // EVALUATIONS), save_steps=max(1, steps // EVALUATIONS), logging_steps=max(1, steps // 100),
+    )
+
+
+def new_model():
+    mx.random.seed(SEED)
+    return M2BertForMaskedLM(demo_config())
+
+
+def seconds_per_step(train_data):
+    """Mean wall time of a step, timed on a throwaway model after a few warm-up steps."""
+    stamps = []
+    with tempfile.TemporaryDirectory() as scratch:
+        args = training_arguments(scratch, TIMING_STEPS)
+        args.logging_steps, args.eval_steps, args.save_steps = 1, 0, 0
+        Trainer(new_model(), args, train_data, log=lambda line: stamps.append(time.perf_counter())).train()
+    warm = TIMING_STEPS // 3
+    return (stamps[-1] - stamps[warm]) / (TIMING_STEPS - 1 - warm)
+
+
+def main():
+    started = time.perf_counter()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("output", type=Path, help="the model folder to write (m2bert_hf_mlx/demo_model)")
+    length = parser.add_mutually_exclusive_group(required=True)
+    length.add_argument("--steps", type=int, help="optimizer steps")
+    length.add_argument("--time-budget", type=float, metavar="SECONDS", help="end the whole script within this time")
+    parser.add_argument("--corpus", type=Path, default=CORPUS, help="folder with train.txt, heldout.txt, SOURCES.txt")
+    parser.add_argument("--work-dir", type=Path, default=Path("demo_model_run"), help="checkpoints (default: ./demo_model_run)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --work-dir")
+    args = parser.parse_args()
+    for name in ("train.txt", "heldout.txt", "SOURCES.txt"):
+        if not (args.corpus / name).is_file():
+            sys.exit(f"{args.corpus / name} is missing: build the corpus with training/prepare_corpus.py {args.corpus}.")
+
+    tokenizer = load_tokenizer(None, model_max_length=MAX_LENGTH)
+    lines = read_lines(args.corpus / "train.txt")
+    train_data = MaskedLMData(lines[:-VALIDATION_LINES], tokenizer, MAX_LENGTH)
+    validation = MaskedLMData(lines[-VALIDATION_LINES:], tokenizer, MAX_LENGTH)
+    print(f"Tokenized {len(lines)} lines in {time.perf_counter() - started:.0f} s on {describe_machine()}.", flush=True)
+
+    steps = args.steps
+    if steps is None:
+        per_step = seconds_per_step(train_data)
+        steps = int((args.time_budget - (time.perf_counter() - started) - FINISH_RESERVE_S) / per_step)
+        if steps < 1:
+            sys.exit(f"A step takes {per_step:.2f} s: the time budget leaves no time to train; give more time.")
+        print(f"{per_step:.3f} s per step: training for {steps} steps.", flush=True)
+
+    trainer = Trainer(new_model(), training_arguments(args.work_dir, steps), train_data, validation, tokenizer=tokenizer)
+    history = trainer.train(resume=args.resume)
+
+    model = trainer.model
+    baseline_token = int(unigram_counts(train_data.encoded["input_ids"], tokenizer).argmax())
+    result = evaluate(model, tokenizer, read_lines(args.corpus / "heldout.txt"), baseline_token)
+    print(" ".join(f"{k}={v}" for k, v in result.items()), flush=True)
+
+    cast_model(model, STORED_DTYPE)
+    staging = args.output.with_name(args.output.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    save_tokenizer(tokenizer, staging, model_max_length=MAX_LENGTH)
+    validation_entry = [h for h in history if "eval_accuracy" in h][-1]
+    (staging / "README.md").write_text(model_card(
+        steps=trainer.step, runtime_s=trainer.runtime_s, result=result, validation=validation_entry,
+        train_lines=len(train_data), sources=(args.corpus / "SOURCES.txt").read_text(encoding="utf-8"),
+        parameters=model.num_parameters(),
+    ), encoding="utf-8")
+    shutil.rmtree(args.output, ignore_errors=True)
+    staging.rename(args.output)
+    size = sum(p.stat().st_size for p in args.output.iterdir()) / 1e6
+    print(f"Wrote {args.output} ({size:.1f} MB) in {time.perf_counter() - started:.0f} s.")
+
+
+def describe_machine():
+    device = mx.default_device()
+    name = mx.device_info().get("device_name", "unknown")
+    return f"{name} ({'GPU' if device.type == mx.gpu else 'CPU'}, MLX {mx.__version__}, {platform.system()} {platform.machine()})"
+
+
+def corpus_table(sources):
+    """The rows of SOURCES.txt (written by prepare_corpus.py) as a Markdown table body."""
+    rows = []
+    for line in sources.splitlines():
+        match = SOURCE_LINE.match(line)
+        if match:
+            split, count, size, title, package, license_ = match.groups()
+            rows.append(f"| {split} | {title} | {count} lines, {size} MB | `{package}` | {license_} |")
+    return "\n".join(rows)
+
+
+def model_card(*, steps, runtime_s, result, validation, train_lines, sources, parameters):
+    return f"""---
+library_name: mlx
+license: apache-2.0
+pipeline_tag: fill-mask
+language:
+- en
+tags:
+- mlx
+- m2-bert
+- monarch-mixer
+---
+
+# M2-BERT demo model (m2bert-hf-mlx)
+
+A small M2-BERT (Monarch Mixer BERT, [HazyResearch/m2](https://github.com/HazyResearch/m2)) masked-language model,
+pretrained from scratch by [m2bert-hf-mlx](https://pypi.org/project/m2bert-hf-mlx/) {__version__} with its own
+trainer (`training/train_demo_model.py` in the package's repository), so that the package can show fill-mask
+working on a machine without network access. It is a demonstration, not a useful language model.
+
+```python
+from m2bert_hf_mlx import DEMO_MODEL, pipeline
+
+fill_mask = pipeline("fill-mask", model=DEMO_MODEL)
+print(fill_mask("she poured a glass of [MASK]."))
+```
+
+## Model
+
+| | |
+|---|---|
+| architecture | `M2BertForMaskedLM`: hidden size {DEMO_CONFIG['hidden_size']}, {DEMO_CONFIG['num_hidden_layers']} layers, block-diagonal GLU MLP (4 blocks), bidirectional gated long convolutions with a residual long convolution (the settings of the published M2-BERT models) |
+| parameters | {parameters / 1e6:.2f} M, of which {30528 * DEMO_CONFIG['hidden_size'] / 1e6:.2f} M in the word embeddings (tied to the MLM decoder) |
+| maximum length | {MAX_LENGTH} tokens; inputs are padded to it, as in training (the long convolutions read the padding) |
+| tokenizer | bert-base-uncased (30522 tokens, padded to 30528 embeddings) |
+| weights | {STORED_DTYPE} (long-convolution filters float32) |
+
+## Training
+
+| | |
+|---|---|
+| objective | masked-language modelling: 15% of the tokens of each line (at least one), 80% [MASK] / 10% random / 10% kept, loss on those positions |
+| data | {train_lines} lines of the corpus below, one line per example padded to {MAX_LENGTH} tokens |
+| steps | {steps} steps of {BATCH_SIZE} lines ({steps * BATCH_SIZE / train_lines:.1f} passes over the data) |
+| optimizer | AdamW (betas 0.9, 0.98), peak learning rate {LEARNING_RATE:g} after {WARMUP_FRACTION:.0%} linear warm-up, cosine decay to 0, weight decay {WEIGHT_DECAY:g}, gradient clipping at 1.0; long-convolution filters at the config's own learning rates |
+| seed | {SEED} |
+| wall time | {runtime_s / 60:.1f} minutes of training |
+| machine | {describe_machine()} |
+| validation | masked-token accuracy {validation['eval_accuracy']:.1%} (loss {validation['eval_loss']:.3f}) on {VALIDATION_LINES} lines held back from the training corpus |
+
+## Held-out accuracy
+
+One token of each held-out line (WordNet usage examples and ChatterBot dialogue lines, none of them in the training
+data) is replaced by [MASK], and the top-1 prediction is compared with it (`training/evaluate_demo_model.py`):
+
+| | top-1 accuracy |
+|---|---|
+| this model | **{result['top1_accuracy']:.1%}** |
+| always guessing the most frequent training token (`{result['baseline_token']}`) | {result['baseline_accuracy']:.1%} |
+
+{result['lines']} lines, {result['mean_tokens_per_line']:.1f} tokens each on average: the held-out lines are short
+single sentences, so there is little context to predict from.
+
+## Corpus and licences
+
+English text from Debian and PyPI packages, public domain or under permissive licences, built offline by
+`training/prepare_corpus.py`:
+
+| split | source | size | package | licence |
+|---|---|---|---|---|
+{corpus_table(sources)}
+
+Credits, as the sources ask:
+- WordNet 3.0 Copyright 2006 by Princeton University. All rights reserved. WordNet is provided "as is" and
+  Princeton University makes no representations or warranties, express or implied; permission to use, copy,
+  modify and distribute it for any purpose without fee or royalty is granted with this notice.
+- Jane Austen's novels as packaged by janeaustenr (Julia Silge); the World English Bible (public domain; "World
+  English Bible" is a trademark of eBible.org); The Jargon File 4.4.7 (Eric S. Raymond, public domain).
+- The documentation of Python 3.11 (Python Software Foundation, PSF licence), Django 3.2 (BSD-3-Clause),
+  PostgreSQL 15 (The PostgreSQL Global Development Group, PostgreSQL licence), SQLite (public domain) and
+  LibreOffice 7.4 (MPL-2.0).
+- The ChatterBot English corpus 1.3.3 (BSD) is used for evaluation only.
+
+The weights are released under Apache-2.0, the package's licence.
+
+## Limitations
+
+- Tiny and briefly trained: it knows frequent words and common patterns, not facts; expect plausible but often
+  wrong fills.
+- Its English comes largely from software documentation, dictionary definitions, a Bible translation and
+  19th-century novels: modern everyday English is under-represented.
+- Lower-case only (bert-base-uncased), at most {MAX_LENGTH} tokens, English only. Not for any decision that matters.
+"""
+
+
+if __name__ == "__main__":
+    main()
