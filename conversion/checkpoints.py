@@ -5,8 +5,9 @@ Formats, recognised by their content rather than their file name:
 - torch.save zip archives (`pytorch_model.bin`, `model.bin`, `.pt`; torch >= 1.6);
 - the legacy torch.save stream (torch < 1.6).
 
-Layouts: plain state dicts, DDP's `module.` prefix, and Composer checkpoints (weights under `state.model` with the
-`model.` prefix, next to optimizer, scheduler, metric and RNG state).
+Layouts: plain state dicts and Composer checkpoints (weights under `state.model`, next to optimizer, scheduler,
+metric and RNG state). Names are returned as stored; the DDP `module.` and Composer `model.` prefixes are the
+model's `sanitize`'s to remove.
 
 Pickles are read by a restricted unpickler that never imports or calls anything the file names. Tensors are rebuilt
 by this module from the storage records. Containers and plain data records (OrderedDict, set, datetime, numpy arrays
@@ -490,22 +491,6 @@ def _find_tensors(obj):
     return obj
 
 
-_WRAPPER_PREFIXES = ("module.", "model.")
-
-
-def _strip_wrapper_prefixes(tensors):
-    """DDP's `module.` and Composer's `model.` name the wrappers of a training run, not the model."""
-    out = {}
-    for key, tensor in tensors.items():
-        name = key
-        while name.startswith(_WRAPPER_PREFIXES):
-            name = name.split(".", 1)[1]
-        if name in out:
-            raise _Corrupt(f"{key!r} and another entry both name the weight {name!r}")
-        out[name] = tensor
-    return out
-
-
 @contextmanager
 def _reading(path):
     """Turns every way a file can be malformed into a CheckpointError that names the file and says what to do."""
@@ -525,18 +510,19 @@ def _reading(path):
 
 @contextmanager
 def _open_checkpoint(path):
-    """The open archive of a checkpoint file and the tensors it describes, keyed by their final names."""
+    """The open archive of a checkpoint file and the tensors it describes, keyed by their stored names."""
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist or is not a file.")
     archive = _open_archive(path)
     try:
-        yield archive, _strip_wrapper_prefixes(_find_tensors(archive.obj))
+        yield archive, _find_tensors(archive.obj)
     finally:
         archive.close()
 
 
 def load_state_dict(path):
-    """Return the tensors of a checkpoint file as numpy arrays keyed by their names, wrapper prefixes removed.
+    """Return the tensors of a checkpoint file as numpy arrays keyed by their names (as stored: a model's
+    `sanitize` removes the `module.`/`model.` wrapper prefixes).
 
     Raises `CheckpointError` for files that are missing, corrupt, truncated, unsupported or that ask to run code.
     """

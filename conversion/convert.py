@@ -14,9 +14,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .. import M2BertConfig, M2BertForMaskedLM, M2BertModel
+from .. import M2BertConfig
 from ..configuration_m2_bert import PRESETS
-from ..loading import DTYPES, _fetch_config_folder, _fetch_weights, _hub_kwargs, _weight_files
+from ..loading import DTYPES, checkpoint_model_class, fetch_config_folder, fetch_weights, hub_kwargs, weight_files
 from ..quantization import (
     SKIPPABLE_GROUPS,
     SUPPORTED_BITS,
@@ -54,22 +54,22 @@ def convert(hf_path, mlx_path=DEFAULT_MLX_PATH, *, config=None, preset=None, tok
         raise ConvertError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
     if quantize:
         check_quantization_settings(q_bits, q_group_size, q_skip)
-    hub = _hub_kwargs(revision, None, False, token, False, hf_endpoint)
+    hub = hub_kwargs(revision, None, False, token, False, hf_endpoint)
     is_local = Path(hf_path).exists()
 
     # Only config.json is fetched before the config is checked, so an unsupported model fails before a large download.
-    folder = _fetch_config_folder(hf_path, hub, "")
+    folder = fetch_config_folder(hf_path, hub, "")
     config_obj = _resolve_config(hf_path, folder, config, preset)
     if quantize and getattr(config_obj, "quantization", None):
         raise ConvertError(
             f"{hf_path} is already quantized; convert from the float checkpoint to quantize differently."
         )
-    source = Path(hf_path) if is_local else _fetch_weights(hf_path, hub, "", folder)
+    source = Path(hf_path) if is_local else fetch_weights(hf_path, hub, "", folder)
     source_folder = source if source.is_dir() else source.parent
 
-    keys = {key for path in _weight_files(source) for key in checkpoint_keys(path)}
-    cls = M2BertForMaskedLM if any(k.startswith("cls.") for k in keys) else M2BertModel
-    has_pooler = any(k.startswith(("bert.pooler.", "pooler.")) for k in keys)
+    files = weight_files(source)
+    cls = checkpoint_model_class(files)
+    has_pooler = any(k.startswith(("bert.pooler.", "pooler.")) for path in files for k in checkpoint_keys(path))
 
     tok, tokenizer_origin = _resolve_tokenizer(tokenizer, source_folder, hub)
     if len(tok) > config_obj.vocab_size:

@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .conversion.checkpoints import checkpoint_keys
-from .loading import DTYPES, _fetch_config_folder, _fetch_weights, _hub_kwargs, _weight_files
-from .modeling_m2_bert import M2BertForMaskedLM, M2BertForSequenceClassification, M2BertModel
+from .loading import DTYPES, checkpoint_model_class, fetch_config_folder, fetch_weights, hub_kwargs, weight_files
+from .modeling_m2_bert import M2BertModel
 from .pipelines import PADDING_CHOICES, default_tokenizer, pipeline
 from .tokenization import has_tokenizer_files
 
@@ -219,19 +218,11 @@ def run_info(args):
 
 def _model_class_and_source(name_or_path):
     """The model class whose weights the checkpoint holds, and its local folder or file (downloaded if needed)."""
-    hub = _hub_kwargs(None, None, False, None, False, None)
-    folder = _fetch_config_folder(name_or_path, hub, "")
+    hub = hub_kwargs(None, None, False, None, False, None)
+    folder = fetch_config_folder(name_or_path, hub, "")
     if not Path(name_or_path).exists():
-        folder = _fetch_weights(name_or_path, hub, "", folder)
-    keys = {key for path in _weight_files(folder) for key in checkpoint_keys(path)}
-    heads = {key.removeprefix("module.").removeprefix("model.").split(".")[0] for key in keys}
-    if "cls" in heads:
-        model_class = M2BertForMaskedLM
-    elif "classifier" in heads:
-        model_class = M2BertForSequenceClassification
-    else:
-        model_class = M2BertModel
-    return model_class, folder
+        folder = fetch_weights(name_or_path, hub, "", folder)
+    return checkpoint_model_class(weight_files(folder)), folder
 
 
 def _parameter_count(model):

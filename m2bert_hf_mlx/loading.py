@@ -11,7 +11,7 @@ from mlx.utils import tree_flatten
 
 from . import __version__
 from .configuration_m2_bert import PRESETS, M2BertConfig
-from .conversion.checkpoints import CheckpointError, load_state_dict
+from .conversion.checkpoints import CheckpointError, checkpoint_keys, load_state_dict
 from .quantization import apply_quantization
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class HubError(OSError):
 # Resolution: a local folder or file as is, anything else through huggingface_hub.
 
 
-def _hub_download(repo_id, allow_patterns, hub, *, dry_run=False):
+def hub_download(repo_id, allow_patterns, hub, *, dry_run=False):
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -84,7 +84,7 @@ def _hub_download(repo_id, allow_patterns, hub, *, dry_run=False):
         raise HubError(f"{where} refused the request for {repo_id}: {e}") from e
 
 
-def _hub_kwargs(revision, cache_dir, local_files_only, token, force_download, endpoint):
+def hub_kwargs(revision, cache_dir, local_files_only, token, force_download, endpoint):
     return dict(
         revision=revision,
         cache_dir=cache_dir,
@@ -99,28 +99,28 @@ def _prefixed(subfolder, names):
     return [f"{subfolder}/{n}" if subfolder else n for n in names]
 
 
-def _fetch_config_folder(name_or_path, hub, subfolder):
+def fetch_config_folder(name_or_path, hub, subfolder):
     """The folder holding config.json (and later the weights) of a local path or a Hub repo."""
     path = Path(name_or_path)
     if path.exists():
         return path / subfolder if subfolder and path.is_dir() else path
-    folder = Path(_hub_download(str(name_or_path), _prefixed(subfolder, ["config.json"]), hub))
+    folder = Path(hub_download(str(name_or_path), _prefixed(subfolder, ["config.json"]), hub))
     return folder / subfolder if subfolder else folder
 
 
-def _fetch_weights(repo_id, hub, subfolder, folder):
+def fetch_weights(repo_id, hub, subfolder, folder):
     """Download the preferred weight files and the tokenizer files of a Hub repo; return the local folder."""
     from huggingface_hub.errors import DryRunError
 
     try:
-        listing = [f.filename for f in _hub_download(repo_id, None, hub, dry_run=True)]
+        listing = [f.filename for f in hub_download(repo_id, None, hub, dry_run=True)]
     except DryRunError:
         return folder  # offline: the cached snapshot holds what an earlier online load fetched
     if subfolder:
         listing = [n[len(subfolder) + 1 :] for n in listing if n.startswith(subfolder + "/")]
     listing = [n for n in listing if "/" not in n]
     wanted = _choose_weight_files(listing, repo_id) + [n for n in TOKENIZER_FILES if n in listing]
-    root = Path(_hub_download(repo_id, _prefixed(subfolder, wanted), hub))
+    root = Path(hub_download(repo_id, _prefixed(subfolder, wanted), hub))
     return root / subfolder if subfolder else root
 
 
@@ -149,7 +149,7 @@ def _choose_weight_files(names, where):
     )
 
 
-def _weight_files(folder):
+def weight_files(folder):
     if folder.is_file():
         return [folder]
     chosen = _choose_weight_files([p.name for p in folder.iterdir() if p.is_file()], folder)
@@ -164,6 +164,15 @@ def _weight_files(folder):
     if missing:
         raise CheckpointError(f"{folder} is missing the weight shards {missing} that {index.name} names; download them again.")
     return [folder / n for n in shards]
+
+
+def checkpoint_model_class(files):
+    """The model class for checkpoint `files` (names only; no tensor is read): M2BertForMaskedLM when they hold an
+    MLM head, else M2BertModel (the retrieval encoders; a classification head is reported when it loads)."""
+    from .modeling_m2_bert import M2BertForMaskedLM, M2BertModel
+
+    heads = {_strip_training_prefixes(key).split(".")[0] for path in files for key in checkpoint_keys(path)}
+    return M2BertForMaskedLM if "cls" in heads else M2BertModel
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,8 +211,8 @@ def _read_config_dict(folder, name_or_path, config):
 
 def load_config(name_or_path, *, revision=None, cache_dir=None, local_files_only=False, token=None,
                 force_download=False, endpoint=None, subfolder="", **overrides):
-    hub = _hub_kwargs(revision, cache_dir, local_files_only, token, force_download, endpoint)
-    folder = _fetch_config_folder(name_or_path, hub, subfolder)
+    hub = hub_kwargs(revision, cache_dir, local_files_only, token, force_download, endpoint)
+    folder = fetch_config_folder(name_or_path, hub, subfolder)
     return M2BertConfig.from_upstream_dict(_read_config_dict(folder, name_or_path, None), **overrides)
 
 
@@ -212,17 +221,10 @@ def load_config(name_or_path, *, revision=None, cache_dir=None, local_files_only
 
 
 def read_weights(files):
-    """All tensors of the given weight files, as MLX arrays keyed by their checkpoint names."""
+    """All tensors of the given weight files (any format `load_state_dict` reads), as MLX arrays keyed by name."""
     weights = {}
     for path in files:
-        if path.suffix == ".safetensors":
-            try:
-                tensors = mx.load(str(path))
-            except (RuntimeError, ValueError, OSError) as e:
-                raise CheckpointError(f"{path} is not a readable safetensors file ({e}); download it again.") from e
-        else:
-            tensors = {k: mx.array(v) for k, v in load_state_dict(path).items()}
-        weights.update(tensors)
+        weights.update({k: mx.array(v) for k, v in load_state_dict(path).items()})
     return weights
 
 
@@ -231,9 +233,9 @@ def read_weights(files):
 
 
 def _strip_training_prefixes(key):
-    for prefix in ("module.", "model."):
-        if key.startswith(prefix):
-            key = key[len(prefix) :]
+    """DDP's `module.` and Composer's `model.` name the wrappers of a training run, not the model."""
+    while key.startswith(("module.", "model.")):
+        key = key.split(".", 1)[1]
     return key
 
 
@@ -245,12 +247,14 @@ def sanitize_weights(model, weights):
     """See `M2BertPreTrainedModel.sanitize`."""
     has_base_prefix = "bert" in model
     out = {}
-    for key, value in weights.items():
-        key = _strip_training_prefixes(key)
+    for original, value in weights.items():
+        key = _strip_training_prefixes(original)
         if has_base_prefix and key.split(".")[0] in ("embeddings", "encoder", "pooler"):
             key = "bert." + key
         elif not has_base_prefix and key.startswith("bert."):
             key = key[len("bert.") :]
+        if key in out:
+            raise WeightsMismatchError(f"{original!r} and another tensor of the checkpoint both name the weight {key!r}.")
         out[key] = value
 
     for key in [k for k in out if k.endswith("embeddings.position_ids")]:
@@ -384,15 +388,15 @@ def _declared_dtype(config_dict):
 
 def load_model(cls, name_or_path, *, config=None, revision=None, cache_dir=None, local_files_only=False, token=None,
                force_download=False, dtype=None, strict=True, endpoint=None, subfolder="", **config_overrides):
-    hub = _hub_kwargs(revision, cache_dir, local_files_only, token, force_download, endpoint)
-    folder = _fetch_config_folder(name_or_path, hub, subfolder)
+    hub = hub_kwargs(revision, cache_dir, local_files_only, token, force_download, endpoint)
+    folder = fetch_config_folder(name_or_path, hub, subfolder)
     config_dict = _read_config_dict(folder, name_or_path, config)
     # Building the config validates the model type before any weight file is fetched.
     config_obj = M2BertConfig.from_upstream_dict(config_dict, **config_overrides)
     if not Path(name_or_path).exists():
-        folder = _fetch_weights(str(name_or_path), hub, subfolder, folder)
+        folder = fetch_weights(str(name_or_path), hub, subfolder, folder)
 
-    files = _weight_files(folder)
+    files = weight_files(folder)
     weights = read_weights(files)
     if "add_pooling_layer" not in config_dict and "add_pooling_layer" not in config_overrides:
         # Upstream configs do not say; the retrieval checkpoints carry a pooler, the MLM ones do not.

@@ -412,7 +412,9 @@ class M2BertPreTrainedModel(nn.Module):
 
     @property
     def dtype(self):
-        return self.bert.embeddings.word_embeddings.weight.dtype if "bert" in self else self.embeddings.word_embeddings.weight.dtype
+        """The float dtype of the weights (read from a LayerNorm: embeddings may be quantized)."""
+        base = self.bert if "bert" in self else self
+        return base.embeddings.LayerNorm.weight.dtype
 
     def sanitize(self, weights):
         """Map checkpoint tensors onto this model's weight names. Idempotent: MLX weights pass through unchanged.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from transformers import BertTokenizerFast
 
-from .loading import TOKENIZER_FILES, _hub_download, _hub_kwargs
+from .loading import TOKENIZER_FILES, hub_download, hub_kwargs
 
 VOCAB_FILE = Path(__file__).parent / "data" / "vocab.txt"
 # sha256 of bert-base-uncased's vocab.txt, as the ecosystem conventions record it.
@@ -32,7 +32,7 @@ def load_tokenizer(name_or_path=None, *, model_max_length=None, revision=None, c
     if name_or_path is None:
         tokenizer = BertTokenizerFast(vocab=str(VOCAB_FILE))
     else:
-        folder = _tokenizer_folder(name_or_path, _hub_kwargs(revision, cache_dir, local_files_only, token, False, endpoint))
+        folder = _tokenizer_folder(name_or_path, hub_kwargs(revision, cache_dir, local_files_only, token, False, endpoint))
         try:
             tokenizer = BertTokenizerFast.from_pretrained(folder)
         except Exception as e:  # tokenizers reports malformed files with its own exception types
@@ -49,7 +49,7 @@ def _tokenizer_folder(name_or_path, hub):
             raise ValueError(f"{path} is a file; give the folder that holds tokenizer.json or vocab.txt.")
         folder = path
     else:
-        folder = Path(_hub_download(str(name_or_path), TOKENIZER_FILES, hub))
+        folder = Path(hub_download(str(name_or_path), TOKENIZER_FILES, hub))
     if not has_tokenizer_files(folder):
         raise ValueError(
             f"{name_or_path} has no tokenizer.json or vocab.txt. M2-BERT uses bert-base-uncased: load_tokenizer() "

@@ -14,6 +14,7 @@ from conftest import load_fixture
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, M2BertModel
 from m2bert_hf_mlx.conversion.checkpoints import CheckpointError, checkpoint_keys, load_state_dict
 from m2bert_hf_mlx.conversion.torch_format import BFloat16, Build, Call, Global, NewObject, save_torch_object, save_torch_state_dict
+from m2bert_hf_mlx.loading import WeightsMismatchError
 
 
 def assert_same_arrays(got, expected):
@@ -107,7 +108,7 @@ def test_safetensors_with_bfloat16(tmp_path):
 def test_composer_checkpoint_yields_the_model_weights(tmp_path):
     _, state_dict = canonical_state_dict("mlm_hta1")
     save_torch_object(composer_checkpoint(state_dict), tmp_path / "model.pt")
-    assert_same_arrays(load_state_dict(tmp_path / "model.pt"), state_dict)
+    assert_same_arrays(load_state_dict(tmp_path / "model.pt"), {f"model.{k}": v for k, v in state_dict.items()})
 
 
 def test_torch_weights_only_refuses_composer_checkpoints(tmp_path):
@@ -119,16 +120,19 @@ def test_torch_weights_only_refuses_composer_checkpoints(tmp_path):
         torch.load(tmp_path / "model.pt", weights_only=True)
 
 
-def test_ddp_module_prefix_is_removed(tmp_path):
-    _, state_dict = canonical_state_dict("retrieval")
+def test_ddp_module_prefix_is_removed_by_sanitize(tmp_path):
+    config, state_dict = canonical_state_dict("retrieval")
     save_torch_state_dict({f"module.{k}": v for k, v in state_dict.items()}, tmp_path / "ddp.pt")
-    assert_same_arrays(load_state_dict(tmp_path / "ddp.pt"), state_dict)
+    assert_same_arrays(load_state_dict(tmp_path / "ddp.pt"), {f"module.{k}": v for k, v in state_dict.items()})
+    model = M2BertModel(M2BertConfig.from_upstream_dict(config, add_pooling_layer=True))
+    weights = model.sanitize({k: mx.array(v) for k, v in load_state_dict(tmp_path / "ddp.pt").items()})
+    assert "embeddings.word_embeddings.weight" in weights and not any(k.startswith("module.") for k in weights)
 
 
 def test_prefix_collisions_are_reported(tmp_path):
-    save_torch_state_dict({"module.w": np.zeros(2, np.float32), "w": np.ones(2, np.float32)}, tmp_path / "x.bin")
-    with pytest.raises(CheckpointError, match="both name the weight 'w'"):
-        load_state_dict(tmp_path / "x.bin")
+    model = M2BertModel(M2BertConfig.from_preset("tiny"))
+    with pytest.raises(WeightsMismatchError, match="both name the weight 'pooler.dense.bias'"):
+        model.sanitize({"module.pooler.dense.bias": mx.zeros(64), "pooler.dense.bias": mx.ones(64)})
 
 
 # ---------------------------------------------------------------------------------------------------------------
