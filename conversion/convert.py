@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from .. import M2BertConfig
 from ..configuration_m2_bert import PRESETS
-from ..loading import DTYPES, checkpoint_model_class, fetch_config_folder, fetch_weights, hub_kwargs, weight_files
+from ..loading import DTYPE_NAMES, DTYPES, checkpoint_model_class, fetch_config_folder, fetch_weights, hub_kwargs, weight_files
 from ..quantization import (
     SKIPPABLE_GROUPS,
     SUPPORTED_BITS,
@@ -96,7 +96,7 @@ def convert(hf_path, mlx_path=DEFAULT_MLX_PATH, *, config=None, preset=None, tok
             source=hf_path,
             base_model=None if is_local else hf_path,
             revision=_revision_of(source_folder, revision, is_local),
-            dtype=_float_dtype_name(model),
+            dtype=DTYPE_NAMES[model.dtype],
             quantization=quantization,
             q_skip=q_skip,
             tokenizer=tokenizer_origin,
@@ -167,13 +167,6 @@ def _revision_of(source_folder, revision, is_local):
     if re.fullmatch(r"[0-9a-f]{40}", source_folder.name):
         return source_folder.name if revision in (None, source_folder.name) else f"{revision} ({source_folder.name})"
     return revision or "main"
-
-
-def _float_dtype_name(model):
-    # LayerNorms are never quantized and always take the model's dtype.
-    base = model.bert if "bert" in model else model
-    names = {v: k for k, v in DTYPES.items()}
-    return names[base.embeddings.LayerNorm.weight.dtype]
 
 
 def _write_folder(folder, model, tokenizer, card):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .loading import DTYPES, checkpoint_model_class, fetch_config_folder, fetch_weights, hub_kwargs, weight_files
+from .loading import DTYPE_NAMES, checkpoint_model_class, fetch_config_folder, fetch_weights, hub_kwargs, weight_files
 from .modeling_m2_bert import M2BertModel
 from .pipelines import PADDING_CHOICES, default_tokenizer, pipeline
 from .tokenization import has_tokenizer_files
@@ -201,7 +201,7 @@ def run_info(args):
                   f"legacy hyena_training_additions {'on' if config.hyena_training_additions else 'off'}"),
         ("parameters", f"{_parameter_count(model):,}"),
         # LayerNorms are never quantized, so theirs is the float dtype of the model.
-        ("dtype", {v: k for k, v in DTYPES.items()}[base.embeddings.LayerNorm.weight.dtype]),
+        ("dtype", DTYPE_NAMES[model.dtype]),
         ("quantization", f"{quantization['bits']}-bit {quantization.get('mode', 'affine')}, group size "
                          f"{quantization['group_size']}" if quantization else "none"),
         ("tokenizer", _tokenizer_origin(model)),

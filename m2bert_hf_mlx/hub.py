@@ -4,12 +4,11 @@ Everything goes through huggingface_hub's own client (`HfApi.create_repo`, `crea
 the token lookup, the upload protocol (Xet or LFS) and the endpoint handling are the ones Hub users know.
 """
 
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from .loading import TOKENIZER_FILES, HubError
+from .loading import HubError
 
 DEFAULT_COMMIT_MESSAGE = "Upload M2-BERT for MLX with m2bert-hf-mlx"
 
@@ -55,20 +54,45 @@ def upload_model_folder(folder, repo_id, *, token=None, endpoint=None, private=F
 
 def push_to_hub(model, repo_id, *, tokenizer=None, token=None, endpoint=None, private=False, revision=None,
                 commit_message=None):
-    """Save `model` into a temporary folder (config.json, safetensors weights, tokenizer files) and upload it with
-    `upload_model_folder` (same arguments); return the `CommitInfo`.
+    """Save `model` into a temporary folder with the MLX folder contract (config.json, safetensors weights,
+    tokenizer files, README.md model card) and upload it with `upload_model_folder` (same arguments); return the
+    `CommitInfo`.
 
-    `tokenizer` is anything with `save_pretrained(folder)` (a transformers tokenizer). Without one, the tokenizer
-    files of the folder the model was loaded from go along, when it has them.
+    `tokenizer` is a transformers tokenizer; by default, the tokenizer files of the folder the model was loaded
+    from, else the bert-base-uncased vocabulary shipped with the package.
     """
+    from .conversion.model_card import render_model_card
+    from .loading import DTYPE_NAMES
+    from .quantization import float_groups
+    from .tokenization import has_tokenizer_files, load_tokenizer, save_tokenizer
+
     _require_token(token)
+    source = getattr(model, "source_folder", None)
+    if tokenizer is not None:
+        origin = "the tokenizer given to push_to_hub"
+    elif source is not None and has_tokenizer_files(source):
+        tokenizer, origin = load_tokenizer(source), "the source's tokenizer files"
+    else:
+        tokenizer, origin = load_tokenizer(), "bert-base-uncased (the vocab.txt shipped with m2bert-hf-mlx)"
+    name = getattr(model, "name_or_path", None)
+    from_hub = name is not None and not Path(name).exists()
+    card = render_model_card(
+        repo_id=repo_id,
+        architecture=type(model).__name__,
+        config=model.config,
+        source=name or "a model built in memory",
+        base_model=name if from_hub else None,
+        revision="as loaded" if from_hub else "local files",
+        dtype=DTYPE_NAMES[model.dtype],
+        quantization=getattr(model.config, "quantization", None),
+        q_skip=float_groups(model),
+        tokenizer=origin,
+    )
     with tempfile.TemporaryDirectory(prefix="m2bert-push-") as tmp:
         folder = Path(tmp)
         model.save_pretrained(folder)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-        else:
-            _copy_tokenizer_files(getattr(model, "source_folder", None), folder)
+        save_tokenizer(tokenizer, folder, model_max_length=model.config.max_sequence_length)
+        (folder / "README.md").write_text(card, encoding="utf-8")
         return upload_model_folder(
             folder, repo_id, token=token, endpoint=endpoint, private=private, revision=revision,
             commit_message=commit_message,
@@ -100,14 +124,6 @@ def _describe_refusal(error, repo_id, endpoint):
             f"the namespace {repo_id.split('/')[0]!r}.{detail}"
         )
     return f"The Hub at {endpoint} refused the upload to {repo_id}: {error}"
-
-
-def _copy_tokenizer_files(source_folder, folder):
-    if source_folder is None:
-        return
-    for name in TOKENIZER_FILES:
-        if (Path(source_folder) / name).is_file():
-            shutil.copy2(Path(source_folder) / name, folder / name)
 
 
 # ---------------------------------------------------------------------------------------------------------------

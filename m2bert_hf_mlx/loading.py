@@ -17,6 +17,7 @@ from .quantization import apply_quantization
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"]
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 
@@ -29,7 +30,8 @@ class WeightsMismatchError(ValueError):
 
 
 class HubError(OSError):
-    """A model that could not be fetched: missing repo or revision, offline without a cache, unreachable Hub."""
+    """A Hub request that failed: missing repo or revision, offline without a cache, unreachable Hub, refused
+    upload (bad token, no write access)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -377,8 +379,7 @@ def _map_with_path(tree, fn, prefix=""):
 
 def _stored_dtype(weights):
     dtypes = {v.dtype for v in weights.values() if mx.issubdtype(v.dtype, mx.floating)}
-    names = {d: n for n, d in DTYPES.items()}
-    return names[dtypes.pop()] if len(dtypes) == 1 and next(iter(dtypes)) in names else "float32"
+    return DTYPE_NAMES[dtypes.pop()] if len(dtypes) == 1 and next(iter(dtypes)) in DTYPE_NAMES else "float32"
 
 
 def _declared_dtype(config_dict):
@@ -453,5 +454,5 @@ def save_model(model, save_directory, *, max_shard_size=None):
 
     config = model.config
     config.architectures = [type(model).__name__]
-    config.dtype = {v: k for k, v in DTYPES.items()}.get(model.dtype, "float32")
+    config.dtype = DTYPE_NAMES[model.dtype]
     config.save_pretrained(save_directory)

@@ -85,6 +85,12 @@ def _group(path, module):
     return None
 
 
+def float_groups(model):
+    """The groups of `SKIPPABLE_GROUPS` that hold no quantized layer (all of them for a float model)."""
+    quantized = {_group(path, module) for path, module in model.named_modules() if "scales" in module}
+    return tuple(g for g in SKIPPABLE_GROUPS if g not in quantized)
+
+
 def _quantize_layers(model, predicate, group_size, bits):
     def convert(path, module):
         if not predicate(path, module):

@@ -91,7 +91,11 @@ def test_push_pull_round_trip_then_offline(hub, tmp_path):
     info = model.push_to_hub(repo_id, tokenizer=tokenizer, token=WRITE_TOKEN, endpoint=hub.url, commit_message="tiny")
 
     files = hub.files(repo_id)
-    assert {"config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json"} <= set(files)
+    assert {"config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+            "vocab.txt", "README.md"} <= set(files)
+    card = files["README.md"].content.decode()
+    assert "library_name: mlx" in card and "pipeline_tag: fill-mask" in card and repo_id in card
+    assert {r.status for r in hub.requests("POST", "/api/validate-yaml")} == {200}
     assert info.oid == hub.state.repos[repo_id].branches["main"]
     # The weights went through LFS: batch API, a signed PUT whose content the server hashed, then verify.
     weights = files["model.safetensors"]
