@@ -81,8 +81,8 @@ class Target:
     """Tile limits of a GPU family, in complex values per threadgroup.
 
     single_pass: (max N, values per threadgroup, values per thread) tiers, the first with N <= max N wins;
-    four_step: (values per threadgroup, values per thread) of the multi-pass kernels. pad: pad rows against bank
-    conflicts (costs 1/16 more threadgroup memory).
+    four_step: (values per threadgroup, values per thread) of the multi-pass kernels. pad: pad the threadgroup
+    layout against bank conflicts (one more value per 16 and per row).
     """
 
     name: str
@@ -92,15 +92,18 @@ class Target:
 
     @property
     def threadgroup_bytes_limit(self):
+        """The most threadgroup memory a plan of this target may use (rows of 2 values at the worst)."""
         values = max([tier[1] for tier in self.single_pass] + [self.four_step[0]])
-        return 8 * (values + (values >> 4 if self.pad else 0))
+        return 8 * _smem(values, 1, self.pad)
 
 
 # Metal: 32 KB of threadgroup memory holds 4096 complex fp32 values, without room for padding.
 METAL = Target("metal", single_pass=((4096, 4096, 16),), four_step=(4096, 16), pad=False)
-# CUDA (H100, 227 KB of shared memory per block): 8192 values (70 KB) leave room for two blocks per
-# multiprocessor; N = 16384 stays in one pass with one block of 512 threads holding 32 values each.
-CUDA = Target("cuda", single_pass=((8192, 8192, 16), (16384, 16384, 32)), four_step=(8192, 16), pad=True)
+# CUDA (H100): blocks small enough that several share a multiprocessor, so that one block's memory phase overlaps
+# another's FFT: 2048 values (256 threads of 8) up to N = 1024, 4096 values (256 threads of 16) up to N = 4096 and in
+# the four-step passes beyond (chosen from the tile sweep of benchmarks/long_conv.py). MLX gives no launch bound, so
+# a block's threads must fit the register file as compiled (tests/test_long_conv_sources.py checks it).
+CUDA = Target("cuda", single_pass=((1024, 2048, 8), (4096, 4096, 16)), four_step=(4096, 16), pad=True)
 TARGETS = {"metal": METAL, "cuda": CUDA}
 
 
@@ -167,8 +170,9 @@ def _threads(values, elems):
     return max(1, -(-values // elems))
 
 
-def _smem(values, pad):
-    return values + (values >> 4 if pad else 0)
+def _smem(values, log_row, pad):
+    """float2 slots of a threadgroup buffer of `values` in rows of 2^log_row (see m2_slot in long_conv.h)."""
+    return values + ((values >> 4) + (values >> log_row) if pad else 0)
 
 
 @lru_cache(maxsize=256)
@@ -189,7 +193,7 @@ def plan(target, batch, length, channels):
                     ("LOG_N", _log2(n)),
                     ("LOG_P", _log2(p)),
                     ("PAD", pad),
-                    ("SMEM", _smem(values, pad)),
+                    ("SMEM", _smem(values, _log2(n), pad)),
                 ),
             )
             return Plan(batch, length, channels, n, 1, (launch,))
@@ -212,7 +216,7 @@ def plan(target, batch, length, channels):
         ("LOG_P", _log2(p)),
         ("LOG_Q", _log2(q)),
         ("PAD", pad),
-        ("SMEM", _smem(column_values, pad)),
+        ("SMEM", _smem(column_values, log_n1, pad)),
     )
     column_groups = (-(-pairs // p), n2 // q, batch)
     rp = min(n1 // 2, capacity // (2 * n2))
@@ -231,7 +235,7 @@ def plan(target, batch, length, channels):
                 ("LOG_RP", _log2(rp)),
                 tw_n,
                 ("PAD", pad),
-                ("SMEM", _smem(row_values, pad)),
+                ("SMEM", _smem(row_values, _log2(n2), pad)),
             ),
         ),
         Launch("columns_inverse", column_groups, _threads(column_values, elems), elems, column_constants),
@@ -257,6 +261,14 @@ def _twiddle_table(max_log_n, n):
 
 
 _twiddle_arrays = {}
+_dims_arrays = {}
+
+
+def _dims(length, channels):
+    """The kernels' run-time sizes, kept on the device across calls."""
+    if (length, channels) not in _dims_arrays:
+        _dims_arrays[length, channels] = mx.array([length, channels], dtype=mx.int32)
+    return _dims_arrays[length, channels]
 
 
 def twiddles(plan_):
@@ -338,7 +350,7 @@ def run_plan(plan_, u, packed, launch_fn):
     dtype of u and y) and returns its output arrays.
     """
     tw = twiddles(plan_)
-    dims = mx.array([plan_.length, plan_.channels], dtype=mx.int32)
+    dims = _dims(plan_.length, plan_.channels)
     y_out = ((plan_.batch, plan_.length, plan_.channels), u.dtype)
     if plan_.n1 == 1:
         (launch,) = plan_.launches

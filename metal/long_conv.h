@@ -52,27 +52,32 @@ M2_FUNC m2c m2_mul_neg_i(m2c a) {
   return m2_cx(a.im, -a.re);
 }
 
-// Threadgroup rows are padded by one float2 every 16 when `pad` is set, which spreads the strided accesses of
-// the first radix stages over the banks.
-M2_FUNC int m2_slot(int i, int pad) {
-  return pad != 0 ? i + (i >> 4) : i;
+// Threadgroup layout: with padding on (layout = log2 of the row length), one float2 is inserted every 16 values and
+// one more after every row, which spreads over the banks both the strided accesses of the first radix stages and the
+// accesses of adjacent threads to adjacent rows (channels); layout 0 is the plain dense layout.
+M2_FUNC int m2_layout(int pad, int log_row) {
+  return pad != 0 ? log_row : 0;
 }
 
-M2_FUNC m2c m2_tg_load(M2_TG float2* buf, int i, int pad) {
-  float2 f = buf[m2_slot(i, pad)];
+M2_FUNC int m2_slot(int i, int layout) {
+  return layout != 0 ? i + (i >> 4) + (i >> layout) : i;
+}
+
+M2_FUNC m2c m2_tg_load(M2_TG float2* buf, int i, int layout) {
+  float2 f = buf[m2_slot(i, layout)];
   return m2_cx(f.x, f.y);
 }
 
-M2_FUNC void m2_tg_store(M2_TG float2* buf, int i, int pad, m2c z) {
-  buf[m2_slot(i, pad)] = m2_f2(z.re, z.im);
+M2_FUNC void m2_tg_store(M2_TG float2* buf, int i, int layout, m2c z) {
+  buf[m2_slot(i, layout)] = m2_f2(z.re, z.im);
 }
 
 // Stores one real value into the real (part 0) or imaginary (part 1) half of a complex slot.
-M2_FUNC void m2_tg_store_part(M2_TG float2* buf, int i, int pad, int part, float x) {
+M2_FUNC void m2_tg_store_part(M2_TG float2* buf, int i, int layout, int part, float x) {
   if (part == 0) {
-    buf[m2_slot(i, pad)].x = x;
+    buf[m2_slot(i, layout)].x = x;
   } else {
-    buf[m2_slot(i, pad)].y = x;
+    buf[m2_slot(i, layout)].y = x;
   }
 }
 
@@ -141,7 +146,7 @@ M2_FUNC void m2_fft_stage(
     const M2_GLOBAL float* tw,
     int tid,
     int nthreads,
-    int pad) {
+    int layout) {
   const int R = 1 << LOG_R;
   const int log_m = log_n - LOG_R;
   const int butterflies = total >> LOG_R;
@@ -154,7 +159,7 @@ M2_FUNC void m2_fft_stage(
       const int j = w & ((1 << log_m) - 1);
       const int k = j & ((1 << log_ns) - 1);
       M2_UNROLL for (int r = 0; r < R; ++r) {
-        v[i * R + r] = m2_tg_load(buf, base + j + (r << log_m), pad);
+        v[i * R + r] = m2_tg_load(buf, base + j + (r << log_m), layout);
       }
       M2_UNROLL for (int r = 1; r < R; ++r) {
         v[i * R + r] = m2_mul(v[i * R + r], m2_load_complex(tw, tw_block + ((r << (3 - LOG_R)) << log_ns) + k));
@@ -171,7 +176,7 @@ M2_FUNC void m2_fft_stage(
       const int k = j & ((1 << log_ns) - 1);
       const int out = base + ((j >> log_ns) << (log_ns + LOG_R)) + k;
       M2_UNROLL for (int r = 0; r < R; ++r) {
-        m2_tg_store(buf, out + (r << log_ns), pad, v[i * R + r]);
+        m2_tg_store(buf, out + (r << log_ns), layout, v[i * R + r]);
       }
     }
   }
@@ -188,15 +193,15 @@ M2_FUNC void m2_fft_rows(
     const M2_GLOBAL float* tw,
     int tid,
     int nthreads,
-    int pad) {
+    int layout) {
   int log_ns = 0;
   for (; log_ns + 3 <= log_n; log_ns += 3) {
-    m2_fft_stage<3, E>(buf, log_n, total, log_ns, tw, tid, nthreads, pad);
+    m2_fft_stage<3, E>(buf, log_n, total, log_ns, tw, tid, nthreads, layout);
   }
   if (log_n - log_ns == 2) {
-    m2_fft_stage<2, E>(buf, log_n, total, log_ns, tw, tid, nthreads, pad);
+    m2_fft_stage<2, E>(buf, log_n, total, log_ns, tw, tid, nthreads, layout);
   } else if (log_n - log_ns == 1) {
-    m2_fft_stage<1, E>(buf, log_n, total, log_ns, tw, tid, nthreads, pad);
+    m2_fft_stage<1, E>(buf, log_n, total, log_ns, tw, tid, nthreads, layout);
   }
 }
 
@@ -215,14 +220,14 @@ M2_FUNC m2c m2_product_at_partner(m2c a, m2c b, m2c g, m2c f) {
 
 // Applies the spectral product to the pair of bins held at buffer slots e (bin k) and ep (bin k' = N - k), with the
 // packed filter gf = (G.re, G.im, F.re, F.im) of bin k.
-M2_FUNC void m2_spectral_product(M2_TG float2* buf, int e, int ep, int pad, float4 gf) {
+M2_FUNC void m2_spectral_product(M2_TG float2* buf, int e, int ep, int layout, float4 gf) {
   const m2c g = m2_cx(gf.x, gf.y);
   const m2c f = m2_cx(gf.z, gf.w);
-  const m2c a = m2_tg_load(buf, e, pad);
-  const m2c b = m2_tg_load(buf, ep, pad);
-  m2_tg_store(buf, e, pad, m2_product_at_k(a, b, g, f));
+  const m2c a = m2_tg_load(buf, e, layout);
+  const m2c b = m2_tg_load(buf, ep, layout);
+  m2_tg_store(buf, e, layout, m2_product_at_k(a, b, g, f));
   if (ep != e) {
-    m2_tg_store(buf, ep, pad, m2_product_at_partner(a, b, g, f));
+    m2_tg_store(buf, ep, layout, m2_product_at_partner(a, b, g, f));
   }
 }
 

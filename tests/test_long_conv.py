@@ -195,10 +195,24 @@ def test_user_errors_say_what_to_fix(change, message):
         ops.long_conv(args["u"], args["k_fwd"], args["k_rev"], args["skip"], backend="mlx")
 
 
+@pytest.mark.parametrize(
+    "shape", [(3, 100, 70), (2, 1500, 5), (1, 3000, 9), (1, 16385, 2)], ids=lambda s: "x".join(map(str, s))
+)
+def test_cuda_plan_on_the_emulator(shape):
+    # The CUDA tiles (padded layout, other tile sizes) through the same body, before any GPU sees them.
+    rng = np.random.default_rng(23)
+    u, k_fwd, k_rev, skip = inputs(rng, *shape)
+    plan = kernels.plan(kernels.CUDA, *shape)
+    packed = kernels.packed_filter(mx.array(k_fwd), mx.array(k_rev), mx.array(skip), plan.n, plan.n1)
+    launch_fn = emulator.launch_fn(kernels.CUDA.threadgroup_bytes_limit)
+    y = np.asarray(kernels.run_plan(plan, mx.array(u), packed, launch_fn))
+    assert rel_error(y, reference(u, k_fwd, k_rev, skip)) < 1e-6
+
+
 def test_emulator_enforces_the_metal_threadgroup_limit():
     rng = np.random.default_rng(19)
     u, k_fwd, k_rev, skip = (mx.array(a) for a in inputs(rng, 1, 3000, 2))
-    oversized = kernels.Target("too-big", single_pass=((8192, 8192, 32),), four_step=(4096, 16), pad=False)
+    oversized = kernels.Target("too-big", single_pass=((8192, 8192, 16),), four_step=(4096, 16), pad=False)
     plan = kernels.plan(oversized, 1, 3000, 2)
     packed = kernels.packed_filter(k_fwd, k_rev, skip, plan.n, plan.n1)
     with pytest.raises(RuntimeError, match="over the 32768-byte limit"):
