@@ -93,7 +93,9 @@ def main():
             sys.exit(f"{path} does not exist: build the corpus with training/prepare_corpus.py, or pass its path.")
     model = M2BertForMaskedLM.from_pretrained(args.model, dtype="float32")
     tokenizer = load_tokenizer(args.model)
-    train_ids = tokenizer(read_lines(args.train), return_attention_mask=False)["input_ids"]
+    # Counted on lines cut at the model's length, as training saw them.
+    train_ids = tokenizer(read_lines(args.train), truncation=True, max_length=model.config.max_sequence_length,
+                          return_attention_mask=False)["input_ids"]
     counts = unigram_counts(np.concatenate([np.asarray(ids) for ids in train_ids]), tokenizer)
     result = evaluate(model, tokenizer, read_lines(args.heldout), int(counts.argmax()), args.seed)
     print(json.dumps(result, indent=2))

@@ -30,6 +30,7 @@ import mlx.core as mx
 from evaluate_demo_model import evaluate, read_lines, unigram_counts
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, __version__
 from m2bert_hf_mlx.loading import cast_model
+from m2bert_hf_mlx.ops import resolve_backend
 from m2bert_hf_mlx.tokenization import load_tokenizer, save_tokenizer
 from m2bert_hf_mlx.training import MaskedLMData, Trainer, TrainingArguments
 
@@ -115,15 +116,17 @@ def main():
     history = trainer.train(resume=args.resume)
 
     model = trainer.model
-    baseline_token = int(unigram_counts(train_data.encoded["input_ids"], tokenizer).argmax())
-    result = evaluate(model, tokenizer, read_lines(args.corpus / "heldout.txt"), baseline_token)
-    print(" ".join(f"{k}={v}" for k, v in result.items()), flush=True)
-
     cast_model(model, STORED_DTYPE)
     staging = args.output.with_name(args.output.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     save_tokenizer(tokenizer, staging, model_max_length=MAX_LENGTH)
+
+    # The shipped float16 weights, computed in float32: what evaluate_demo_model.py measures on the folder.
+    cast_model(model, "float32")
+    baseline_token = int(unigram_counts(train_data.encoded["input_ids"], tokenizer).argmax())
+    result = evaluate(model, tokenizer, read_lines(args.corpus / "heldout.txt"), baseline_token)
+    print(" ".join(f"{k}={v}" for k, v in result.items()), flush=True)
     validation_entry = [h for h in history if "eval_accuracy" in h][-1]
     (staging / "README.md").write_text(model_card(
         steps=trainer.step, runtime_s=trainer.runtime_s, result=result, validation=validation_entry,
@@ -139,7 +142,8 @@ def main():
 def describe_machine():
     device = mx.default_device()
     name = mx.device_info().get("device_name", "unknown")
-    return f"{name} ({'GPU' if device.type == mx.gpu else 'CPU'}, MLX {mx.__version__}, {platform.system()} {platform.machine()})"
+    return (f"{name} ({'GPU' if device.type == mx.gpu else 'CPU'}, MLX {mx.__version__}, long convolution back end "
+            f"{resolve_backend()}, {platform.system()} {platform.machine()})")
 
 
 def corpus_table(sources):
@@ -199,7 +203,7 @@ print(fill_mask("she poured a glass of [MASK]."))
 | steps | {steps} steps of {BATCH_SIZE} lines ({steps * BATCH_SIZE / train_lines:.1f} passes over the data) |
 | optimizer | AdamW (betas 0.9, 0.98), peak learning rate {LEARNING_RATE:g} after {WARMUP_FRACTION:.0%} linear warm-up, cosine decay to 0, weight decay {WEIGHT_DECAY:g}, gradient clipping at 1.0; long-convolution filters at the config's own learning rates |
 | seed | {SEED} |
-| wall time | {runtime_s / 60:.1f} minutes of training |
+| wall time | {runtime_s / 60:.1f} minutes of training, evaluations and checkpoints included |
 | machine | {describe_machine()} |
 | validation | masked-token accuracy {validation['eval_accuracy']:.1%} (loss {validation['eval_loss']:.3f}) on {VALIDATION_LINES} lines held back from the training corpus |
 
