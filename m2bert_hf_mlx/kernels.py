@@ -101,7 +101,7 @@ class Target:
 METAL = Target("metal", single_pass=((4096, 4096, 16),), four_step=(4096, 16), pad=False)
 # CUDA (H100): blocks small enough that several share a multiprocessor, so that one block's memory phase overlaps
 # another's FFT: 2048 values (256 threads of 8) up to N = 1024, 4096 values (256 threads of 16) up to N = 4096 and in
-# the four-step passes beyond (chosen from the tile sweep of benchmarks/long_conv.py). MLX gives no launch bound, so
+# the four-step passes beyond (benchmarks/long_conv.py --sweep times the alternatives). MLX gives no launch bound, so
 # a block's threads must fit the register file as compiled (tests/test_long_conv_sources.py checks it).
 CUDA = Target("cuda", single_pass=((1024, 2048, 8), (4096, 4096, 16)), four_step=(4096, 16), pad=True)
 TARGETS = {"metal": METAL, "cuda": CUDA}
