@@ -6,12 +6,14 @@ array here. Hidden states are channels-last (B, L, D) throughout; the canonical 
 """
 
 import math
+import operator
 from dataclasses import dataclass, fields
 from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from . import ops
 from .configuration_m2_bert import M2BertConfig
@@ -134,6 +136,15 @@ def _implicit_filter(emb_dim, order, d_model):
     return [nn.Linear(emb_dim, order), Sin(), nn.Linear(order, order), Sin(), nn.Linear(order, order), Sin(), nn.Linear(order, d_model, bias=False)]
 
 
+@dataclass
+class _FilterCache:
+    """HyenaFilter's inference cache; a plain object, so MLX never takes it for parameters."""
+
+    key: tuple = ()
+    arrays: tuple = ()
+    value: tuple = ()
+
+
 class HyenaFilter(nn.Module):
     """Implicit long filter of a long convolution and its D-skip gain (`bias`)."""
 
@@ -149,6 +160,7 @@ class HyenaFilter(nn.Module):
         if config.bidirectional:
             self.implicit_filter_rev = _implicit_filter(config.hyena_emb_dim, order, D)
         self.modulation = ExponentialModulation(D)
+        self._filter_cache = _FilterCache()
 
     def _filter(self, mlp, L):
         h = self.pos_emb.z[:, :L]
@@ -163,8 +175,29 @@ class HyenaFilter(nn.Module):
         return k_fwd, k_rev
 
     def __call__(self, u):
-        k_fwd, k_rev = self.filters(u.shape[1])
-        return ops.long_conv(u, k_fwd, k_rev, self.bias)
+        L = u.shape[1]
+        if self.training:
+            k_fwd, k_rev = self.filters(L)
+            return ops.long_conv(u, k_fwd, k_rev, self.bias)
+        k_fwd, k_rev, spectrum = self._inference_filters(L)
+        return ops.long_conv(u, k_fwd, k_rev, self.bias, spectrum=spectrum)
+
+    def _inference_filters(self, L):
+        """The filters and their spectrum at length L, computed once and reused while the weights stay the same.
+
+        MLX arrays are immutable, so new weights (load_weights, update, a training step) are new array objects:
+        the cache is valid while it holds the very arrays the filter has now. It keeps the latest length only, since
+        at L = 32768 one filter's spectrum alone takes 200 MB.
+        """
+        backend = ops.resolve_backend()
+        arrays = tuple(v for _, v in tree_flatten(self.parameters()))
+        cache = self._filter_cache
+        if cache.key == (L, backend) and len(cache.arrays) == len(arrays) and all(map(operator.is_, cache.arrays, arrays)):
+            return cache.value
+        k_fwd, k_rev = self.filters(L)
+        spectrum = ops.filter_spectrum(k_fwd, k_rev, self.bias, L, backend=backend)
+        self._filter_cache = _FilterCache((L, backend), arrays, (k_fwd, k_rev, spectrum))
+        return self._filter_cache.value
 
 
 class CausalShortConv(nn.Module):
@@ -404,8 +437,6 @@ class M2BertPreTrainedModel(nn.Module):
 
     def num_parameters(self, only_trainable=False):
         """Parameter count as transformers reports it: buffers excluded, the tied decoder counted once."""
-        from mlx.utils import tree_flatten
-
         params = self.trainable_parameters() if only_trainable else self.parameters()
         buffers = self.buffer_keys()
         return sum(v.size for k, v in tree_flatten(params) if k not in buffers)

@@ -70,7 +70,8 @@ def filter_spectrum(k_fwd, k_rev, skip, length, *, backend=None):
     """Precomputes the filters of `long_conv` for sequences of `length`, to pass as ``long_conv(..., spectrum=)``.
 
     At inference the filters do not depend on the input, so a model can compute this once per (layer, length)
-    and reuse it until its weights change. Gradients never flow through a precomputed spectrum.
+    and reuse it until its weights change. `long_conv` with a spectrum has the same gradients as without: they are
+    computed from u and the upstream gradient, never through the precomputed values.
     """
     backend = resolve_backend(backend)
     _check_filters(k_fwd, k_rev, skip, length)
@@ -120,12 +121,32 @@ def long_conv(u, k_fwd, k_rev, skip, *, backend=None, spectrum=None):
     return _fused_long_conv(backend, spectrum, k_rev is None)(u, k_fwd, skip, *(() if k_rev is None else (k_rev,)))
 
 
-def _mlx_long_conv(u, k_fwd, k_rev, skip, spectrum):
+def _fft_conv(u, k_f, skip):
     length = u.shape[1]
-    k_f = _reference_spectrum(k_fwd, k_rev, length) if spectrum is None else spectrum.values
     u32 = u.astype(mx.float32)
     y = mx.fft.irfft(mx.fft.rfft(u32, n=2 * length, axis=1) * k_f.T, n=2 * length, axis=1)[:, :length]
     return (y + u32 * skip.astype(mx.float32)).astype(u.dtype)
+
+
+def _mlx_long_conv(u, k_fwd, k_rev, skip, spectrum):
+    if spectrum is None:
+        return _fft_conv(u, _reference_spectrum(k_fwd, k_rev, u.shape[1]), skip)
+
+    @mx.custom_function
+    def conv(u, k_fwd, skip, *k_rev):
+        return _fft_conv(u, spectrum.values, skip)
+
+    @conv.vjp
+    def conv_vjp(primals, cotangent, output):
+        u, k_fwd, skip, *k_rev = primals
+        # As on the kernel back ends: du is the convolution with the time-reversed filter (conjugate spectrum), and
+        # the filter gradients are correlations, so a precomputed spectrum gives the same gradients as none.
+        du = _fft_conv(cotangent, mx.conj(spectrum.values), skip)
+        dk_fwd, dk_rev, dskip = _filter_gradients(u, cotangent, not k_rev)
+        grads = (du, dk_fwd.astype(k_fwd.dtype), dskip.astype(skip.dtype))
+        return grads + tuple(dk_rev.astype(k.dtype) for k in k_rev)
+
+    return conv(u, k_fwd, skip, *(() if k_rev is None else (k_rev,)))
 
 
 def _run_kernels(backend, u, packed):

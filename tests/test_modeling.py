@@ -162,3 +162,25 @@ def test_blockdiag_matches_dense_block_diagonal_matrix():
         W[2 * k : 2 * k + 2, 3 * k : 3 * k + 3] = w[k]
     expected = np.array(x) @ W.T + np.array(layer.bias)
     assert np.allclose(np.array(layer(x)), expected, atol=1e-5)
+
+
+def test_filter_spectra_are_cached_at_inference_and_dropped_when_weights_change():
+    model = M2BertModel(M2BertConfig.from_preset("tiny", hidden_dropout_prob=0.0))
+    ids = mx.array([[101, 2023, 2003, 1037, 3231, 102]])
+    model.train()  # the training path computes the filters and their FFT on every call, without the cache
+    uncached = model(ids).last_hidden_state
+    model.eval()
+    first = model(ids).last_hidden_state
+    assert mx.allclose(first, uncached, atol=1e-6)
+    mixer = model.encoder.layer[0].attention.filter_fn
+    spectrum = mixer._filter_cache.value[2]
+    assert mx.array_equal(model(ids).last_hidden_state, first) and mixer._filter_cache.value[2] is spectrum
+
+    mixer.bias = mixer.bias + 1.0  # new weights are new arrays: the spectrum is made again
+    changed = model(ids).last_hidden_state
+    assert mixer._filter_cache.value[2] is not spectrum
+    model.train()
+    assert mx.allclose(changed, model(ids).last_hidden_state, atol=1e-6)
+    model.eval()
+    model(ids[:, :4])
+    assert mixer._filter_cache.key[0] == 4
