@@ -1,4 +1,4 @@
-"""`m2bert-mlx fill-mask`, `embed` and `info`: the pipelines and a model summary on the command line.
+"""`m2bert-mlx fill-mask`, `embed`, `demo` and `info`: the pipelines and a model summary on the command line.
 
 Exit codes: 0 on success, 1 for a problem with the inputs or the model (one line on stderr), 2 for a usage error
 (argparse's), 130 when interrupted.
@@ -46,6 +46,15 @@ def register(subparsers):
     _add_padding_argument(embed)
     embed.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed, after those of --input")
     embed.set_defaults(func=_reporting_errors(run_embed), parser=embed)
+
+    demo = subparsers.add_parser(
+        "demo",
+        help="fill masks with the small model shipped in the package (no network needed)",
+        description="Fill the [MASK] of a few everyday sentences with m2bert_hf_mlx.DEMO_MODEL, a small M2-BERT "
+        "trained by this package (its README.md says on what, and how well it does).",
+    )
+    demo.add_argument("--top-k", type=_positive_int, default=3, metavar="K", help="predictions per mask (default: 3)")
+    demo.set_defaults(func=_reporting_errors(run_demo))
 
     info = subparsers.add_parser(
         "info",
@@ -130,6 +139,24 @@ def _table(title, predictions):
     lines = [title, f"  {'token':<{width}}  score"]
     lines += [f"  {p['token_str']:<{width}}  {p['score']:.4f}" for p in predictions]
     return "\n".join(lines)
+
+
+DEMO_SENTENCES = (
+    "I drink a cup of [MASK] every morning.",
+    "He was born [MASK] 1990.",
+    "This is the [MASK] time I have seen it.",
+    "She [MASK] a letter to her mother.",
+    "The children were playing in the [MASK].",
+)
+
+
+def run_demo(args):
+    from . import DEMO_MODEL
+
+    print(f"M2-BERT demo model ({DEMO_MODEL}), fill-mask, top {args.top_k}:\n")
+    results = pipeline("fill-mask", model=DEMO_MODEL)(list(DEMO_SENTENCES), top_k=args.top_k)
+    print("\n\n".join(_table(text, predictions) for text, predictions in zip(DEMO_SENTENCES, results)))
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------------

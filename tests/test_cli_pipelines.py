@@ -181,3 +181,17 @@ def test_python_dash_m_end_to_end(folders):
     )
     assert failed.returncode == 1 and "Traceback" not in failed.stderr
     assert failed.stderr.startswith("m2bert-mlx fill-mask: error: No mask_token ([MASK])")
+
+
+def test_demo_fills_the_masks_of_its_sentences_with_the_shipped_model(capsys):
+    from m2bert_hf_mlx import DEMO_MODEL
+    from m2bert_hf_mlx.commands import DEMO_SENTENCES
+
+    code, out, err = run(capsys, "demo", "--top-k", "2")
+    assert code == 0, err
+    assert str(DEMO_MODEL) in out
+    expected = pipeline("fill-mask", model=DEMO_MODEL)(list(DEMO_SENTENCES), top_k=2)
+    for sentence, predictions in zip(DEMO_SENTENCES, expected):
+        block = out.split(sentence, 1)[1].split("\n\n", 1)[0]
+        for p in predictions:
+            assert re.search(rf"^  {re.escape(p['token_str'])}\s+{p['score']:.4f}$", block, re.M)
