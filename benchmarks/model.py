@@ -2,6 +2,13 @@
 
     python benchmarks/model.py --out benchmarks/results/model-cpu.json                 # CPU, MLX CPU back end
     python benchmarks/model.py --gpu --out benchmarks/results/model-h100.json          # MLX CUDA vs torch CUDA
+    python benchmarks/model.py --gpu --canonical-src m2/bert --out ...   # also the canonical HazyResearch/m2 code
+
+MLX's CUDA back end multiplies float32 matrices in TF32 by default and torch does not (it does in cuDNN
+convolutions): run with MLX_ENABLE_TF32=0 for strict float32 on both sides. `versions.mlx_tf32` records the mode.
+
+`--canonical-src` is the `bert` folder of a checkout of github.com/HazyResearch/m2 (with `bert/src/__init__.py`
+emptied, as its CPU/GPU imports need; see the architecture doc §4); that code is read for the run, never shipped.
 
 Both frameworks run the M2-BERT-80M configurations (the MLM model and the retrieval encoder with its pooler) with
 identical random weights: the PyTorch model is built first with the canonical initialisation, and its state dict is
@@ -11,21 +18,23 @@ of the two are compared. Each record is the median of `--repeats` timed forwards
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-import torch
+# m2bert_hf_mlx before mlx.core: on Linux it gives MLX's CPU back end an optimized BLAS (m2bert_hf_mlx.cpu_blas).
+from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, M2BertModel, __version__, cpu_blas  # isort: skip
+from m2bert_hf_mlx.loading import apply_weights, cast_model  # isort: skip
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from torch_m2bert import BertForMaskedLM, BertWithPooler  # noqa: E402
-
-from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, M2BertModel, __version__  # noqa: E402
-from m2bert_hf_mlx.loading import apply_weights, cast_model  # noqa: E402
 
 MODELS = {
     # name: (preset whose dimensions are used, MLX class, torch class)
@@ -60,9 +69,12 @@ def torch_output(model, ids):
     return out if isinstance(out, torch.Tensor) else out[1]
 
 
-def time_it(fn, warmup, repeats):
-    for _ in range(warmup):
+def warm_up(fn, times):
+    for _ in range(times):
         fn()
+
+
+def median_seconds(fn, repeats):
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -74,27 +86,55 @@ def time_it(fn, warmup, repeats):
 def bench_mlx(model, ids, dtype, warmup, repeats):
     cast_model(model, dtype)
     mx.eval(model.parameters())
+    run = lambda: mx.eval(mlx_output(model, ids))  # noqa: E731
+    warm_up(run, warmup)
     mx.clear_cache()
-    mx.reset_peak_memory()
-    seconds = time_it(lambda: mx.eval(mlx_output(model, ids)), warmup, repeats)
+    mx.reset_peak_memory()  # after the warm-up: the steady state, without the float32 copies a cast leaves behind
+    seconds = median_seconds(run, repeats)
     return seconds, mx.get_peak_memory() / 1e9
 
 
-def bench_torch(model, ids, dtype, warmup, repeats, device):
+def bench_torch(model, ids, dtype, warmup, repeats, device, output=None):
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    output = output or torch_output
 
     def run():
         with torch.inference_mode(), autocast:
-            torch_output(model, ids)
+            output(model, ids)
         if device == "cuda":
             torch.cuda.synchronize()
 
+    warm_up(run, warmup)
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    seconds = time_it(run, warmup, repeats)
+    seconds = median_seconds(run, repeats)
     peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None
     return seconds, peak
+
+
+def canonical_model(src, name, config, reference, device):
+    """The canonical code's model for `name`, with the baseline's weights (same state-dict keys)."""
+    if str(src) not in sys.path:
+        sys.path.insert(0, str(src))
+    from src import bert_layers, configuration_bert
+
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version", "dtype", "use_flash_fft")}
+    canonical_config = configuration_bert.BertConfig(
+        **fields, use_flash_fft=False, use_cls_token=False, sequence_token_planting=False
+    )
+    if name == "m2-bert-80m-mlm":
+        model = bert_layers.BertForMaskedLM(canonical_config)
+    else:
+        model = bert_layers.BertModel(canonical_config, add_pooling_layer=True)
+    state = reference.state_dict() if name == "m2-bert-80m-mlm" else reference.bert.state_dict()
+    model.load_state_dict(state, strict=True)
+    return model.eval().to(device)
+
+
+def canonical_output(model, ids):
+    out = model(ids)
+    return out.logits if hasattr(out, "logits") else out[1]
 
 
 def check_same_function(model, reference, ids_np, device):
@@ -113,13 +153,15 @@ def main():
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--canonical-src", type=Path, help="HazyResearch/m2's bert folder: also time the canonical code")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
     device = "cuda" if args.gpu else "cpu"
     mx.set_default_device(mx.gpu if args.gpu else mx.cpu)
     machine = torch.cuda.get_device_name() if args.gpu else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    versions = {"mlx": mx.__version__, "torch": torch.__version__, "m2bert_hf_mlx": __version__, "python": platform.python_version()}
+    versions = {"mlx": mx.__version__, "torch": torch.__version__, "m2bert_hf_mlx": __version__, "python": platform.python_version(),
+                "mlx_cpu_blas": cpu_blas.loaded, "mlx_tf32": os.environ.get("MLX_ENABLE_TF32", "1") != "0"}
     records = []
     args.dtypes = sorted(set(args.dtypes), key=["float32", "bfloat16"].index)  # fp32 first: the cast is one-way
     for name in args.models:
@@ -128,6 +170,13 @@ def main():
             model, reference = build_pair(name, L, device)
             ids_np = np.random.default_rng(L).integers(1, 30522, size=(B, L))
             err = check_same_function(model, reference, ids_np[:1], device)
+            canonical = None
+            if args.canonical_src:
+                canonical = canonical_model(args.canonical_src, name, model.config, reference, device)
+                with torch.inference_mode():
+                    probe = torch.from_numpy(ids_np[:1]).to(device)
+                    a, b = canonical_output(canonical, probe).float(), torch_output(reference, probe).float()
+                    canonical_err = float((a - b).abs().max() / b.abs().max())
             for dtype in args.dtypes:
                 row = dict(model=name, L=L, B=B, dtype=dtype, machine=machine, versions=versions)
                 mlx_s, mlx_mem = bench_mlx(model, mx.array(ids_np), dtype, args.warmup, args.repeats)
@@ -140,11 +189,17 @@ def main():
                     torch_s, torch_mem = bench_torch(reference, torch.from_numpy(ids_np).to(device), dtype, args.warmup, args.repeats, device)
                     torch_rec = dict(row, framework="torch", tokens_per_s=B * L / torch_s, peak_mem_gb=torch_mem)
                     mlx_rec["speedup_vs_torch"] = mlx_rec["tokens_per_s"] / torch_rec["tokens_per_s"]
-                for rec in (mlx_rec, torch_rec):
+                canonical_rec = None
+                if canonical is not None and torch_rec is not None:
+                    canon_s, canon_mem = bench_torch(canonical, torch.from_numpy(ids_np).to(device), dtype, args.warmup, args.repeats, device, canonical_output)
+                    canonical_rec = dict(row, framework="torch-canonical", tokens_per_s=B * L / canon_s, peak_mem_gb=canon_mem,
+                                         max_rel_err_vs_baseline_fp32=canonical_err,
+                                         baseline_over_canonical=torch_rec["tokens_per_s"] / (B * L / canon_s))
+                for rec in (mlx_rec, torch_rec, canonical_rec):
                     if rec is not None:
                         records.append(rec)
                         print(json.dumps({k: v for k, v in rec.items() if k not in ("versions", "machine")}), flush=True)
-            del model, reference
+            del model, reference, canonical
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(records, indent=1) + "\n")
 

@@ -136,6 +136,10 @@ def _implicit_filter(emb_dim, order, d_model):
     return [nn.Linear(emb_dim, order), Sin(), nn.Linear(order, order), Sin(), nn.Linear(order, order), Sin(), nn.Linear(order, d_model, bias=False)]
 
 
+# 32 MiB: every length up to 2048 for the 768-wide models (about 0.6 GB for all their filters at 2048).
+MAX_CACHED_SPECTRUM_BYTES = 32 * 2**20
+
+
 @dataclass
 class _FilterCache:
     """HyenaFilter's inference cache; a plain object, so MLX never takes it for parameters."""
@@ -186,8 +190,10 @@ class HyenaFilter(nn.Module):
         """The filters and their spectrum at length L, computed once and reused while the weights stay the same.
 
         MLX arrays are immutable, so new weights (load_weights, update, a training step) are new array objects:
-        the cache is valid while it holds the very arrays the filter has now. It keeps the latest length only, since
-        at L = 32768 one filter's spectrum alone takes 200 MB.
+        the cache is valid while it holds the very arrays the filter has now. It keeps the latest length only, and
+        only spectra up to MAX_CACHED_SPECTRUM_BYTES: at long lengths a spectrum is as large as the input's (400 MB
+        per filter at L = 32768, D = 768), costs less to recompute than the convolution of a batch, and caching all
+        24 of them would put the 32k model out of reach of small machines.
         """
         backend = ops.resolve_backend()
         arrays = tuple(v for _, v in tree_flatten(self.parameters()))
@@ -196,15 +202,29 @@ class HyenaFilter(nn.Module):
             return cache.value
         k_fwd, k_rev = self.filters(L)
         spectrum = ops.filter_spectrum(k_fwd, k_rev, self.bias, L, backend=backend)
-        self._filter_cache = _FilterCache((L, backend), arrays, (k_fwd, k_rev, spectrum))
-        return self._filter_cache.value
+        if spectrum.values.nbytes <= MAX_CACHED_SPECTRUM_BYTES:
+            self._filter_cache = _FilterCache((L, backend), arrays, (k_fwd, k_rev, spectrum))
+        return k_fwd, k_rev, spectrum
+
+
+@mx.compile
+def _short_conv_gate(x, weight, bias):
+    """The causal short conv of in_linear's output, split into (x1, x2, v); returns (v * x1, x2).
+
+    out[t] = w0 x[t-2] + w1 x[t-1] + w2 x[t] + b, as Conv1d(k=3, padding=2) keeping the first L outputs. Compiled,
+    so the taps, the split and the pre-gate run as one fused pass over the (B, L, 3D) activations.
+    """
+    L = x.shape[1]
+    w = weight[:, :, 0]
+    padded = mx.pad(x, [(0, 0), (2, 0), (0, 0)])
+    uc = padded[:, :L] * w[:, 0] + padded[:, 1 : L + 1] * w[:, 1] + x * w[:, 2] + bias
+    x1, x2, v = mx.split(uc, 3, axis=-1)
+    return v * x1, x2
 
 
 class CausalShortConv(nn.Module):
-    """Depthwise Conv1d(k=3, padding=2) keeping the first L outputs: out[t] = w0 x[t-2] + w1 x[t-1] + w2 x[t] + b.
-
-    The weight has MLX's Conv1d layout (channels, 3, 1); the taps are applied as shifted products, which fuse.
-    """
+    """Depthwise Conv1d(k=3, padding=2) keeping the first L outputs (the canonical `short_filter`); the weight
+    has MLX's Conv1d layout (channels, 3, 1). Called with the gating that follows it, see `_short_conv_gate`."""
 
     def __init__(self, channels):
         super().__init__()
@@ -213,10 +233,7 @@ class CausalShortConv(nn.Module):
         self.bias = _uniform((channels,), bound)
 
     def __call__(self, x):
-        L = x.shape[1]
-        w = self.weight[:, :, 0]
-        padded = mx.pad(x, [(0, 0), (2, 0), (0, 0)])
-        return padded[:, :L] * w[:, 0] + padded[:, 1 : L + 1] * w[:, 1] + x * w[:, 2] + self.bias
+        return _short_conv_gate(x, self.weight, self.bias)
 
 
 class MonarchMixerSequenceMixing(nn.Module):
@@ -240,9 +257,8 @@ class MonarchMixerSequenceMixing(nn.Module):
         if "layernorm" in self:
             u = self.layernorm(u)
         u_orig = u
-        uc = self.short_filter(self.in_linear(u))
-        x1, x2, v = mx.split(uc, 3, axis=-1)
-        y = self.filter_fn(v * x1)
+        gated_v, x2 = self.short_filter(self.in_linear(u))
+        y = self.filter_fn(gated_v)
         y = y * x2
         if "filter_fn2" in self:
             y = y + self.filter_fn2(u_orig)
@@ -277,6 +293,13 @@ def _mlp_linear(config, in_features, out_features, bias):
     return nn.Linear(in_features, out_features, bias=bias)
 
 
+@mx.compile
+def _glu(h):
+    """Exact GELU of the first half times the second half, fused into one pass."""
+    gated, non_gated = mx.split(h, 2, axis=-1)
+    return nn.gelu(gated) * non_gated
+
+
 class M2BertMLP(nn.Module):
     """State mixer with the layer's only residual and post-LayerNorm: LN(wo(act(gated_layers(a))) + a).
 
@@ -294,11 +317,7 @@ class M2BertMLP(nn.Module):
 
     def __call__(self, a):
         h = self.gated_layers(a)
-        if self.glu:
-            gated, non_gated = mx.split(h, 2, axis=-1)
-            h = nn.gelu(gated) * non_gated
-        else:
-            h = nn.gelu(h)
+        h = _glu(h) if self.glu else nn.gelu(h)
         return self.layernorm(self.wo(self.dropout(h)) + a)
 
 

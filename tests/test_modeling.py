@@ -137,18 +137,18 @@ def test_too_long_input_is_refused_with_advice():
         model(mx.zeros((4,), dtype=mx.int32))
 
 
-def test_short_conv_is_causal():
+def test_short_conv_is_causal_and_gates_in_the_canonical_order():
     from m2bert_hf_mlx.modeling_m2_bert import CausalShortConv
 
-    conv = CausalShortConv(2)
-    x = mx.random.normal((1, 6, 2))
-    y = conv(x)
-    x2 = mx.concatenate([x[:, :4], mx.random.normal((1, 2, 2))], axis=1)
-    assert mx.allclose(conv(x2)[:, :4], y[:, :4])
-    w, b = np.array(conv.weight[:, :, 0]), np.array(conv.bias)
-    xn = np.array(x)[0]
-    expected_t3 = w[:, 0] * xn[1] + w[:, 1] * xn[2] + w[:, 2] * xn[3] + b
-    assert np.allclose(np.array(y)[0, 3], expected_t3, atol=1e-6)
+    conv = CausalShortConv(6)  # D = 2: channels [x1 | x2 | v]
+    x = mx.random.normal((1, 6, 6))
+    gated_v, x2 = conv(x)
+    later = mx.concatenate([x[:, :4], mx.random.normal((1, 2, 6))], axis=1)
+    assert all(mx.allclose(a[:, :4], b[:, :4]) for a, b in zip(conv(later), (gated_v, x2)))
+    w, b, xn = np.array(conv.weight[:, :, 0]), np.array(conv.bias), np.array(x)[0]
+    uc = w[:, 0] * xn[1] + w[:, 1] * xn[2] + w[:, 2] * xn[3] + b  # t = 3
+    assert np.allclose(np.array(x2)[0, 3], uc[2:4], atol=1e-6)
+    assert np.allclose(np.array(gated_v)[0, 3], uc[4:6] * uc[0:2], atol=1e-6)
 
 
 def test_blockdiag_matches_dense_block_diagonal_matrix():
