@@ -27,10 +27,9 @@ loaded = None
 
 def _mlx_bundles_reference_blas():
     spec = importlib.util.find_spec("mlx")
-    if spec is None or not spec.submodule_search_locations:
-        return False
-    libs = Path(next(iter(spec.submodule_search_locations))).parent / "mlx_cpu.libs"
-    return any(libs.glob("libblas-*.so*"))
+    # mlx is a namespace package: look beside every folder of it (only the installed one has the libs).
+    locations = spec.submodule_search_locations if spec is not None else None
+    return any(any((Path(p).parent / "mlx_cpu.libs").glob("libblas-*.so*")) for p in locations or ())
 
 
 def preload():

@@ -166,16 +166,19 @@ class HyenaFilter(nn.Module):
         self.modulation = ExponentialModulation(D)
         self._filter_cache = _FilterCache()
 
-    def _filter(self, mlp, L):
+    def _filter(self, mlp, L, after):
         h = self.pos_emb.z[:, :L]
+        if after is not None:
+            h = mx.depends(h, after)
         for layer in mlp:
             h = mx.sin(self.w_mod * self.freq * h) if isinstance(layer, Sin) else layer(h)
         return self.modulation(self.pos_emb.t[:, :L], h)[0].T
 
-    def filters(self, L):
-        """(k_fwd, k_rev) of shape (D, L); k_rev is None for a causal filter."""
-        k_fwd = self._filter(self.implicit_filter, L)
-        k_rev = self._filter(self.implicit_filter_rev, L) if "implicit_filter_rev" in self else None
+    def filters(self, L, *, after=None):
+        """(k_fwd, k_rev) of shape (D, L); k_rev is None for a causal filter. With `after`, an array, they are
+        computed only once `after` is (see `_inference_filters`)."""
+        k_fwd = self._filter(self.implicit_filter, L, after)
+        k_rev = self._filter(self.implicit_filter_rev, L, after) if "implicit_filter_rev" in self else None
         return k_fwd, k_rev
 
     def __call__(self, u):
@@ -183,10 +186,10 @@ class HyenaFilter(nn.Module):
         if self.training:
             k_fwd, k_rev = self.filters(L)
             return ops.long_conv(u, k_fwd, k_rev, self.bias)
-        k_fwd, k_rev, spectrum = self._inference_filters(L)
+        k_fwd, k_rev, spectrum = self._inference_filters(u)
         return ops.long_conv(u, k_fwd, k_rev, self.bias, spectrum=spectrum)
 
-    def _inference_filters(self, L):
+    def _inference_filters(self, u):
         """The filters and their spectrum at length L, computed once and reused while the weights stay the same.
 
         MLX arrays are immutable, so new weights (load_weights, update, a training step) are new array objects:
@@ -195,12 +198,15 @@ class HyenaFilter(nn.Module):
         per filter at L = 32768, D = 768), costs less to recompute than the convolution of a batch, and caching all
         24 of them would put the 32k model out of reach of small machines.
         """
+        L = u.shape[1]
         backend = ops.resolve_backend()
         arrays = tuple(v for _, v in tree_flatten(self.parameters()))
         cache = self._filter_cache
         if cache.key == (L, backend) and len(cache.arrays) == len(arrays) and all(map(operator.is_, cache.arrays, arrays)):
             return cache.value
-        k_fwd, k_rev = self.filters(L)
+        # The filters do not depend on the input, so MLX could compute those of every layer first and hold all
+        # their spectra at once (about 5 GB at L = 32768): tying them to this layer's input keeps one at a time.
+        k_fwd, k_rev = self.filters(L, after=u)
         spectrum = ops.filter_spectrum(k_fwd, k_rev, self.bias, L, backend=backend)
         if spectrum.values.nbytes <= MAX_CACHED_SPECTRUM_BYTES:
             self._filter_cache = _FilterCache((L, backend), arrays, (k_fwd, k_rev, spectrum))
