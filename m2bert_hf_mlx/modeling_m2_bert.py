@@ -18,7 +18,29 @@ from mlx.utils import tree_flatten
 from . import ops
 from .configuration_m2_bert import M2BertConfig
 
-ACT2FN = {"gelu": nn.gelu, "gelu_new": nn.gelu_approx, "gelu_pytorch_tanh": nn.gelu_approx, "relu": nn.relu, "silu": nn.silu}
+# erf(z)/z as a polynomial in u = z²/8 - 1 for |z| <= 4 (the power form of a degree-16 Chebyshev least-squares fit
+# in float64; beyond 4, erf is ±1 in float32). Evaluated in float32 its error is below 2e-7, as small as MLX's erf.
+_ERF_POLYNOMIAL = (
+    3.535309975e-01, -1.765761846e-01, 1.316748394e-01, -1.077128408e-01, 9.021568369e-02, -7.469362173e-02,
+    5.982504406e-02, -4.598314809e-02, 3.334546893e-02, -2.174387527e-02, 1.361992458e-02, -9.972879060e-03,
+    5.934167638e-03, -1.156541089e-03, 3.873904270e-04, -1.350484223e-03, 6.560723874e-04,
+)
+
+
+@mx.compile
+def gelu(x):
+    """The exact (erf) GELU of the canonical model, from multiplies and adds only: on the CPU, MLX's erf and exp are
+    scalar loops several times slower than this fused polynomial, and the MLP applies GELU to 4x the hidden width."""
+    z = mx.clip(x.astype(mx.float32) * (1 / math.sqrt(2)), -4.0, 4.0)
+    u = z * z * 0.125 - 1.0
+    acc = _ERF_POLYNOMIAL[-1]
+    for c in _ERF_POLYNOMIAL[-2::-1]:
+        acc = acc * u + c
+    erf = mx.clip(acc * z, -1.0, 1.0)
+    return (0.5 * x * (1.0 + erf)).astype(x.dtype)
+
+
+ACT2FN = {"gelu": gelu, "gelu_new": nn.gelu_approx, "gelu_pytorch_tanh": nn.gelu_approx, "relu": nn.relu, "silu": nn.silu}
 
 
 @dataclass
@@ -303,7 +325,7 @@ def _mlp_linear(config, in_features, out_features, bias):
 def _glu(h):
     """Exact GELU of the first half times the second half, fused into one pass."""
     gated, non_gated = mx.split(h, 2, axis=-1)
-    return nn.gelu(gated) * non_gated
+    return gelu(gated) * non_gated
 
 
 class M2BertMLP(nn.Module):
@@ -323,7 +345,7 @@ class M2BertMLP(nn.Module):
 
     def __call__(self, a):
         h = self.gated_layers(a)
-        h = _glu(h) if self.glu else nn.gelu(h)
+        h = _glu(h) if self.glu else gelu(h)
         return self.layernorm(self.wo(self.dropout(h)) + a)
 
 

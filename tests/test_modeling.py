@@ -184,3 +184,14 @@ def test_filter_spectra_are_cached_at_inference_and_dropped_when_weights_change(
     model.eval()
     model(ids[:, :4])
     assert mixer._filter_cache.key[0] == 4
+
+
+def test_gelu_is_the_exact_erf_gelu_to_float32_accuracy():
+    import math
+
+    from m2bert_hf_mlx.modeling_m2_bert import gelu
+
+    x = np.linspace(-9, 9, 100_001).astype(np.float32)
+    expected = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+    assert np.abs(np.array(gelu(mx.array(x))) - expected).max() < 1e-6
+    assert gelu(mx.array(x).astype(mx.bfloat16)).dtype == mx.bfloat16
