@@ -161,7 +161,7 @@ def main():
     mx.set_default_device(mx.gpu if args.gpu else mx.cpu)
     machine = torch.cuda.get_device_name() if args.gpu else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     versions = {"mlx": mx.__version__, "torch": torch.__version__, "m2bert_hf_mlx": __version__, "python": platform.python_version(),
-                "mlx_cpu_blas": cpu_blas.loaded, "mlx_tf32": os.environ.get("MLX_ENABLE_TF32", "1") != "0"}
+                "mlx_cpu_blas": cpu_blas.loaded, "mlx_tf32": args.gpu and os.environ.get("MLX_ENABLE_TF32", "1") != "0"}
     records = []
     args.dtypes = sorted(set(args.dtypes), key=["float32", "bfloat16"].index)  # fp32 first: the cast is one-way
     for name in args.models:

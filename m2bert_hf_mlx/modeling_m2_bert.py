@@ -5,8 +5,10 @@ its parameter names, so a checkpoint key such as `bert.encoder.layer.0.attention
 array here. Hidden states are channels-last (B, L, D) throughout; the canonical (B, D, L) transposes are not needed.
 """
 
+import functools
 import math
 import operator
+import os
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -27,10 +29,15 @@ _ERF_POLYNOMIAL = (
 )
 
 
-@mx.compile
 def gelu(x):
-    """The exact (erf) GELU of the canonical model, from multiplies and adds only: on the CPU, MLX's erf and exp are
-    scalar loops several times slower than this fused polynomial, and the MLP applies GELU to 4x the hidden width."""
+    """The exact (erf) GELU of the canonical model. On the CPU it is computed from multiplies and adds only: there
+    MLX's erf is a scalar loop several times slower than the fused polynomial, and the MLP applies GELU to 4x the
+    hidden width. GPUs have a fast erf, which beats the polynomial."""
+    return _gelu_polynomial(x) if mx.default_device() == mx.cpu else nn.gelu(x)
+
+
+@mx.compile
+def _gelu_polynomial(x):
     z = mx.clip(x.astype(mx.float32) * (1 / math.sqrt(2)), -4.0, 4.0)
     u = z * z * 0.125 - 1.0
     acc = _ERF_POLYNOMIAL[-1]
@@ -158,9 +165,14 @@ def _implicit_filter(emb_dim, order, d_model):
     return [nn.Linear(emb_dim, order), Sin(), nn.Linear(order, order), Sin(), nn.Linear(order, order), Sin(), nn.Linear(order, d_model, bias=False)]
 
 
-# 64 MiB: every length up to 8192 for the 768-wide models (about 1.2 GB for their 24 filters at 8192), not 32768
-# (4.8 GB); recomputing a spectrum costs about one FFT of a batch row.
-MAX_CACHED_SPECTRUM_BYTES = 64 * 2**20
+@functools.cache
+def max_cached_spectrum_bytes():
+    """The largest filter spectrum kept between calls: 1/256 of the device's memory, so that the 24 filters of an
+    80M model take under a tenth of it. A 16 GB Mac keeps them up to L = 4096 (0.6 GB), an 80 GB GPU up to 32768
+    (4.8 GB); beyond that they are recomputed on each call (on the H100, about a third of the forward at L = 32768)."""
+    info = mx.device_info()
+    memory = info.get("memory_size") or info.get("total_memory") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return memory // 256
 
 
 @dataclass
@@ -217,8 +229,8 @@ class HyenaFilter(nn.Module):
 
         MLX arrays are immutable, so new weights (load_weights, update, a training step) are new array objects:
         the cache is valid while it holds the very arrays the filter has now. It keeps the latest length only, and
-        only spectra up to MAX_CACHED_SPECTRUM_BYTES: at L = 32768 one takes 200 MB, and caching all 24 of them would
-        put the 32k model out of reach of small machines.
+        only spectra up to `max_cached_spectrum_bytes()`: at L = 32768 one takes 200 MB, and caching all 24 of them
+        would put the 32k model out of reach of small machines.
         """
         L = u.shape[1]
         backend = ops.resolve_backend()
@@ -230,7 +242,7 @@ class HyenaFilter(nn.Module):
         # their spectra at once (about 5 GB at L = 32768): tying them to this layer's input keeps one at a time.
         k_fwd, k_rev = self.filters(L, after=u)
         spectrum = ops.filter_spectrum(k_fwd, k_rev, self.bias, L, backend=backend)
-        if spectrum.values.nbytes <= MAX_CACHED_SPECTRUM_BYTES:
+        if spectrum.values.nbytes <= max_cached_spectrum_bytes():
             self._filter_cache = _FilterCache((L, backend), arrays, (k_fwd, k_rev, spectrum))
         return k_fwd, k_rev, spectrum
 
@@ -321,9 +333,8 @@ def _mlp_linear(config, in_features, out_features, bias):
     return nn.Linear(in_features, out_features, bias=bias)
 
 
-@mx.compile
 def _glu(h):
-    """Exact GELU of the first half times the second half, fused into one pass."""
+    """Exact GELU of the first half times the second half."""
     gated, non_gated = mx.split(h, 2, axis=-1)
     return gelu(gated) * non_gated
 
