@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, ops
-from m2bert_hf_mlx.modeling_m2_bert import _glu
+from m2bert_hf_mlx.modeling_m2_bert import _glu, glu, to_blocks
 
 
 def timed(name, fn, repeats=3):
@@ -53,13 +53,13 @@ def main():
     timed("    long conv", lambda: ops.long_conv(gated_v, k_fwd, k_rev, mixer.filter_fn.bias))
     timed("    out_linear", lambda: mixer.out_linear(h))
     timed("  mlp", lambda: mlp(h))
-    timed("    gated_layers", lambda: mlp.gated_layers(h))
-    g = mlp.gated_layers(h)
-    timed("    GLU", lambda: _glu(g))
-    activations = _glu(g)
+    nblocks = mlp.gated_layers.weight.shape[0]
+    timed("    gated_layers", lambda: mlp.gated_layers.block_matmul(to_blocks(h, nblocks)))
+    g = mlp.gated_layers.block_matmul(to_blocks(h, nblocks))
+    timed("    GLU", lambda: glu(g[: nblocks // 2], g[nblocks // 2 :]))
+    activations = to_blocks(_glu(mlp.gated_layers(h)), nblocks)
     mx.eval(activations)
-    timed("    wo", lambda: mlp.wo(activations))
-
+    timed("    wo", lambda: mlp.wo.block_matmul(activations))
 
 if __name__ == "__main__":
     main()

@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
-from .modeling_m2_bert import BlockdiagLinear
+from .modeling_m2_bert import BlockdiagLinear, from_blocks, to_blocks
 
 SKIPPABLE_GROUPS = ("embeddings", "heads", "mlp")
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
@@ -59,14 +59,14 @@ class QuantizedBlockdiagLinear(nn.Module):
             f"bias={'bias' in self}, group_size={self.group_size}, bits={self.bits}"
         )
 
-    def __call__(self, x):
-        nblocks = self.weight.shape[0]
-        lead = x.shape[:-1]
-        x = x.reshape(-1, nblocks, self.in_features // nblocks).swapaxes(0, 1)
-        y = mx.quantized_matmul(
-            x, self.weight, self.scales, self.biases, transpose=True, group_size=self.group_size, bits=self.bits
+    def block_matmul(self, xb):
+        """(nblocks, N, in/nblocks) -> (nblocks, N, out/nblocks), as `BlockdiagLinear.block_matmul`."""
+        return mx.quantized_matmul(
+            xb, self.weight, self.scales, self.biases, transpose=True, group_size=self.group_size, bits=self.bits
         )
-        y = y.swapaxes(0, 1).reshape(*lead, self.out_features)
+
+    def __call__(self, x):
+        y = from_blocks(self.block_matmul(to_blocks(x, self.weight.shape[0])), x.shape[:-1])
         return y + self.bias if "bias" in self else y
 
 
