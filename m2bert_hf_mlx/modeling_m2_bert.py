@@ -175,13 +175,14 @@ def _implicit_filter(emb_dim, order, d_model):
 
 
 @functools.cache
-def max_cached_spectrum_bytes():
-    """The largest filter spectrum kept between calls: 1/256 of the device's memory, so that the 24 filters of an
-    80M model take under a tenth of it. A 16 GB Mac keeps them up to L = 4096 (0.6 GB), an 80 GB GPU up to 32768
-    (4.8 GB); beyond that they are recomputed on each call (on the H100, about a third of the forward at L = 32768)."""
+def max_cached_filter_bytes():
+    """The most one filter's inference cache (its two filters and their spectrum) may hold: 1/128 of the device's
+    memory, so that the 24 of an 80M model take under a fifth of it. At L = 32768 one takes 400 MB in float32: an 80
+    GB GPU keeps them at every length (9.6 GB at 32768), a 16 GB Mac up to L = 8192 (2.4 GB), an 8 GB Mac up to
+    4096; beyond that they are recomputed on each call (on the H100, about a third of the forward at L = 32768)."""
     info = mx.device_info()
     memory = info.get("memory_size") or info.get("total_memory") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return memory // 256
+    return memory // 128
 
 
 @dataclass
@@ -238,8 +239,9 @@ class HyenaFilter(nn.Module):
 
         MLX arrays are immutable, so new weights (load_weights, update, a training step) are new array objects:
         the cache is valid while it holds the very arrays the filter has now. It keeps the latest length only, and
-        only spectra up to `max_cached_spectrum_bytes()`: at L = 32768 one takes 200 MB, and caching all 24 of them
-        would put the 32k model out of reach of small machines.
+        only up to `max_cached_filter_bytes()`: the filters stay cached with their spectrum (long_conv takes them
+        for the gradients), 400 MB at L = 32768, and caching all 24 of them would put the 32k model out of reach
+        of small machines.
         """
         L = u.shape[1]
         backend = ops.resolve_backend()
@@ -251,7 +253,7 @@ class HyenaFilter(nn.Module):
         # their spectra at once (about 5 GB at L = 32768): tying them to this layer's input keeps one at a time.
         k_fwd, k_rev = self.filters(L, after=u)
         spectrum = ops.filter_spectrum(k_fwd, k_rev, self.bias, L, backend=backend)
-        if spectrum.values.nbytes <= max_cached_spectrum_bytes():
+        if sum(a.nbytes for a in (k_fwd, k_rev, spectrum.values) if a is not None) <= max_cached_filter_bytes():
             self._filter_cache = _FilterCache((L, backend), arrays, (k_fwd, k_rev, spectrum))
         return k_fwd, k_rev, spectrum
 
