@@ -2,19 +2,19 @@
 
     python benchmarks/memory.py --gpu --out benchmarks/results/memory-h100.json
 
-Two things set the peak besides the activations. The inference cache of each long convolution's filters and
-their spectrum, kept while one takes at most 1/128 of the device's memory
-(`modeling_m2_bert.max_cached_filter_bytes`): at L = 32768 an 80 GB GPU keeps all 24 (9.6 GB in float32), an
-8 GB Mac none. And how far MLX runs ahead of the GPU: it frees an intermediate only once the work that reads it
-has finished, keeps up to 10 command buffers in flight, each cut after a number of operations and megabytes that
-it picks per GPU (H100: 100 operations or 1000 MB; Apple M-series: 40-50 operations or 40-50 MB), and waits for
-the GPU while the active memory is above `mx.set_memory_limit` (by default 95% of an NVIDIA GPU's memory; on a
-Mac the smaller of 1.5x the recommended working set and 95% of the RAM). Each setting runs in a fresh process
-(MLX reads the command-buffer limits once, from the environment):
+Two things set the peak besides the activations. The inference cache of each long convolution's filter
+spectrum, kept while one takes at most 1/256 of the device's memory (`modeling_m2_bert.max_cached_filter_bytes`):
+at L = 32768 an 80 GB GPU keeps all 24 (4.8 GB in float32), an 8 GB Mac none. And how far MLX runs ahead of the
+GPU: it frees an intermediate only once the work that reads it has finished, keeps up to 10 command buffers in
+flight, each cut after a number of operations and megabytes that it picks per GPU (H100: 100 operations or
+1000 MB; Apple M-series: 40-50 operations or 40-50 MB), and waits for the GPU while the active memory is above
+`mx.set_memory_limit` (by default 95% of an NVIDIA GPU's memory; on a Mac the smaller of 1.5x the recommended
+working set and 95% of the RAM). Each setting runs in a fresh process (MLX reads the command-buffer limits once,
+from the environment):
 
 - default: this package's and MLX's own choices on this machine;
 - no-cache: the same without the filter cache (each call recomputes the filters and their spectra);
-- mac-8gb: what an 8 GB Mac would choose: no filter cache at L = 32768 (its cap is 8 GiB / 128), MLX's command
+- mac-8gb: what an 8 GB Mac would choose: no filter cache at L = 32768 (its cap is 8 GiB / 256), MLX's command
   buffers of the base and Pro M-series GPUs (MLX_MAX_OPS_PER_BUFFER=40, MLX_MAX_MB_PER_BUFFER=40) and the memory
   limit MLX sets there (8.16 GB: 95% of the RAM, below 1.5x a recommended working set of 2/3 of the RAM).
 
@@ -36,7 +36,7 @@ GiB = 1 << 30
 SETTINGS = {
     "default": ({}, None, None),
     "no-cache": ({}, None, 0),
-    "mac-8gb": ({"MLX_MAX_OPS_PER_BUFFER": "40", "MLX_MAX_MB_PER_BUFFER": "40"}, int(0.95 * 8 * GiB), 8 * GiB // 128),
+    "mac-8gb": ({"MLX_MAX_OPS_PER_BUFFER": "40", "MLX_MAX_MB_PER_BUFFER": "40"}, int(0.95 * 8 * GiB), 8 * GiB // 256),
 }
 
 

@@ -15,7 +15,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from . import ops
 from .configuration_m2_bert import M2BertConfig
@@ -176,13 +176,13 @@ def _implicit_filter(emb_dim, order, d_model):
 
 @functools.cache
 def max_cached_filter_bytes():
-    """The most one filter's inference cache (its two filters and their spectrum) may hold: 1/128 of the device's
-    memory, so that the 24 of an 80M model take under a fifth of it. At L = 32768 one takes 400 MB in float32: an 80
-    GB GPU keeps them at every length (9.6 GB at 32768), a 16 GB Mac up to L = 8192 (2.4 GB), an 8 GB Mac up to
-    4096; beyond that they are recomputed on each call (on the H100, about a third of the forward at L = 32768)."""
+    """The largest filter spectrum kept between calls: 1/256 of the device's memory, so that the 24 of an 80M model
+    take under a tenth of it. A 16 GB Mac keeps them up to L = 8192 (1.2 GB), an 8 GB Mac up to 4096, an 80 GB GPU
+    at every length (4.8 GB at 32768); beyond that they are recomputed on each call (on the H100, 63% of the forward
+    at L = 32768)."""
     info = mx.device_info()
     memory = info.get("memory_size") or info.get("total_memory") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return memory // 128
+    return memory // 256
 
 
 @dataclass
@@ -191,7 +191,7 @@ class _FilterCache:
 
     key: tuple = ()
     arrays: tuple = ()
-    value: tuple = ()
+    spectrum: Optional[ops.FilterSpectrum] = None
 
 
 class HyenaFilter(nn.Module):
@@ -221,7 +221,7 @@ class HyenaFilter(nn.Module):
 
     def filters(self, L, *, after=None):
         """(k_fwd, k_rev) of shape (D, L); k_rev is None for a causal filter. With `after`, an array, they are
-        computed only once `after` is (see `_inference_filters`)."""
+        computed only once `after` is (see `_inference_spectrum`)."""
         k_fwd = self._filter(self.implicit_filter, L, after)
         k_rev = self._filter(self.implicit_filter_rev, L, after) if "implicit_filter_rev" in self else None
         return k_fwd, k_rev
@@ -231,31 +231,57 @@ class HyenaFilter(nn.Module):
         if self.training:
             k_fwd, k_rev = self.filters(L)
             return ops.long_conv(u, k_fwd, k_rev, self.bias)
-        k_fwd, k_rev, spectrum = self._inference_filters(u)
-        return ops.long_conv(u, k_fwd, k_rev, self.bias, spectrum=spectrum)
+        return self._cached_long_conv(u, self._inference_spectrum(u))
 
-    def _inference_filters(self, u):
-        """The filters and their spectrum at length L, computed once and reused while the weights stay the same.
+    def _inference_spectrum(self, u):
+        """The filters' spectrum at length L, computed once and reused while the weights stay the same.
 
         MLX arrays are immutable, so new weights (load_weights, update, a training step) are new array objects:
         the cache is valid while it holds the very arrays the filter has now. It keeps the latest length only, and
-        only up to `max_cached_filter_bytes()`: the filters stay cached with their spectrum (long_conv takes them
-        for the gradients), 400 MB at L = 32768, and caching all 24 of them would put the 32k model out of reach
-        of small machines.
+        only up to `max_cached_filter_bytes()`: at L = 32768 one spectrum takes 200 MB, and caching all 24 of them
+        would put the 32k model out of reach of small machines.
         """
         L = u.shape[1]
         backend = ops.resolve_backend()
         arrays = tuple(v for _, v in tree_flatten(self.parameters()))
         cache = self._filter_cache
         if cache.key == (L, backend) and len(cache.arrays) == len(arrays) and all(map(operator.is_, cache.arrays, arrays)):
-            return cache.value
+            return cache.spectrum
         # The filters do not depend on the input, so MLX could compute those of every layer first and hold all
         # their spectra at once (about 5 GB at L = 32768): tying them to this layer's input keeps one at a time.
         k_fwd, k_rev = self.filters(L, after=u)
         spectrum = ops.filter_spectrum(k_fwd, k_rev, self.bias, L, backend=backend)
-        if sum(a.nbytes for a in (k_fwd, k_rev, spectrum.values) if a is not None) <= max_cached_filter_bytes():
-            self._filter_cache = _FilterCache((L, backend), arrays, (k_fwd, k_rev, spectrum))
-        return k_fwd, k_rev, spectrum
+        if spectrum.values.nbytes <= max_cached_filter_bytes():
+            self._filter_cache = _FilterCache((L, backend), arrays, spectrum)
+        return spectrum
+
+    def _cached_long_conv(self, u, spectrum):
+        """The long conv from the spectrum alone: the filters themselves are not kept, which halves the cache.
+        Gradients still reach every weight: when one is asked for, the VJP computes the filters again."""
+        names, weights = [], []
+        for name, weight in tree_flatten(self.trainable_parameters()):
+            names.append(name)
+            weights.append(weight)
+
+        @mx.custom_function
+        def conv(u, *weights):
+            return ops.long_conv(u, None, None, self.bias, spectrum=spectrum)
+
+        @conv.vjp
+        def conv_vjp(primals, cotangent, output):
+            originals = self.trainable_parameters()
+
+            def with_filters(u, *weights):
+                self.update(tree_unflatten(list(zip(names, weights))))
+                k_fwd, k_rev = self.filters(u.shape[1])
+                return ops.long_conv(u, k_fwd, k_rev, self.bias, spectrum=spectrum)
+
+            try:
+                return mx.vjp(with_filters, list(primals), [cotangent])[1]
+            finally:
+                self.update(originals)
+
+        return conv(u, *weights)
 
 
 @mx.compile

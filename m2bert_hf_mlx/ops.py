@@ -50,6 +50,7 @@ class FilterSpectrum:
 
     backend: str
     length: int
+    channels: int
     values: mx.array
 
 
@@ -80,7 +81,7 @@ def filter_spectrum(k_fwd, k_rev, skip, length, *, backend=None):
     else:
         n1 = _n1(backend, length, k_fwd.shape[0])
         values = kernels.packed_filter(k_fwd, k_rev, skip, kernels.fft_size(length), n1)
-    return FilterSpectrum(backend, length, mx.stop_gradient(values))
+    return FilterSpectrum(backend, length, k_fwd.shape[0], mx.stop_gradient(values))
 
 
 def _check_filters(k_fwd, k_rev, skip, length):
@@ -89,6 +90,10 @@ def _check_filters(k_fwd, k_rev, skip, length):
     channels = k_fwd.shape[0]
     if k_rev is not None and tuple(k_rev.shape) != (channels, length):
         raise ValueError(f"k_rev must have the shape of k_fwd, {(channels, length)}; got {tuple(k_rev.shape)}.")
+    _check_skip(skip, channels)
+
+
+def _check_skip(skip, channels):
     if tuple(skip.shape) != (channels,):
         raise ValueError(f"skip must have shape (C,) = ({channels},); got {tuple(skip.shape)}.")
 
@@ -98,17 +103,25 @@ def long_conv(u, k_fwd, k_rev, skip, *, backend=None, spectrum=None):
 
     u: (B, L, C) float32, float16 or bfloat16 (computed in float32, returned in u's dtype); k_fwd, k_rev: (C, L)
     (k_rev=None: causal); skip: (C,). Returns (B, L, C). backend: see the module docstring. spectrum: an optional
-    `filter_spectrum(k_fwd, k_rev, skip, L, backend=...)` of the same filters, which skips their FFT (inference).
+    `filter_spectrum(k_fwd, k_rev, skip, L, backend=...)` of the same filters, which skips their FFT (inference);
+    with a spectrum, k_fwd and k_rev may both be None, and then no gradient reaches the filters.
     Differentiable with respect to u, k_fwd, k_rev and skip on every back end.
     """
     if u.ndim != 3:
         raise ValueError(f"u must be (batch, length, channels); got shape {tuple(u.shape)}.")
     if u.dtype not in _IO_DTYPES:
         raise TypeError(f"u must be float32, float16 or bfloat16; got {u.dtype}. Cast it first.")
-    _, length, _ = u.shape
-    _check_filters(k_fwd, k_rev, skip, length)
-    if k_fwd.shape[0] != u.shape[2]:
-        raise ValueError(f"u has {u.shape[2]} channels but the filters have {k_fwd.shape[0]}.")
+    _, length, channels = u.shape
+    if k_fwd is None:
+        if spectrum is None or k_rev is not None:
+            raise ValueError("long_conv needs the filters k_fwd (and k_rev); both may be None only with a spectrum.")
+        _check_skip(skip, spectrum.channels)
+        filter_channels = spectrum.channels
+    else:
+        _check_filters(k_fwd, k_rev, skip, length)
+        filter_channels = k_fwd.shape[0]
+    if filter_channels != channels:
+        raise ValueError(f"u has {channels} channels but the filters have {filter_channels}.")
     backend = resolve_backend(backend)
     if spectrum is not None and (spectrum.backend, spectrum.length) != (backend, length):
         raise ValueError(
@@ -116,9 +129,10 @@ def long_conv(u, k_fwd, k_rev, skip, *, backend=None, spectrum=None):
             f"runs backend {backend!r} at length {length}; make it with filter_spectrum(..., {length}, "
             f"backend={backend!r})."
         )
+    filters = tuple(k for k in (k_fwd, k_rev) if k is not None)
     if backend == "mlx":
-        return _mlx_long_conv(u, k_fwd, k_rev, skip, spectrum)
-    return _fused_long_conv(backend, spectrum, k_rev is None)(u, k_fwd, skip, *(() if k_rev is None else (k_rev,)))
+        return _mlx_long_conv(u, skip, filters, spectrum)
+    return _fused_long_conv(backend, spectrum)(u, skip, *filters)
 
 
 def _fft_conv(u, k_f, skip):
@@ -128,25 +142,31 @@ def _fft_conv(u, k_f, skip):
     return (y + u32 * skip.astype(mx.float32)).astype(u.dtype)
 
 
-def _mlx_long_conv(u, k_fwd, k_rev, skip, spectrum):
+def _split_filters(filters):
+    """(k_fwd,) or (k_fwd, k_rev) -> (k_fwd, k_rev), k_rev None for a causal filter."""
+    return filters[0], filters[1] if len(filters) == 2 else None
+
+
+def _mlx_long_conv(u, skip, filters, spectrum):
     if spectrum is None:
+        k_fwd, k_rev = _split_filters(filters)
         return _fft_conv(u, _reference_spectrum(k_fwd, k_rev, u.shape[1]), skip)
+    if not filters:
+        return _fft_conv(u, spectrum.values, skip)  # differentiable in u and skip; the spectrum is a constant
 
     @mx.custom_function
-    def conv(u, k_fwd, skip, *k_rev):
+    def conv(u, skip, *filters):
         return _fft_conv(u, spectrum.values, skip)
 
     @conv.vjp
     def conv_vjp(primals, cotangent, output):
-        u, k_fwd, skip, *k_rev = primals
+        u, skip, *filters = primals
         # As on the kernel back ends: du is the convolution with the time-reversed filter (conjugate spectrum), and
         # the filter gradients are correlations, so a precomputed spectrum gives the same gradients as none.
         du = _fft_conv(cotangent, mx.conj(spectrum.values), skip)
-        dk_fwd, dk_rev, dskip = _filter_gradients(u, cotangent, not k_rev)
-        grads = (du, dk_fwd.astype(k_fwd.dtype), dskip.astype(skip.dtype))
-        return grads + tuple(dk_rev.astype(k.dtype) for k in k_rev)
+        return (du, *_filter_gradients(u, cotangent, skip, filters))
 
-    return conv(u, k_fwd, skip, *(() if k_rev is None else (k_rev,)))
+    return conv(u, skip, *filters)
 
 
 def _run_kernels(backend, u, packed):
@@ -160,43 +180,41 @@ def _run_kernels(backend, u, packed):
     return kernels.run_plan(plan, u, packed, launch_fn)
 
 
-def _filter_gradients(u, g, causal):
-    """d/dk_fwd, d/dk_rev, d/dskip: correlations of the cotangent g with u, summed over the batch."""
+def _filter_gradients(u, g, skip, filters):
+    """d/dskip and d/d each filter: correlations of the cotangent g with u, summed over the batch."""
+    dskip = mx.sum(g.astype(mx.float32) * u.astype(mx.float32), axis=(0, 1)).astype(skip.dtype)
+    if not filters:
+        return (dskip,)
     length = u.shape[1]
     n = kernels.fft_size(length)
     g_f = mx.fft.rfft(g.astype(mx.float32), n=n, axis=1)
     cross = mx.sum(g_f * mx.conj(mx.fft.rfft(u.astype(mx.float32), n=n, axis=1)), axis=0)
     corr = mx.fft.irfft(cross, n=n, axis=0).T  # corr[c, j] = sum_{b, t} g[b, t, c] u[b, t - j, c] (j mod n)
-    dk_fwd = corr[:, :length]
-    dskip = mx.sum(g.astype(mx.float32) * u.astype(mx.float32), axis=(0, 1))
-    if causal:
-        return dk_fwd, None, dskip
-    dk_rev = mx.concatenate([corr[:, n - length + 1 :][:, ::-1], mx.zeros((corr.shape[0], 1))], axis=1)
-    return dk_fwd, dk_rev, dskip
+    grads = [corr[:, :length]]
+    if len(filters) == 2:
+        grads.append(mx.concatenate([corr[:, n - length + 1 :][:, ::-1], mx.zeros((corr.shape[0], 1))], axis=1))
+    return (dskip, *(d.astype(k.dtype) for d, k in zip(grads, filters)))
 
 
-def _fused_long_conv(backend, spectrum, causal):
-    """long_conv on a kernel back end as a custom function of (u, k_fwd, skip[, k_rev]) with its own VJP."""
+def _fused_long_conv(backend, spectrum):
+    """long_conv on a kernel back end as a custom function of (u, skip, *filters) with its own VJP."""
 
-    def packed_filter(k_fwd, k_rev, skip, length):
+    def packed_filter(skip, filters, length):
         if spectrum is not None:
             return spectrum.values
+        k_fwd, k_rev = _split_filters(filters)
         return filter_spectrum(k_fwd, k_rev, skip, length, backend=backend).values
 
     @mx.custom_function
-    def conv(u, k_fwd, skip, *k_rev):
-        k_rev = k_rev[0] if k_rev else None
-        return _run_kernels(backend, u, packed_filter(k_fwd, k_rev, skip, u.shape[1]))
+    def conv(u, skip, *filters):
+        return _run_kernels(backend, u, packed_filter(skip, filters, u.shape[1]))
 
     @conv.vjp
     def conv_vjp(primals, cotangent, output):
-        u, k_fwd, skip, *k_rev = primals
-        k_rev = k_rev[0] if k_rev else None
+        u, skip, *filters = primals
         # The gradient of a convolution is the convolution with the time-reversed filter: conj of the spectrum.
-        reversed_filter = kernels.conjugate_filter(packed_filter(k_fwd, k_rev, skip, u.shape[1]))
+        reversed_filter = kernels.conjugate_filter(packed_filter(skip, filters, u.shape[1]))
         du = _run_kernels(backend, cotangent, reversed_filter)
-        dk_fwd, dk_rev, dskip = _filter_gradients(u, cotangent, causal)
-        grads = (du, dk_fwd.astype(k_fwd.dtype), dskip.astype(skip.dtype))
-        return grads if causal else grads + (dk_rev.astype(k_rev.dtype),)
+        return (du, *_filter_gradients(u, cotangent, skip, filters))
 
     return conv

@@ -176,6 +176,31 @@ def test_precomputed_spectrum_gives_the_same_gradients(backend, causal):
         assert float(mx.linalg.norm(a - e) / mx.linalg.norm(e)) < 2e-6
 
 
+@pytest.mark.parametrize("backend", ["emulated", "mlx"])
+def test_spectrum_alone_gives_the_output_and_the_gradients_in_u_and_skip(backend):
+    rng = np.random.default_rng(23)
+    u, k_fwd, k_rev, skip = (mx.array(a) for a in inputs(rng, 2, 45, 3))
+    spectrum = ops.filter_spectrum(k_fwd, k_rev, skip, 45, backend=backend)
+    cotangent = mx.array(rng.standard_normal(u.shape).astype(np.float32))
+
+    def with_filters(u, skip):
+        return ops.long_conv(u, k_fwd, k_rev, skip, backend=backend, spectrum=spectrum)
+
+    def spectrum_only(u, skip):
+        return ops.long_conv(u, None, None, skip, backend=backend, spectrum=spectrum)
+
+    expected_y, expected = mx.vjp(with_filters, [u, skip], [cotangent])
+    actual_y, actual = mx.vjp(spectrum_only, [u, skip], [cotangent])
+    assert mx.array_equal(expected_y[0], actual_y[0])
+    for e, a in zip(expected, actual, strict=True):
+        assert float(mx.linalg.norm(a - e) / mx.linalg.norm(e)) < 2e-6
+    with pytest.raises(ValueError, match="only with a spectrum"):
+        ops.long_conv(u, None, None, skip, backend=backend)
+    with pytest.raises(ValueError, match="3 channels but the filters have 2"):
+        ops.long_conv(u, None, None, skip[:2], backend=backend, spectrum=ops.filter_spectrum(
+            k_fwd[:2], k_rev[:2], skip[:2], 45, backend=backend))
+
+
 def test_spectrum_for_another_length_or_backend_is_refused():
     rng = np.random.default_rng(17)
     u, k_fwd, k_rev, skip = (mx.array(a) for a in inputs(rng, 1, 64, 2))

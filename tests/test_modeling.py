@@ -1,4 +1,5 @@
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import load_fixture
@@ -173,17 +174,41 @@ def test_filter_spectra_are_cached_at_inference_and_dropped_when_weights_change(
     first = model(ids).last_hidden_state
     assert mx.allclose(first, uncached, atol=1e-6)
     mixer = model.encoder.layer[0].attention.filter_fn
-    spectrum = mixer._filter_cache.value[2]
-    assert mx.array_equal(model(ids).last_hidden_state, first) and mixer._filter_cache.value[2] is spectrum
+    spectrum = mixer._filter_cache.spectrum
+    assert mx.array_equal(model(ids).last_hidden_state, first) and mixer._filter_cache.spectrum is spectrum
 
     mixer.bias = mixer.bias + 1.0  # new weights are new arrays: the spectrum is made again
     changed = model(ids).last_hidden_state
-    assert mixer._filter_cache.value[2] is not spectrum
+    assert mixer._filter_cache.spectrum is not spectrum
     model.train()
     assert mx.allclose(changed, model(ids).last_hidden_state, atol=1e-6)
     model.eval()
     model(ids[:, :4])
     assert mixer._filter_cache.key[0] == 4
+
+
+def test_gradients_at_inference_reach_the_filter_weights_like_in_training():
+    from mlx.utils import tree_flatten
+
+    model = M2BertModel(M2BertConfig.from_preset("tiny", hidden_dropout_prob=0.0))
+    ids = mx.array([[101, 2023, 2003, 1037, 3231, 102]])
+
+    def loss(model):
+        return (model(ids).last_hidden_state ** 2).sum()
+
+    grad = nn.value_and_grad(model, loss)
+    model.train()
+    _, trained = grad(model)
+    model.eval()
+    model(ids)  # fills the cache: the eval-mode call below uses the cached spectrum, without the filters
+    _, cached = grad(model)
+    trained, cached = dict(tree_flatten(trained)), dict(tree_flatten(cached))
+    assert trained.keys() == cached.keys()
+    filter_keys = [k for k in trained if ".filter_fn" in k]
+    assert any("implicit_filter_rev" in k for k in filter_keys) and any(k.endswith("pos_emb.z") for k in filter_keys)
+    for k in trained:
+        assert mx.allclose(trained[k], cached[k], rtol=1e-4, atol=1e-5), k
+    assert all(mx.abs(cached[k]).max() > 0 for k in filter_keys if not k.endswith("freq"))
 
 
 def test_gelu_is_the_exact_erf_gelu_to_float32_accuracy():
