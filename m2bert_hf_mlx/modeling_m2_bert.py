@@ -190,8 +190,9 @@ class _FilterCache:
     """HyenaFilter's inference cache; a plain object, so MLX never takes it for parameters."""
 
     key: tuple = ()
-    arrays: tuple = ()
+    weights: tuple = ()
     spectrum: Optional[ops.FilterSpectrum] = None
+    conv: Optional[object] = None
 
 
 class HyenaFilter(nn.Module):
@@ -221,7 +222,7 @@ class HyenaFilter(nn.Module):
 
     def filters(self, L, *, after=None):
         """(k_fwd, k_rev) of shape (D, L); k_rev is None for a causal filter. With `after`, an array, they are
-        computed only once `after` is (see `_inference_spectrum`)."""
+        computed only once `after` is (see `_inference_conv`)."""
         k_fwd = self._filter(self.implicit_filter, L, after)
         k_rev = self._filter(self.implicit_filter_rev, L, after) if "implicit_filter_rev" in self else None
         return k_fwd, k_rev
@@ -231,10 +232,12 @@ class HyenaFilter(nn.Module):
         if self.training:
             k_fwd, k_rev = self.filters(L)
             return ops.long_conv(u, k_fwd, k_rev, self.bias)
-        return self._cached_long_conv(u, self._inference_spectrum(u))
+        conv, weights = self._inference_conv(u)
+        return conv(u, *weights)
 
-    def _inference_spectrum(self, u):
-        """The filters' spectrum at length L, computed once and reused while the weights stay the same.
+    def _inference_conv(self, u):
+        """The long conv at u's length from the filters' spectrum alone, and the weights to call it with: the
+        spectrum is computed once and reused while the weights stay the same.
 
         MLX arrays are immutable, so new weights (load_weights, update, a training step) are new array objects:
         the cache is valid while it holds the very arrays the filter has now. It keeps the latest length only, and
@@ -243,25 +246,22 @@ class HyenaFilter(nn.Module):
         """
         L = u.shape[1]
         backend = ops.resolve_backend()
-        arrays = tuple(v for _, v in tree_flatten(self.parameters()))
+        names, weights = zip(*tree_flatten(self.parameters()))
         cache = self._filter_cache
-        if cache.key == (L, backend) and len(cache.arrays) == len(arrays) and all(map(operator.is_, cache.arrays, arrays)):
-            return cache.spectrum
+        if cache.key == (L, backend) and len(cache.weights) == len(weights) and all(map(operator.is_, cache.weights, weights)):
+            return cache.conv, weights
         # The filters do not depend on the input, so MLX could compute those of every layer first and hold all
         # their spectra at once (about 5 GB at L = 32768): tying them to this layer's input keeps one at a time.
         k_fwd, k_rev = self.filters(L, after=u)
         spectrum = ops.filter_spectrum(k_fwd, k_rev, self.bias, L, backend=backend)
+        conv = self._spectrum_conv(spectrum, names)
         if spectrum.values.nbytes <= max_cached_filter_bytes():
-            self._filter_cache = _FilterCache((L, backend), arrays, spectrum)
-        return spectrum
+            self._filter_cache = _FilterCache((L, backend), weights, spectrum, conv)
+        return conv, weights
 
-    def _cached_long_conv(self, u, spectrum):
-        """The long conv from the spectrum alone: the filters themselves are not kept, which halves the cache.
+    def _spectrum_conv(self, spectrum, names):
+        """conv(u, *weights) from the spectrum alone: the filters themselves are not kept, which halves the cache.
         Gradients still reach every weight: when one is asked for, the VJP computes the filters again."""
-        names, weights = [], []
-        for name, weight in tree_flatten(self.trainable_parameters()):
-            names.append(name)
-            weights.append(weight)
 
         @mx.custom_function
         def conv(u, *weights):
@@ -269,7 +269,7 @@ class HyenaFilter(nn.Module):
 
         @conv.vjp
         def conv_vjp(primals, cotangent, output):
-            originals = self.trainable_parameters()
+            originals = self.parameters()
 
             def with_filters(u, *weights):
                 self.update(tree_unflatten(list(zip(names, weights))))
@@ -281,7 +281,7 @@ class HyenaFilter(nn.Module):
             finally:
                 self.update(originals)
 
-        return conv(u, *weights)
+        return conv
 
 
 @mx.compile
