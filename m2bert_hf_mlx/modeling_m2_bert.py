@@ -178,7 +178,7 @@ def _implicit_filter(emb_dim, order, d_model):
 def max_cached_filter_bytes():
     """The largest filter spectrum kept between calls: 1/256 of the device's memory, so that the 24 of an 80M model
     take under a tenth of it. A 16 GB Mac keeps them up to L = 8192 (1.2 GB), an 8 GB Mac up to 4096, an 80 GB GPU
-    at every length (4.8 GB at 32768); beyond that they are recomputed on each call (on the H100, 63% of the forward
+    at every length (4.8 GB at 32768); beyond that they are recomputed on each call (on the H100, 60% of the forward
     at L = 32768)."""
     info = mx.device_info()
     memory = info.get("memory_size") or info.get("total_memory") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
