@@ -192,7 +192,7 @@ class _FilterCache:
     key: tuple = ()
     weights: tuple = ()
     spectrum: Optional[ops.FilterSpectrum] = None
-    conv: Optional[object] = None
+    conv: Optional[mx.custom_function] = None
 
 
 class HyenaFilter(nn.Module):
