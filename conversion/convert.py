@@ -16,7 +16,16 @@ from tqdm import tqdm
 
 from .. import M2BertConfig
 from ..configuration_m2_bert import PRESETS
-from ..loading import DTYPE_NAMES, DTYPES, checkpoint_model_class, fetch_config_folder, fetch_weights, hub_kwargs, weight_files
+from ..loading import (
+    DTYPE_NAMES,
+    DTYPES,
+    checkpoint_model_class,
+    fetch_config_folder,
+    fetch_weights,
+    has_pooler,
+    hub_kwargs,
+    weight_files,
+)
 from ..quantization import (
     SKIPPABLE_GROUPS,
     SUPPORTED_BITS,
@@ -69,7 +78,7 @@ def convert(hf_path, mlx_path=DEFAULT_MLX_PATH, *, config=None, preset=None, tok
 
     files = weight_files(source)
     cls = checkpoint_model_class(files)
-    has_pooler = any(k.startswith(("bert.pooler.", "pooler.")) for path in files for k in checkpoint_keys(path))
+    pooler = has_pooler(k for path in files for k in checkpoint_keys(path))
 
     tok, tokenizer_origin = _resolve_tokenizer(tokenizer, source_folder, hub)
     if len(tok) > config_obj.vocab_size:
@@ -81,7 +90,7 @@ def convert(hf_path, mlx_path=DEFAULT_MLX_PATH, *, config=None, preset=None, tok
     # Steps: read, (quantize), write, (upload); huggingface_hub shows its own bars for the downloads.
     with tqdm(total=2 + int(quantize) + int(bool(upload_repo)), unit="step", disable=None) as progress:
         progress.set_description("Reading weights")
-        model = cls.from_pretrained(str(source), config=config_obj, dtype=dtype, add_pooling_layer=has_pooler)
+        model = cls.from_pretrained(str(source), config=config_obj, dtype=dtype, add_pooling_layer=pooler)
         progress.update()
         quantization = None
         if quantize:

@@ -177,6 +177,11 @@ def checkpoint_model_class(files):
     return M2BertForMaskedLM if "cls" in heads else M2BertModel
 
 
+def has_pooler(keys):
+    """Whether checkpoint names `keys` hold a pooler (the retrieval encoders do, the MLM checkpoints do not)."""
+    return any(_strip_training_prefixes(k).startswith(("bert.pooler.", "pooler.")) for k in keys)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Configs
 
@@ -401,7 +406,7 @@ def load_model(cls, name_or_path, *, config=None, revision=None, cache_dir=None,
     weights = read_weights(files)
     if "add_pooling_layer" not in config_dict and "add_pooling_layer" not in config_overrides:
         # Upstream configs do not say; the retrieval checkpoints carry a pooler, the MLM ones do not.
-        config_obj.add_pooling_layer = any(_strip_training_prefixes(k).startswith(("bert.pooler.", "pooler.")) for k in weights)
+        config_obj.add_pooling_layer = has_pooler(weights)
     model = cls(config_obj)
     source = ", ".join(str(f) for f in files)
     weights = model.sanitize(weights)

@@ -109,6 +109,19 @@ def test_composer_file_needs_a_config_and_converts_with_one(tmp_path, capsys):
     np.testing.assert_allclose(np.array(model(**fixture_inputs(data)).logits), data["expected/L32/mlm_logits"], atol=1e-4)
 
 
+def test_composer_retrieval_file_keeps_its_pooler(tmp_path, capsys):
+    config, state_dict = canonical_state_dict("retrieval")
+    save_torch_object(composer_checkpoint(state_dict), tmp_path / "model.pt")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    argv = ["--hf-path", tmp_path / "model.pt", "--mlx-path", tmp_path / "out", "--config", tmp_path / "config.json",
+            "--tokenizer", write_vocab(tmp_path / "tokenizer")]
+    code, output = run(argv, capsys)
+    assert code == 0, output
+    model = M2BertModel.from_pretrained(tmp_path / "out")
+    _, _, data = load_fixture("retrieval")
+    np.testing.assert_allclose(np.array(model(**fixture_inputs(data)).pooler_output), data["expected/pooled_output"], atol=1e-4)
+
+
 def test_without_tokenizer_files_the_shipped_bert_base_uncased_goes_along(tmp_path, capsys):
     config, state_dict = canonical_state_dict("retrieval")
     words = state_dict["bert.embeddings.word_embeddings.weight"]
