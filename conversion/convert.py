@@ -77,7 +77,7 @@ def convert(hf_path, mlx_path=DEFAULT_MLX_PATH, *, config=None, preset=None, tok
     source_folder = source if source.is_dir() else source.parent
 
     files = weight_files(source)
-    cls = checkpoint_model_class(files)
+    cls = checkpoint_model_class(source)
     pooler = has_pooler(k for path in files for k in checkpoint_keys(path))
 
     tok, tokenizer_origin = _resolve_tokenizer(tokenizer, source_folder, hub)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .loading import DTYPE_NAMES, checkpoint_model_class, fetch_config_folder, fetch_weights, hub_kwargs, weight_files
+from .loading import DTYPE_NAMES, checkpoint_model_class, fetch_config_folder, fetch_weights, hub_kwargs
 from .modeling_m2_bert import M2BertModel
 from .pipelines import PADDING_CHOICES, default_tokenizer, pipeline
 from .tokenization import has_tokenizer_files
@@ -249,7 +249,7 @@ def _model_class_and_source(name_or_path):
     folder = fetch_config_folder(name_or_path, hub, "")
     if not Path(name_or_path).exists():
         folder = fetch_weights(name_or_path, hub, "", folder)
-    return checkpoint_model_class(weight_files(folder)), folder
+    return checkpoint_model_class(folder), folder
 
 
 def _parameter_count(model):

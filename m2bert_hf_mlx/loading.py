@@ -168,13 +168,23 @@ def weight_files(folder):
     return [folder / n for n in shards]
 
 
-def checkpoint_model_class(files):
-    """The model class for checkpoint `files` (names only; no tensor is read): M2BertForMaskedLM when they hold an
-    MLM head, else M2BertModel (the retrieval encoders; a classification head is reported when it loads)."""
-    from .modeling_m2_bert import M2BertForMaskedLM, M2BertModel
+def checkpoint_model_class(source):
+    """The model class for the checkpoint at `source` (a folder or a weight file): the one its config.json's
+    `architectures` names when that is a class of this package (folders this package wrote, fine-tuned classifiers
+    included), else from the weight names alone (no tensor is read): M2BertForMaskedLM when they hold an MLM head,
+    else M2BertModel (the retrieval checkpoints also carry an unused classifier, which is reported when it loads)."""
+    from . import modeling_m2_bert
 
-    heads = {_strip_training_prefixes(key).split(".")[0] for path in files for key in checkpoint_keys(path)}
-    return M2BertForMaskedLM if "cls" in heads else M2BertModel
+    config_path = (source if source.is_dir() else source.parent) / "config.json"
+    try:
+        architectures = json.loads(config_path.read_text()).get("architectures") or []
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        architectures = []  # no config, or one that loading reports on
+    for name in architectures:
+        if name in ("M2BertModel", "M2BertForMaskedLM", "M2BertForSequenceClassification"):
+            return getattr(modeling_m2_bert, name)
+    heads = {_strip_training_prefixes(key).split(".")[0] for path in weight_files(source) for key in checkpoint_keys(path)}
+    return modeling_m2_bert.M2BertForMaskedLM if "cls" in heads else modeling_m2_bert.M2BertModel
 
 
 def has_pooler(keys):

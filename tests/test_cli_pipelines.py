@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from tiny_models import MAX_LENGTH, save_tiny_model
 
-from m2bert_hf_mlx import M2BertForMaskedLM, M2BertModel, pipeline
+from m2bert_hf_mlx import M2BertForMaskedLM, M2BertForSequenceClassification, M2BertModel, pipeline
 from m2bert_hf_mlx.cli import main
 from m2bert_hf_mlx.quantization import quantize_model
 
@@ -160,6 +160,11 @@ def test_info(folders, capsys, tmp_path):
     assert code == 0
     fields = info_fields(out)
     assert fields["architecture"] == "M2BertModel" and fields["pooler"] == "[CLS], tanh(dense(h[:, 0]))"
+    # A classifier this package saved (fine-tuned with `m2bert-mlx train`) is summarized as one.
+    save_tiny_model(tmp_path / "classifier-src", "classifier")
+    M2BertForSequenceClassification.from_pretrained(tmp_path / "classifier-src").save_pretrained(tmp_path / "classifier")
+    code, out, _ = run(capsys, "info", "--model", str(tmp_path / "classifier"))
+    assert code == 0 and info_fields(out)["architecture"] == "M2BertForSequenceClassification"
     code, _, err = run(capsys, "info", "--model", str(tmp_path / "nothing"))
     assert code == 1
     assert_one_line_error(err, "info", "nothing")
