@@ -7,9 +7,9 @@ exactly. The `train` sub-command of `m2bert-mlx` wraps it.
 
 Data. Every example is one line of text (MLM), one text or text pair with a label (classification, TSV), or a
 query and its positive passage (contrastive, TSV), encoded as `[CLS] ... [SEP]` and padded with `[PAD]` to
-`max_length`. Lines are not packed together: the long convolutions do not read the attention mask, so padding is
-part of the input, and M2-BERT models are used padded to their maximum length; training on the same layout is
-what makes a model's predictions right at inference.
+`max_length`: the long convolutions do not read the attention mask, so padding is part of the input, and M2-BERT
+models are used padded to their maximum length. For MLM, `pack` puts as many consecutive lines as fit into each
+example instead (`[CLS] a [SEP] b [SEP] ... [PAD]`), which spends less compute on padding when lines are short.
 
 Randomness. The batch order, the MLM masks and the dropout masks of a step are drawn from generators seeded with
 (seed, step), so a resumed run repeats exactly what an uninterrupted one does, whatever the step it stopped at.
@@ -145,19 +145,45 @@ def _encode(tokenizer, texts, pairs, max_length):
     return {key: encoded[key].astype(np.int32) for key in ("input_ids", "token_type_ids", "attention_mask")}
 
 
+def _pack(tokenizer, lines, max_length):
+    """Greedy packing of consecutive lines into `[CLS] a [SEP] b [SEP] ...` rows of `max_length`, padded."""
+    pieces = tokenizer(lines, add_special_tokens=False, truncation=True, max_length=max_length - 2,
+                       return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+    rows, row = [], [tokenizer.cls_token_id]
+    for piece in pieces:
+        if len(row) + len(piece) + 1 > max_length:
+            rows.append(row)
+            row = [tokenizer.cls_token_id]
+        row.extend([*piece, tokenizer.sep_token_id])
+    if len(row) > 1:
+        rows.append(row)
+    input_ids = np.full((len(rows), max_length), tokenizer.pad_token_id, dtype=np.int32)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = row
+    attention_mask = (input_ids != tokenizer.pad_token_id).astype(np.int32)
+    return {"input_ids": input_ids, "token_type_ids": np.zeros_like(input_ids), "attention_mask": attention_mask}
+
+
 class MaskedLMData:
     """Lines for masked-language modelling: each step masks `mlm_probability` of the tokens of its lines (never
-    [CLS], [SEP] or [PAD], and at least one per line), replacing 80% with [MASK], 10% with a random token and
-    leaving 10% unchanged; the loss is computed on those positions only."""
+    [CLS], [SEP] or [PAD], and at least one per example), replacing 80% with [MASK], 10% with a random token and
+    leaving 10% unchanged; the loss is computed on those positions only.
 
-    def __init__(self, lines, tokenizer, max_length):
-        self.encoded = _encode(tokenizer, lines, None, max_length)
+    Each line is an example of its own, `[CLS] line [SEP]` padded to `max_length`, unless `pack`: then consecutive
+    lines share an example, `[CLS] line [SEP] line [SEP] ... [PAD]`, as many as fit in `max_length` (a longer line
+    is cut and stands alone). Packing short lines wastes less compute on padding."""
+
+    def __init__(self, lines, tokenizer, max_length, pack=False):
+        if pack:
+            self.encoded = _pack(tokenizer, lines, max_length)
+        else:
+            self.encoded = _encode(tokenizer, lines, None, max_length)
         self.mask_token_id = tokenizer.mask_token_id
         self.vocab_size = len(tokenizer)
         self.maskable = ~np.isin(self.encoded["input_ids"], [tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id])
         if not self.maskable.any(axis=1).all():
             empty = int(np.flatnonzero(~self.maskable.any(axis=1))[0])
-            raise TrainingError(f"Line {empty + 1} of the data has no token to mask after tokenization.")
+            raise TrainingError(f"Example {empty + 1} of the data has no token to mask after tokenization.")
 
     def __len__(self):
         return len(self.encoded["input_ids"])
@@ -166,7 +192,7 @@ class MaskedLMData:
         input_ids = self.encoded["input_ids"][indices].copy()
         maskable = self.maskable[indices]
         chosen = maskable & (rng.random(input_ids.shape) < mlm_probability)
-        # A line with no masked token would teach nothing; short lines get one.
+        # An example with no masked token would teach nothing; short ones get one.
         for row in np.flatnonzero(~chosen.any(axis=1)):
             chosen[row, rng.choice(np.flatnonzero(maskable[row]))] = True
         targets = input_ids[chosen]
@@ -231,12 +257,14 @@ class ContrastiveData:
         return batch["input_ids"].shape[0] // 2
 
 
-def load_task_data(task, path, tokenizer, max_length, label2id=None):
-    """The training data of `task` from a file: text lines (mlm), `text[<TAB>text_pair]<TAB>label` rows
-    (classification; labels are names, mapped through `label2id`, built from the sorted names when None) or
-    `query<TAB>positive` rows (contrastive). Returns (data, label2id)."""
+def load_task_data(task, path, tokenizer, max_length, label2id=None, pack=False):
+    """The training data of `task` from a file: text lines (mlm, packed into shared examples with `pack`),
+    `text[<TAB>text_pair]<TAB>label` rows (classification; labels are names, mapped through `label2id`, built from
+    the sorted names when None) or `query<TAB>positive` rows (contrastive). Returns (data, label2id)."""
+    if pack and task != "mlm":
+        raise TrainingError(f"Packing joins lines of text for masked-language modelling; task {task!r} has one example per row.")
     if task == "mlm":
-        return MaskedLMData(read_lines(path), tokenizer, max_length), None
+        return MaskedLMData(read_lines(path), tokenizer, max_length, pack), None
     if task == "contrastive":
         rows = read_tsv(path, 2, 2, "a query and a positive passage")
         return ContrastiveData([r[0] for r in rows], [r[1] for r in rows], tokenizer, max_length), None
@@ -572,6 +600,7 @@ def register(subparsers):
     parser.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: at the end)")
     parser.add_argument("--save-every", type=int, default=0, help="write a checkpoint every N steps (default: at the end)")
     parser.add_argument("--log-every", type=int, default=10, help="print the mean loss every N steps (default: 10)")
+    parser.add_argument("--pack", action="store_true", help="mlm: fill each example with as many consecutive lines as fit")
     parser.add_argument("--mlm-probability", type=float, default=0.15, help="fraction of tokens masked (default: 0.15)")
     parser.add_argument("--temperature", type=float, default=0.05, help="contrastive softmax temperature (default: 0.05)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
@@ -588,7 +617,7 @@ def run_train(args):
             mlm_probability=args.mlm_probability, temperature=args.temperature,
         )
         trainer = build_trainer(training_args, preset=args.preset, config=args.config, init=args.init,
-                                data=args.data, eval_data=args.eval_data)
+                                data=args.data, eval_data=args.eval_data, pack=args.pack)
         trainer.train(resume=args.resume)
     except (TrainingError, ValueError, OSError) as e:
         print(f"m2bert-mlx train: error: {e}", file=sys.stderr)
@@ -597,9 +626,9 @@ def run_train(args):
     return 0
 
 
-def build_trainer(args, *, preset=None, config=None, init=None, data, eval_data=None):
-    """A `Trainer` for `args.task` on the data files, with a new model of a preset or JSON config, or a model
-    loaded from `init` (a folder or Hub repo; task heads it lacks are initialised)."""
+def build_trainer(args, *, preset=None, config=None, init=None, data, eval_data=None, pack=False):
+    """A `Trainer` for `args.task` on the data files (MLM lines packed with `pack`), with a new model of a preset or
+    JSON config, or a model loaded from `init` (a folder or Hub repo; task heads it lacks are initialised)."""
     if sum(x is not None for x in (preset, config, init)) != 1:
         raise TrainingError("Give exactly one of preset, config (a new model) or init (a model to start from).")
     mx.random.seed(args.seed)
@@ -613,8 +642,8 @@ def build_trainer(args, *, preset=None, config=None, init=None, data, eval_data=
         raise TrainingError(f"max_length {max_length} is longer than the model's maximum of {model_config.max_sequence_length} tokens.")
     if len(tokenizer) > model_config.vocab_size:
         raise TrainingError(f"The tokenizer has {len(tokenizer)} tokens but the model only {model_config.vocab_size} embeddings.")
-    train_data, label2id = load_task_data(args.task, data, tokenizer, max_length)
-    eval_set = None if eval_data is None else load_task_data(args.task, eval_data, tokenizer, max_length, label2id)[0]
+    train_data, label2id = load_task_data(args.task, data, tokenizer, max_length, pack=pack)
+    eval_set = None if eval_data is None else load_task_data(args.task, eval_data, tokenizer, max_length, label2id, pack)[0]
 
     cls = TASK_MODELS[args.task]
     overrides = {}

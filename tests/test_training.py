@@ -19,6 +19,7 @@ from m2bert_hf_mlx.training import (
     Trainer,
     TrainingArguments,
     TrainingError,
+    load_task_data,
     masked_lm_loss_sum,
 )
 
@@ -76,6 +77,31 @@ def test_masking_follows_the_bert_recipe(tokenizer):
     as_mask = np.mean(replaced == tokenizer.mask_token_id)
     kept = np.mean(replaced == targets)
     assert 0.75 < as_mask < 0.85 and 0.06 < kept < 0.15 and 0.06 < 1 - as_mask - kept < 0.15
+
+
+def test_packing_fills_examples_with_consecutive_lines(tokenizer):
+    long_line = " ".join(["word"] * 40)
+    lines = [LINES[0], LINES[1], "hi there", long_line, LINES[2]]
+    data = MaskedLMData(lines, tokenizer, MAX_LENGTH, pack=True)
+    pieces = [tokenizer(line, add_special_tokens=False)["input_ids"] for line in lines]
+    cls, sep, pad = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
+    # LINES[0] and LINES[1] (11 and 10 tokens) fill 24 exactly; the long line is cut and fills one alone.
+    assert [len(piece) for piece in pieces] == [11, 10, 2, 40, 9]
+    expected = [[cls, *pieces[0], sep, *pieces[1], sep], [cls, *pieces[2], sep],
+                [cls, *pieces[3][: MAX_LENGTH - 2], sep], [cls, *pieces[4], sep]]
+    assert data.encoded["input_ids"].shape == (len(expected), MAX_LENGTH)
+    for row, ids in zip(data.encoded["input_ids"], expected):
+        assert row[: len(ids)].tolist() == ids and (row[len(ids):] == pad).all()
+    np.testing.assert_array_equal(data.encoded["attention_mask"], data.encoded["input_ids"] != pad)
+    batch = data.batch(np.arange(len(data)), np.random.default_rng(0), 0.5)
+    assert data.maskable.reshape(-1)[np.array(batch["positions"])].all(), "[CLS], [SEP] or [PAD] was masked"
+
+
+def test_packing_is_for_masked_language_modelling_only(tmp_path, tokenizer):
+    rows = tmp_path / "pairs.tsv"
+    rows.write_text("a question\tan answer\n")
+    with pytest.raises(TrainingError, match="Packing joins lines of text for masked-language modelling"):
+        load_task_data("contrastive", rows, tokenizer, MAX_LENGTH, pack=True)
 
 
 def test_masked_position_loss_equals_the_models_loss(tokenizer):
@@ -202,8 +228,8 @@ def test_train_command(tmp_path, capsys):
     output = tmp_path / "model"
     common = ["train", "--data", str(data), "--output", str(output), "--config", str(config), "--seed", "0",
               "--batch-size", "4", "--max-length", str(MAX_LENGTH), "--log-every", "1", "--eval-data", str(data)]
-    assert cli_main([*common, "--steps", "2", "--save-every", "2"]) == 0
-    assert cli_main([*common, "--steps", "4", "--resume"]) == 0
+    assert cli_main([*common, "--steps", "2", "--save-every", "2", "--pack"]) == 0
+    assert cli_main([*common, "--steps", "4", "--resume", "--pack"]) == 0
     out = capsys.readouterr().out
     assert [line.split()[0] for line in out.splitlines() if " loss=" in line] == ["step=1", "step=2", "step=3", "step=4"]
     assert "eval_accuracy=" in out
