@@ -389,6 +389,8 @@ class Trainer:
         if args.bf16:
             cast_model(model, "bfloat16")
         self.optimizer = build_optimizer(model.config, args)
+        self.optimizer.init(model.trainable_parameters())
+        self._update = None
         self.step = 0
         self.history = []
         self.runtime_s = 0.0
@@ -435,11 +437,25 @@ class Trainer:
             grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
             loss = loss + micro_loss
             mx.eval(grads, loss)
-        grads, grad_norm = optim.clip_grad_norm(grads, args.max_grad_norm)
-        self.optimizer.update(self.model, grads)
+        grad_norm = self._clip_and_update(grads)
         mx.eval(self.model.parameters(), self.optimizer.state, grad_norm)
         self.step += 1
         return loss.item(), grad_norm.item()
+
+    def _clip_and_update(self, grads):
+        """Clip the gradients and apply them; returns their norm before clipping. Compiled: the update is a few
+        small operations per weight array, whose launches (not their arithmetic) would cost as much as the forward
+        and backward passes of a small model. Compiled anew after a checkpoint replaces the optimizer state."""
+        if self._update is None:
+            state = [self.model.state, self.optimizer.state]
+
+            def update(grads):
+                grads, grad_norm = optim.clip_grad_norm(grads, self.args.max_grad_norm)
+                self.optimizer.update(self.model, grads)
+                return grad_norm
+
+            self._update = mx.compile(update, inputs=state, outputs=state)
+        return self._update(grads)
 
     def evaluate(self):
         """Mean loss and accuracy on the evaluation data: masked-token top-1 (mlm), label accuracy
@@ -542,6 +558,7 @@ class Trainer:
             weights.update(mx.load(str(path)))
         self.model.load_weights(list(weights.items()))
         self.optimizer.state = tree_unflatten(list(mx.load(str(folder / OPTIMIZER_FILE)).items()))
+        self._update = None
         self.step, self.runtime_s, self.history = state["step"], state["runtime_s"], state["log_history"]
         mx.eval(self.model.parameters(), self.optimizer.state)
 
