@@ -15,6 +15,7 @@ Randomness. The batch order, the MLM masks and the dropout masks of a step are d
 (seed, step), so a resumed run repeats exactly what an uninterrupted one does, whatever the step it stopped at.
 """
 
+import argparse
 import json
 import math
 import shutil
@@ -58,7 +59,9 @@ class TrainingArguments:
     the long-convolution filters, which follow the config's `long_conv_kernel_learning_rate` and `hyena_wd`, and
     their positional features (`pos_emb.z`), which follow `hyena_lr_pos_emb`, as the canonical recipes do; all of
     them warm up linearly over `warmup_steps` and then decay to zero along a cosine. `eval_steps`, `save_steps`
-    and `logging_steps` of 0 mean: only at the end."""
+    and `logging_steps` of 0 mean: only at the end. `compile` compiles the training step with `mx.compile`, which
+    fuses its many small operations; None (the default) compiles on a GPU, where compiling takes seconds, but not on
+    the CPU back end, which compiles with the system C++ compiler: a minute or more the first time per model shape."""
 
     output_dir: str
     max_steps: int
@@ -78,6 +81,7 @@ class TrainingArguments:
     logging_steps: int = 10
     mlm_probability: float = 0.15
     temperature: float = 0.05
+    compile: Optional[bool] = None
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -135,6 +139,11 @@ def read_tsv(path, min_columns, max_columns, layout):
             )
         rows.append([field.strip() for field in row])
     return rows
+
+
+def _padded_count(n):
+    """n rounded up to a power of two, or above 512 to a multiple of 512."""
+    return max(8, 1 << (n - 1).bit_length()) if n <= 512 else -(-n // 512) * 512
 
 
 def _encode(tokenizer, texts, pairs, max_length):
@@ -200,15 +209,19 @@ class MaskedLMData:
         replaced = np.where(action < 0.8, self.mask_token_id, targets)
         random_tokens = rng.integers(0, self.vocab_size, targets.shape)
         input_ids[chosen] = np.where((action >= 0.8) & (action < 0.9), random_tokens, replaced)
+        # The number of masked tokens varies from batch to batch; padding it up to a few sizes (extra positions
+        # weigh 0) lets the compiled training step be reused instead of traced again for every batch.
+        padding = _padded_count(targets.size) - targets.size
         return {
             "input_ids": mx.array(input_ids),
-            "positions": mx.array(np.flatnonzero(chosen).astype(np.int32)),
-            "targets": mx.array(targets.astype(np.int32)),
+            "positions": mx.array(np.pad(np.flatnonzero(chosen), (0, padding)).astype(np.int32)),
+            "targets": mx.array(np.pad(targets, (0, padding)).astype(np.int32)),
+            "weights": mx.array(np.pad(np.ones(targets.size, np.float32), (0, padding))),
         }
 
     @staticmethod
     def count(batch):
-        return batch["targets"].size
+        return int(batch["weights"].sum().item())
 
 
 class ClassificationData:
@@ -295,13 +308,15 @@ def _label_order(name):
 
 
 def masked_lm_loss_sum(model, batch):
-    """Cross-entropy summed over the masked positions. The prediction head (transform and tied decoder) runs on
-    those positions only, which is the model's own loss at a fraction of the cost of the full vocabulary logits."""
+    """Cross-entropy summed over the masked positions (each weighted by `batch["weights"]`: 1, or 0 for padding).
+    The prediction head (transform and tied decoder) runs on those positions only, which is the model's own loss
+    at a fraction of the cost of the full vocabulary logits."""
     hidden = model.bert(batch["input_ids"]).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1])[batch["positions"]]
     logits = model.cls.predictions(hidden, model.bert.embeddings.word_embeddings).astype(mx.float32)
-    loss = nn.losses.cross_entropy(logits, batch["targets"], reduction="sum")
-    return loss, (logits.argmax(axis=-1) == batch["targets"]).sum()
+    weights = batch["weights"]
+    loss = (nn.losses.cross_entropy(logits, batch["targets"]) * weights).sum()
+    return loss, ((logits.argmax(axis=-1) == batch["targets"]) * weights).sum()
 
 
 def classification_loss_sum(model, batch):
@@ -390,12 +405,13 @@ class Trainer:
             cast_model(model, "bfloat16")
         self.optimizer = build_optimizer(model.config, args)
         self.optimizer.init(model.trainable_parameters())
+        self._compile = args.compile if args.compile is not None else mx.default_device().type == mx.gpu
         self._update = None
         self.step = 0
         self.history = []
         self.runtime_s = 0.0
         self._eval_batches = None
-        self._value_and_grad = nn.value_and_grad(model, self._loss)
+        self._value_and_grad = None
         self._epoch_order = (None, None)
 
     # The objective of the task, for one micro-batch: (loss sum / normalizer, number correct).
@@ -428,12 +444,12 @@ class Trainer:
         indices = self._indices(self.step).reshape(args.gradient_accumulation_steps, args.micro_batch_size)
         micro_batches = [self.train_data.batch(i, rng, args.mlm_probability) for i in indices]
         # Normalizing each micro-batch by the step's total count makes the summed gradients those of one big batch.
-        total = sum(self.train_data.count(b) for b in micro_batches)
+        total = mx.array(float(sum(self.train_data.count(b) for b in micro_batches)))
         self.model.train()
         grads, loss = None, mx.array(0.0)
         for batch in micro_batches:
             mx.random.seed(int(rng.integers(2**63)))
-            (micro_loss, _), micro_grads = self._value_and_grad(batch, total)
+            (micro_loss, _), micro_grads = self._loss_and_grads(batch, total)
             grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
             loss = loss + micro_loss
             mx.eval(grads, loss)
@@ -442,19 +458,30 @@ class Trainer:
         self.step += 1
         return loss.item(), grad_norm.item()
 
+    def _loss_and_grads(self, batch, normalizer):
+        """((loss, number correct), gradients) of one micro-batch. When compiled, MLX fuses the many small
+        element-wise operations of the forward and backward passes, and the graph is not rebuilt in Python at every
+        step; the weights are outputs too because computing gradients swaps them for traced copies."""
+        if self._value_and_grad is None:
+            self._value_and_grad = nn.value_and_grad(self.model, self._loss)
+            if self._compile:
+                state = [self.model.state, mx.random.state]
+                self._value_and_grad = mx.compile(self._value_and_grad, inputs=state, outputs=state)
+        return self._value_and_grad(batch, normalizer)
+
     def _clip_and_update(self, grads):
-        """Clip the gradients and apply them; returns their norm before clipping. Compiled: the update is a few
-        small operations per weight array, whose launches (not their arithmetic) would cost as much as the forward
+        """Clip the gradients and apply them; returns their norm before clipping. Uncompiled, the update is a few
+        small operations per weight array, whose launches (not their arithmetic) cost a GPU as much as the forward
         and backward passes of a small model. Compiled anew after a checkpoint replaces the optimizer state."""
         if self._update is None:
-            state = [self.model.state, self.optimizer.state]
 
             def update(grads):
                 grads, grad_norm = optim.clip_grad_norm(grads, self.args.max_grad_norm)
                 self.optimizer.update(self.model, grads)
                 return grad_norm
 
-            self._update = mx.compile(update, inputs=state, outputs=state)
+            state = [self.model.state, self.optimizer.state]
+            self._update = mx.compile(update, inputs=state, outputs=state) if self._compile else update
         return self._update(grads)
 
     def evaluate(self):
@@ -620,6 +647,8 @@ def register(subparsers):
     parser.add_argument("--pack", action="store_true", help="mlm: fill each example with as many consecutive lines as fit")
     parser.add_argument("--mlm-probability", type=float, default=0.15, help="fraction of tokens masked (default: 0.15)")
     parser.add_argument("--temperature", type=float, default=0.05, help="contrastive softmax temperature (default: 0.05)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                        help="compile the training step (default: on a GPU only; the CPU back end compiles slowly)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     parser.set_defaults(func=run_train)
 
@@ -631,7 +660,7 @@ def run_train(args):
             gradient_accumulation_steps=args.grad_accum, max_length=args.max_length, learning_rate=args.lr,
             weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm,
             bf16=args.bf16, eval_steps=args.eval_every, save_steps=args.save_every, logging_steps=args.log_every,
-            mlm_probability=args.mlm_probability, temperature=args.temperature,
+            mlm_probability=args.mlm_probability, temperature=args.temperature, compile=args.compile,
         )
         trainer = build_trainer(training_args, preset=args.preset, config=args.config, init=args.init,
                                 data=args.data, eval_data=args.eval_data, pack=args.pack)
