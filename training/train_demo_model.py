@@ -13,8 +13,8 @@ Usage: python training/train_demo_model.py OUTPUT (--steps N | --time-budget SEC
 
 --time-budget S picks the number of steps from the speed of a short timing run so that the whole script ends
 within S seconds; the card records the steps it trained. --work-dir holds the checkpoints, written every
-SAVE_STEPS steps; --resume continues the latest one (with the same --steps), so a run can be spread over several
-sessions of a machine.
+SAVE_STEPS steps; --resume continues the latest one, so a run can be spread over several sessions of a machine. The
+same --steps repeats an uninterrupted run; another --steps re-times the rest of the cosine decay from there.
 """
 
 import argparse
@@ -29,6 +29,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from evaluate_demo_model import evaluate_heldout, read_lines, unigram_counts
+from prepare_corpus import slug
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, __version__
 from m2bert_hf_mlx.loading import cast_model
 from m2bert_hf_mlx.ops import resolve_backend
@@ -160,8 +161,10 @@ def corpus_table(sources):
     return "\n".join(rows)
 
 
-def heldout_table(results):
-    rows = [f"| {name.replace('-', ' ')} | {result['lines']} | {result['mean_tokens_per_line']:.1f} | "
+def heldout_table(results, sources):
+    """The per-source results as Markdown rows, each named by its title in SOURCES.txt."""
+    titles = {slug(match.group(4)): match.group(4) for match in map(SOURCE_LINE.match, sources.splitlines()) if match}
+    rows = [f"| {titles.get(name, name)} | {result['lines']} | {result['mean_tokens_per_line']:.1f} | "
             f"{result['top1_accuracy']:.1%} | {result['baseline_accuracy']:.1%} |" for name, result in results.items() if name != "all"]
     total = results["all"]
     rows.append(f"| **all** | {total['lines']} | {total['mean_tokens_per_line']:.1f} | **{total['top1_accuracy']:.1%}** | "
@@ -230,7 +233,7 @@ frequent training token (`{results['all']['baseline_token']}`).
 
 | held-out source | lines | tokens per line | this model, top-1 | baseline, top-1 |
 |---|---|---|---|---|
-{heldout_table(results)}
+{heldout_table(results, sources)}
 
 ## Corpus and licences
 
