@@ -1,8 +1,9 @@
-"""fp32 matrix-product speed of MLX's CPU back end with its bundled BLAS and with the one M2BERT_BLAS selects,
-next to torch and numpy, on M2-BERT-80M's shapes (tokens x 768 by 768 x 2304, the mixer's in_linear).
+"""fp32 matrix-product speed of MLX's CPU back end with its bundled reference BLAS and with the CBLAS that
+m2bert_hf_mlx.cpu_blas loads (by default the one the `cpu` extra installs: MKL on x86-64, NVPL BLAS on Arm), next to
+torch and numpy, on M2-BERT-80M's shapes (tokens x 768 by 768 x 2304, the mixer's in_linear).
 
-    python benchmarks/cpu_blas.py                  # M2BERT_BLAS=auto (system OpenBLAS) vs off
-    M2BERT_BLAS=/path/libmkl_rt.so python benchmarks/cpu_blas.py
+    python benchmarks/cpu_blas.py                                  # M2BERT_BLAS=auto vs off
+    M2BERT_BLAS=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 python benchmarks/cpu_blas.py
 """
 
 import json
@@ -49,7 +50,7 @@ def reference_gflops():
 
 
 if __name__ == "__main__":
-    rows = {"mlx (bundled BLAS)": mlx_gflops("off"), "mlx (M2BERT_BLAS)": mlx_gflops(os.environ.get("M2BERT_BLAS", "auto"))}
+    rows = {"mlx (reference BLAS)": mlx_gflops("off"), "mlx (M2BERT_BLAS)": mlx_gflops(os.environ.get("M2BERT_BLAS", "auto"))}
     rows.update({k: {"gflops": v} for k, v in reference_gflops().items()})
     for name, row in rows.items():
         print(f"{name:22s} {row['gflops']:8.1f} GFLOP/s  {row.get('blas') or ''}")

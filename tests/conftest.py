@@ -1,3 +1,6 @@
+# Imported before anything imports mlx.core, so that MLX's CPU back end gets the optimized BLAS (m2bert_hf_mlx.cpu_blas).
+import m2bert_hf_mlx  # noqa: F401, I001
+
 import json
 from pathlib import Path
 

@@ -4,8 +4,11 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
+
+from m2bert_hf_mlx.cpu_blas import PIP_CBLAS
 
 # A correct, naive cblas_sgemm that counts its calls: if MLX's products reach it, the interposition works.
 FAKE_CBLAS = r"""
@@ -65,9 +68,52 @@ def test_products_reach_the_selected_cblas(fake_cblas):
 @pytest.mark.skipif(sys.platform != "linux", reason="the interposition concerns MLX's Linux CPU wheels")
 def test_nothing_is_loaded_when_mlx_came_first_or_when_off(fake_cblas):
     first = run_python("import mlx.core, m2bert_hf_mlx; print(m2bert_hf_mlx.cpu_blas.loaded)", M2BERT_BLAS=fake_cblas)
-    assert first.stdout.strip() == "None", first.stderr
+    assert first.stdout.strip() == "None"
+    assert "SlowCPUWarning: mlx.core was imported before m2bert_hf_mlx" in first.stderr
     off = run_python("import m2bert_hf_mlx; print(m2bert_hf_mlx.cpu_blas.loaded)", M2BERT_BLAS="off")
-    assert off.stdout.strip() == "None", off.stderr
+    assert off.stdout.strip() == "None" and off.stderr == ""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the interposition concerns MLX's Linux CPU wheels")
+def test_the_cpu_extra_brings_a_cblas_that_is_loaded_by_default():
+    result = run_python("import m2bert_hf_mlx; print(m2bert_hf_mlx.cpu_blas.loaded)", M2BERT_BLAS="auto")
+    assert result.stderr == ""
+    loaded = Path(result.stdout.strip())
+    assert loaded.is_file() and any(loaded.name.startswith(stem) for _, stem in PIP_CBLAS), loaded
+
+
+# cpu_blas loaded on its own (not through the package, whose import would already have preloaded), with nothing found.
+WITHOUT_ANY_CBLAS = textwrap.dedent(
+    """
+    import importlib.util, sys, warnings
+    spec = importlib.util.spec_from_file_location("cpu_blas", sys.argv[1])
+    cpu_blas = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cpu_blas)
+    cpu_blas.candidates = lambda: ["/nonexistent/libopenblas.so.0"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cpu_blas.preload()
+    print(cpu_blas.loaded, *[w.category.__name__ + ": " + str(w.message) for w in caught], sep="\\n")
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the interposition concerns MLX's Linux CPU wheels")
+def test_without_an_optimized_cblas_one_warning_says_how_to_fix_it():
+    import m2bert_hf_mlx.cpu_blas
+
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_ANY_CBLAS, m2bert_hf_mlx.cpu_blas.__file__],
+        env={**os.environ, "M2BERT_BLAS": "auto"}, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("None\nSlowCPUWarning: No optimized CBLAS library was found")
+    assert "pip install 'm2bert-hf-mlx[cpu]'" in result.stdout and result.stdout.count("SlowCPUWarning") == 1
+
+
+def test_importing_the_package_prints_nothing_and_never_imports_torch():
+    result = run_python("import sys, m2bert_hf_mlx; print('torch' in sys.modules)")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "False\n", "")
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the interposition concerns MLX's Linux CPU wheels")

@@ -24,8 +24,8 @@ VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world"]
 # Loads a repo in a fresh interpreter, where HF_HUB_OFFLINE (read when huggingface_hub is imported) takes effect.
 OFFLINE_LOAD = """
 import sys, json
+from m2bert_hf_mlx import M2BertForMaskedLM  # first, so that MLX gets the same BLAS as the tests
 import mlx.core as mx, numpy as np
-from m2bert_hf_mlx import M2BertForMaskedLM
 from m2bert_hf_mlx.loading import HubError
 repo_id, endpoint, cache_dir, input_ids, out = sys.argv[1:]
 try:
