@@ -111,9 +111,10 @@ def test_without_an_optimized_cblas_one_warning_says_how_to_fix_it():
     assert "pip install 'm2bert-hf-mlx[cpu]'" in result.stdout and result.stdout.count("SlowCPUWarning") == 1
 
 
-def test_importing_the_package_prints_nothing_and_never_imports_torch():
-    result = run_python("import sys, m2bert_hf_mlx; print('torch' in sys.modules)")
-    assert (result.returncode, result.stdout, result.stderr) == (0, "False\n", "")
+def test_importing_the_package_prints_nothing():
+    # Without torch (make test-lowest), transformers would advise installing it; nothing else may print either.
+    result = run_python("import m2bert_hf_mlx")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the interposition concerns MLX's Linux CPU wheels")
