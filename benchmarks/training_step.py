@@ -2,7 +2,7 @@
 
     python benchmarks/training_step.py --out benchmarks/results/training-step-h100.json
 
-The model is training/train_demo_model.py's (hidden size 192, 5 layers, maximum length 128, dropout 0.1), trained
+The model is recipes/demo_model/train_demo_model.py's (hidden size 192, 5 layers, maximum length 128, dropout 0.1), trained
 with the package's Trainer on packed MLM examples (batch 256 x 128 tokens, AdamW, clipping). Each record is the
 median wall time of `--steps` steps after `--warmup` (the warm-up includes compiling), for a whole step and for
 its two parts: the forward and backward passes of the batch, and the clipped AdamW update.
@@ -23,9 +23,9 @@ import numpy as np
 
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM
 from m2bert_hf_mlx.tokenization import load_tokenizer
-from m2bert_hf_mlx.training import MaskedLMData, Trainer, TrainingArguments
+from m2bert_hf_mlx.training.trainer import MaskedLMData, Trainer, TrainingArguments
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "training"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes" / "demo_model"))
 from train_demo_model import BASE_PRESET, DEMO_CONFIG, MAX_LENGTH  # noqa: E402
 
 

@@ -34,7 +34,7 @@ from ..quantization import (
     quantize_model,
 )
 from ..tokenization import has_tokenizer_files, load_tokenizer, save_tokenizer
-from .checkpoints import checkpoint_keys
+from ..checkpoint_reader import checkpoint_keys
 from .model_card import render_model_card
 
 DEFAULT_MLX_PATH = "mlx_model"

@@ -12,7 +12,7 @@ from .configuration_m2_bert import M2BertConfig  # noqa: E402
 from .modeling_m2_bert import M2BertForMaskedLM, M2BertForSequenceClassification, M2BertModel  # noqa: E402
 from .pipelines import pipeline  # noqa: E402
 
-# A small M2-BERT MLM trained by this package (training/train_demo_model.py); its README.md says how well it does.
+# A small M2-BERT MLM trained by this package (recipes/demo_model/train_demo_model.py); its README.md says how well it does.
 DEMO_MODEL = Path(__file__).parent / "demo_model"
 
 __all__ = ["M2BertConfig", "M2BertModel", "M2BertForMaskedLM", "M2BertForSequenceClassification", "pipeline", "DEMO_MODEL", "__version__"]

@@ -5,7 +5,7 @@ import importlib
 import sys
 
 # Each module defines register(subparsers), adding its sub-commands with set_defaults(func=...).
-COMMAND_MODULES = ["m2bert_hf_mlx.hub", "m2bert_hf_mlx.conversion.convert", "m2bert_hf_mlx.training", "m2bert_hf_mlx.commands"]
+COMMAND_MODULES = ["m2bert_hf_mlx.hub", "m2bert_hf_mlx.conversion.convert", "m2bert_hf_mlx.training.trainer", "m2bert_hf_mlx.commands"]
 
 
 def build_parser():

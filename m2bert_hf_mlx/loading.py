@@ -11,7 +11,7 @@ from mlx.utils import tree_flatten
 
 from . import __version__
 from .configuration_m2_bert import PRESETS, M2BertConfig
-from .conversion.checkpoints import CheckpointError, checkpoint_keys, load_state_dict
+from .checkpoint_reader import CheckpointError, checkpoint_keys, load_state_dict
 from .quantization import apply_quantization
 
 logger = logging.getLogger(__name__)

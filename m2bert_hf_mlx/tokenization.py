@@ -11,7 +11,7 @@ from transformers import BertTokenizerFast
 
 from .loading import TOKENIZER_FILES, hub_download, hub_kwargs
 
-VOCAB_FILE = Path(__file__).parent / "data" / "vocab.txt"
+VOCAB_FILE = Path(__file__).parent / "vocab.txt"
 # sha256 of bert-base-uncased's vocab.txt, as the ecosystem conventions record it.
 VOCAB_SHA256 = "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
 

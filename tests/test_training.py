@@ -12,7 +12,7 @@ from m2bert_hf_mlx import DEMO_MODEL, M2BertConfig, M2BertForMaskedLM, M2BertMod
 from m2bert_hf_mlx.cli import main as cli_main
 from m2bert_hf_mlx.modeling_m2_bert import M2BertForSequenceClassification
 from m2bert_hf_mlx.tokenization import load_tokenizer
-from m2bert_hf_mlx.training import (
+from m2bert_hf_mlx.training.trainer import (
     ClassificationData,
     ContrastiveData,
     MaskedLMData,
@@ -281,7 +281,7 @@ def test_train_command_explains_mistakes(tmp_path, capsys, monkeypatch, extra, m
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(), reason="the demo model is not trained yet (training/train_demo_model.py)")
+@pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(), reason="the demo model is not trained yet (recipes/demo_model/train_demo_model.py)")
 def test_demo_model_fills_an_easy_blank():
     model = M2BertForMaskedLM.from_pretrained(DEMO_MODEL)
     tokenizer = load_tokenizer(DEMO_MODEL)

@@ -7,7 +7,7 @@ The baseline always answers the most frequent token of the training corpus. The 
 are short single sentences (WordNet usage examples and chat lines), so the model has little context to go on. Each
 file of the held-out folder (one per source) is measured, and all of them together.
 
-Usage: python training/evaluate_demo_model.py [MODEL] [--heldout DIR] [--train FILE] [--seed S]
+Usage: python recipes/demo_model/evaluate_demo_model.py [MODEL] [--heldout DIR] [--train FILE] [--seed S]
 (MODEL defaults to the demo model shipped in the package.)
 """
 
@@ -83,7 +83,7 @@ def evaluate_heldout(model, tokenizer, folder, baseline_token, seed=SEED):
     masks together (line-weighted means)."""
     paths = sorted(Path(folder).glob("*.txt"))
     if not paths:
-        raise FileNotFoundError(f"{folder} holds no held-out .txt file: build the corpus with training/prepare_corpus.py.")
+        raise FileNotFoundError(f"{folder} holds no held-out .txt file: build the corpus with recipes/demo_model/prepare_corpus.py.")
     results = {path.stem: evaluate(model, tokenizer, read_lines(path), baseline_token, seed) for path in paths}
     lines = sum(result["lines"] for result in results.values())
     results["all"] = {"lines": lines, "baseline_token": results[paths[0].stem]["baseline_token"]} | {
@@ -106,7 +106,7 @@ def main():
     args = parser.parse_args()
     for path in (args.heldout, args.train):
         if not path.exists():
-            sys.exit(f"{path} does not exist: build the corpus with training/prepare_corpus.py, or pass its path.")
+            sys.exit(f"{path} does not exist: build the corpus with recipes/demo_model/prepare_corpus.py, or pass its path.")
     model = M2BertForMaskedLM.from_pretrained(args.model, dtype="float32")
     tokenizer = load_tokenizer(args.model)
     # Counted on lines cut at the model's length, as training saw them.

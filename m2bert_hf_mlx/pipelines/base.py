@@ -25,8 +25,8 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from .modeling_m2_bert import M2BertForMaskedLM, M2BertForSequenceClassification, M2BertModel
-from .tokenization import has_tokenizer_files, load_tokenizer
+from ..modeling_m2_bert import M2BertForMaskedLM, M2BertForSequenceClassification, M2BertModel
+from ..tokenization import has_tokenizer_files, load_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -35,10 +35,10 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm import tqdm
 
-from .configuration_m2_bert import PRESETS, M2BertConfig
-from .loading import cast_model
-from .modeling_m2_bert import M2BertForMaskedLM, M2BertForSequenceClassification, M2BertModel
-from .tokenization import has_tokenizer_files, load_tokenizer, save_tokenizer
+from ..configuration_m2_bert import PRESETS, M2BertConfig
+from ..loading import cast_model
+from ..modeling_m2_bert import M2BertForMaskedLM, M2BertForSequenceClassification, M2BertModel
+from ..tokenization import has_tokenizer_files, load_tokenizer, save_tokenizer
 
 TASKS = ("mlm", "classification", "contrastive")
 TASK_MODELS = {"mlm": M2BertForMaskedLM, "classification": M2BertForSequenceClassification, "contrastive": M2BertModel}

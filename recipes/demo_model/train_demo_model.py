@@ -1,14 +1,14 @@
 """Train the demo model that ships as m2bert_hf_mlx/demo_model: a small M2-BERT MLM pretrained by this package.
 
 Recipe: DEMO_CONFIG (hidden size 192, 5 layers, maximum length 128, the bert-base-uncased vocabulary) trained from
-scratch with the package's Trainer on the corpus that training/prepare_corpus.py builds: masked-language modelling
+scratch with the package's Trainer on the corpus that recipes/demo_model/prepare_corpus.py builds: masked-language modelling
 on consecutive lines packed into examples of 128 tokens, AdamW with warm-up and cosine decay. The last
 VALIDATION_LINES lines of train.txt are held back for the periodic evaluation. The weights are stored in float16
 (the long-convolution filters in float32), which keeps the folder under 20 MB. Then the top-1 accuracy of single
 masked tokens in the lines of heldout/ is measured against always guessing the most frequent training token
 (evaluate_demo_model.py), and the folder gets its model card with those numbers.
 
-Usage: python training/train_demo_model.py OUTPUT (--steps N | --time-budget SECONDS) [--corpus DIR]
+Usage: python recipes/demo_model/train_demo_model.py OUTPUT (--steps N | --time-budget SECONDS) [--corpus DIR]
        [--work-dir DIR] [--resume]
 
 --time-budget S picks the number of steps from the speed of a short timing run so that the whole script ends
@@ -34,7 +34,7 @@ from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, __version__
 from m2bert_hf_mlx.loading import cast_model
 from m2bert_hf_mlx.ops import resolve_backend
 from m2bert_hf_mlx.tokenization import load_tokenizer, save_tokenizer
-from m2bert_hf_mlx.training import MaskedLMData, Trainer, TrainingArguments
+from m2bert_hf_mlx.training.trainer import MaskedLMData, Trainer, TrainingArguments
 
 # The published models' settings (M2 yamls), scaled down so that the float16 folder stays under 20 MB. Dropout stays
 # at BERT's 0.1: the run passes over the small corpus dozens of times.
@@ -99,7 +99,7 @@ def main():
     args = parser.parse_args()
     for name in ("train.txt", "heldout", "SOURCES.txt"):
         if not (args.corpus / name).exists():
-            sys.exit(f"{args.corpus / name} is missing: build the corpus with training/prepare_corpus.py {args.corpus}.")
+            sys.exit(f"{args.corpus / name} is missing: build the corpus with recipes/demo_model/prepare_corpus.py {args.corpus}.")
 
     tokenizer = load_tokenizer(None, model_max_length=MAX_LENGTH)
     lines = read_lines(args.corpus / "train.txt")
@@ -189,7 +189,7 @@ tags:
 
 A small M2-BERT (Monarch Mixer BERT, [HazyResearch/m2](https://github.com/HazyResearch/m2)) masked-language model,
 pretrained from scratch by [m2bert-hf-mlx](https://pypi.org/project/m2bert-hf-mlx/) {__version__} with its own
-trainer (`training/train_demo_model.py` in the package's repository), so that the package can show fill-mask
+trainer (`recipes/demo_model/train_demo_model.py` in the package's repository), so that the package can show fill-mask
 working on a machine without network access. It is a demonstration, not a useful language model.
 
 ```python
@@ -225,7 +225,7 @@ print(fill_mask("she poured a glass of [MASK]."))
 ## Held-out accuracy
 
 One token of each held-out line is replaced by [MASK], the line is padded to {MAX_LENGTH} tokens on its own, and
-the top-1 prediction is compared with the hidden token (`training/evaluate_demo_model.py`). The held-out lines are
+the top-1 prediction is compared with the hidden token (`recipes/demo_model/evaluate_demo_model.py`). The held-out lines are
 short everyday sentences that the model never saw: the usage examples of half of WordNet's synsets (chosen by a
 hash of the synset id; the other half's examples are training data, so no synset has examples on both sides) and
 the ChatterBot dialogue lines, a source entirely absent from training. The baseline always answers the most
@@ -238,7 +238,7 @@ frequent training token (`{results['all']['baseline_token']}`).
 ## Corpus and licences
 
 English text from Debian and PyPI packages, public domain or under permissive licences, built offline by
-`training/prepare_corpus.py`:
+`recipes/demo_model/prepare_corpus.py`:
 
 | split | source | size | package | licence |
 |---|---|---|---|---|

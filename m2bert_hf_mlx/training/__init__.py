@@ -1,0 +1,1 @@
+"""Training M2-BERT in MLX."""
