@@ -1,7 +1,7 @@
 """An optimized BLAS for MLX's CPU back end on Linux.
 
-MLX's Linux CPU wheels link the reference (netlib) BLAS: its matrix products run about 80x slower than an optimized
-one (2 against 170 GFLOP/s, measured on 2 cores with `benchmarks/cpu_blas.py`), and M2-BERT's time is in its matrix
+MLX's Linux CPU wheels link the reference (netlib) BLAS: its matrix products run far slower than an optimized
+one (`benchmarks/cpu_blas.py` measures both; docs/benchmarks.md has the numbers), and M2-BERT's time is in its matrix
 products. The dynamic loader binds MLX's `cblas_*` calls to the first library in the global scope that defines them,
 so loading an optimized CBLAS globally *before* `mlx.core` is imported makes MLX use it. `import m2bert_hf_mlx` does
 this when it comes first; the environment variable M2BERT_BLAS chooses:

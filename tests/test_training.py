@@ -12,7 +12,7 @@ from m2bert_hf_mlx import DEMO_MODEL, M2BertConfig, M2BertForMaskedLM, M2BertMod
 from m2bert_hf_mlx.cli import main as cli_main
 from m2bert_hf_mlx.modeling_m2_bert import M2BertForSequenceClassification
 from m2bert_hf_mlx.tokenization import load_tokenizer
-from m2bert_hf_mlx.training.trainer import (
+from m2bert_hf_mlx.training import (
     ClassificationData,
     ContrastiveData,
     MaskedLMData,

@@ -34,7 +34,7 @@ from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, __version__
 from m2bert_hf_mlx.loading import cast_model
 from m2bert_hf_mlx.ops import resolve_backend
 from m2bert_hf_mlx.tokenization import load_tokenizer, save_tokenizer
-from m2bert_hf_mlx.training.trainer import MaskedLMData, Trainer, TrainingArguments
+from m2bert_hf_mlx.training import MaskedLMData, Trainer, TrainingArguments
 
 # The published models' settings (M2 yamls), scaled down so that the float16 folder stays under 20 MB. Dropout stays
 # at BERT's 0.1: the run passes over the small corpus dozens of times.
@@ -124,6 +124,8 @@ def main():
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     save_tokenizer(tokenizer, staging, model_max_length=MAX_LENGTH)
+    # tokenizer.json holds the vocabulary; the package ships bert-base-uncased's vocab.txt once, beside its code.
+    (staging / "vocab.txt").unlink()
 
     # The shipped float16 weights, computed in float32: what evaluate_demo_model.py measures on the folder.
     cast_model(model, "float32")
