@@ -10,7 +10,6 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Union
 
 from tqdm import tqdm
 
@@ -36,20 +35,20 @@ DEFAULT_MLX_PATH = "mlx_model"
 
 def convert(
     hf_path: str,
-    mlx_path: Union[str, os.PathLike] = DEFAULT_MLX_PATH,
+    mlx_path: str | os.PathLike = DEFAULT_MLX_PATH,
     *,
-    config: Union[str, os.PathLike, None] = None,
-    preset: Optional[str] = None,
-    tokenizer: Optional[str] = None,
-    dtype: Optional[str] = None,
+    config: str | os.PathLike | None = None,
+    preset: str | None = None,
+    tokenizer: str | None = None,
+    dtype: str | None = None,
     quantize: bool = False,
     q_bits: int = 4,
     q_group_size: int = 64,
     q_skip: Sequence[str] = (),
-    revision: Optional[str] = None,
-    upload_repo: Optional[str] = None,
-    hf_endpoint: Optional[str] = None,
-    token: Optional[str] = None,
+    revision: str | None = None,
+    upload_repo: str | None = None,
+    hf_endpoint: str | None = None,
+    token: str | None = None,
     force: bool = False,
 ) -> Path:
     """Convert `hf_path` (Hub repo id, folder or file) into the MLX folder `mlx_path` and return its path.

@@ -5,7 +5,6 @@ maximum length, which reproduces the reference embeddings.
 """
 
 from collections.abc import Sequence
-from typing import Optional, Union
 
 import mlx.core as mx
 import numpy as np
@@ -28,16 +27,16 @@ CONVERT_TO_CHOICES = ("numpy", "mlx")
 
 def encode(
     model: M2BertModel,
-    texts: Union[str, Sequence[str]],
+    texts: str | Sequence[str],
     *,
     tokenizer=None,
-    batch_size: Optional[int] = None,
+    batch_size: int | None = None,
     normalize: bool = False,
     padding: str = "max_length",
     truncation: bool = True,
-    show_progress_bar: Optional[bool] = None,
+    show_progress_bar: bool | None = None,
     convert_to: str = "numpy",
-) -> Union[np.ndarray, mx.array]:
+) -> np.ndarray | mx.array:
     """Embed texts with an M2-BERT model that has a pooler (the retrieval checkpoints), as sentence-transformers'
     `encode` does.
 

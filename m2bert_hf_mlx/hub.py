@@ -7,7 +7,6 @@ ones Hub users know. What to download (which weight files, which tokenizer files
 
 import os
 from pathlib import Path
-from typing import Optional, Union
 
 from ._package import __version__
 from .errors import ConfigError, HubError
@@ -76,14 +75,14 @@ DEFAULT_COMMIT_MESSAGE = "Upload M2-BERT for MLX with m2bert-hf-mlx"
 
 
 def upload_model_folder(
-    folder: Union[str, os.PathLike],
+    folder: str | os.PathLike,
     repo_id: str,
     *,
-    token: Optional[str] = None,
-    endpoint: Optional[str] = None,
+    token: str | None = None,
+    endpoint: str | None = None,
     private: bool = False,
-    revision: Optional[str] = None,
-    commit_message: Optional[str] = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
 ):
     """Upload every file of a model folder to `repo_id` in one commit and return the `CommitInfo`.
 

@@ -5,7 +5,6 @@ its parameter names, so a checkpoint key such as `bert.encoder.layer.0.attention
 array here. Hidden states are channels-last (B, L, D) throughout; the canonical (B, D, L) transposes are not needed.
 """
 
-from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -251,7 +250,7 @@ class M2BertModel(M2BertPreTrainedModel):
         _init_like_canonical(self, config)
 
     def __call__(
-        self, input_ids: mx.array, token_type_ids: Optional[mx.array] = None, attention_mask: Optional[mx.array] = None
+        self, input_ids: mx.array, token_type_ids: mx.array | None = None, attention_mask: mx.array | None = None
     ) -> M2BertModelOutput:
         """The attention mask is not used by the sequence mixer (the canonical M2 path ignores it too): outputs
         depend on padding. It only enters the mean pooler when `config.pool_all`."""
@@ -283,9 +282,9 @@ class M2BertForMaskedLM(M2BertPreTrainedModel):
     def __call__(
         self,
         input_ids: mx.array,
-        token_type_ids: Optional[mx.array] = None,
-        attention_mask: Optional[mx.array] = None,
-        labels: Optional[mx.array] = None,
+        token_type_ids: mx.array | None = None,
+        attention_mask: mx.array | None = None,
+        labels: mx.array | None = None,
     ) -> MaskedLMOutput:
         """Logits over the padded vocabulary (config.vocab_size); with `labels`, the mean cross-entropy over the
         positions whose label is not -100."""
@@ -308,9 +307,9 @@ class M2BertForSequenceClassification(M2BertPreTrainedModel):
     def __call__(
         self,
         input_ids: mx.array,
-        token_type_ids: Optional[mx.array] = None,
-        attention_mask: Optional[mx.array] = None,
-        labels: Optional[mx.array] = None,
+        token_type_ids: mx.array | None = None,
+        attention_mask: mx.array | None = None,
+        labels: mx.array | None = None,
     ) -> SequenceClassifierOutput:
         pooled = self.bert(input_ids, token_type_ids, attention_mask).pooler_output
         logits = self.classifier(self.dropout(pooled))

@@ -9,7 +9,6 @@ import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 from .hub import require_token, upload_model_folder
 from .model_card import render_model_card
@@ -55,11 +54,11 @@ def push_to_hub(
     repo_id: str,
     *,
     tokenizer=None,
-    token: Optional[str] = None,
-    endpoint: Optional[str] = None,
+    token: str | None = None,
+    endpoint: str | None = None,
     private: bool = False,
-    revision: Optional[str] = None,
-    commit_message: Optional[str] = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
 ):
     """Save `model` into a temporary folder with the MLX folder contract (config.json, safetensors weights,
     tokenizer files, README.md model card) and upload it with `upload_model_folder` (same arguments); return the

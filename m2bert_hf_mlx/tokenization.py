@@ -7,7 +7,6 @@ tokenizer files (the Composer `.pt` files).
 
 import os
 from pathlib import Path
-from typing import Optional, Union
 
 from transformers import BertTokenizerFast
 
@@ -27,14 +26,14 @@ def has_tokenizer_files(folder):
 
 
 def load_tokenizer(
-    name_or_path: Union[str, os.PathLike, None] = None,
+    name_or_path: str | os.PathLike | None = None,
     *,
-    model_max_length: Optional[int] = None,
-    revision: Optional[str] = None,
-    cache_dir: Union[str, os.PathLike, None] = None,
+    model_max_length: int | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
-    token: Optional[str] = None,
-    endpoint: Optional[str] = None,
+    token: str | None = None,
+    endpoint: str | None = None,
 ) -> BertTokenizerFast:
     """A `BertTokenizerFast` from a local folder or Hub repo holding tokenizer.json or vocab.txt, or, with no
     `name_or_path`, bert-base-uncased from the vocabulary shipped with this package.
@@ -101,7 +100,7 @@ def _tokenizer_folder(name_or_path, hub):
     return folder
 
 
-def save_tokenizer(tokenizer, folder: Union[str, os.PathLike], *, model_max_length: int) -> None:
+def save_tokenizer(tokenizer, folder: str | os.PathLike, *, model_max_length: int) -> None:
     """Write tokenizer.json, tokenizer_config.json (tokenizer_class "BertTokenizer", `model_max_length`) and
     vocab.txt into `folder`, as mlx-community model folders carry them. Sets `tokenizer.model_max_length`."""
     folder = Path(folder)

@@ -2,7 +2,6 @@
 `Pipeline` of `base` (which also states the padding rule every pipeline follows)."""
 
 import os
-from typing import Optional
 
 from ..modeling_m2_bert import (
     M2BertForMaskedLM,
@@ -41,10 +40,10 @@ def pipeline(
     model=None,
     tokenizer=None,
     *,
-    revision: Optional[str] = None,
-    token: Optional[str] = None,
-    dtype: Optional[str] = None,
-    model_kwargs: Optional[dict] = None,
+    revision: str | None = None,
+    token: str | None = None,
+    dtype: str | None = None,
+    model_kwargs: dict | None = None,
     **kwargs,
 ) -> Pipeline:
     """A pipeline for `task`: "fill-mask", "feature-extraction", "sentence-embedding" or "text-classification".
