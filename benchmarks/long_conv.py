@@ -25,13 +25,12 @@ CUDA plan (fp32, first C, kernels only) and writes them to PATH.
 import argparse
 import json
 import platform
-import statistics
-import time
 
 import mlx.core as mx
 import numpy as np
 
 from m2bert_hf_mlx import kernels, ops
+from _timing import median_seconds
 
 def _cuda_variant(values, elems):
     return kernels.Target("cuda", single_pass=((values, values, elems),), four_step=(values, elems), pad=True)
@@ -44,17 +43,7 @@ SWEEP = {"default": kernels.CUDA} | {f"{v} values, {e} per thread": _cuda_varian
 
 def median_ms(fn, sync, calls, repeats):
     """fn queues one call without waiting for it (MLX: mx.async_eval; torch: asynchronous by default)."""
-    for _ in range(3):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync()
-        times.append((time.perf_counter() - start) / calls * 1e3)
-    return statistics.median(times)
+    return median_seconds(fn, repeats, warmup=3, calls=calls, sync=sync) * 1e3
 
 
 def mlx_sync():

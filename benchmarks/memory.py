@@ -3,7 +3,7 @@
     python benchmarks/memory.py --gpu --out benchmarks/results/memory-h100.json
 
 Two things set the peak besides the activations. The inference cache of each long convolution's filter
-spectrum, kept while one takes at most 1/256 of the device's memory (`modeling_m2_bert.max_cached_filter_bytes`):
+spectrum, kept while one takes at most 1/256 of the device's memory (`hyena_filter.max_cached_filter_bytes`):
 at L = 32768 an 80 GB GPU keeps all 24 (4.8 GB in float32), an 8 GB Mac none. And how far MLX runs ahead of the
 GPU: it frees an intermediate only once the work that reads it has finished, keeps up to 10 command buffers in
 flight, each cut after a number of operations and megabytes that it picks per GPU (H100: 100 operations or
@@ -46,7 +46,7 @@ def measure(args):
 
     import m2bert_hf_mlx  # noqa: F401  (before mlx.core: the CPU back end's BLAS)
     import mlx.core as mx
-    from m2bert_hf_mlx import M2BertConfig, M2BertModel, __version__, modeling_m2_bert
+    from m2bert_hf_mlx import M2BertConfig, M2BertModel, __version__, hyena_filter
     from m2bert_hf_mlx.loading import cast_model
     from m2bert_hf_mlx.ops import resolve_backend
 
@@ -55,7 +55,7 @@ def measure(args):
     if limit is not None:
         mx.set_memory_limit(limit)
     if cache_cap is not None:
-        modeling_m2_bert.max_cached_filter_bytes = lambda: cache_cap
+        hyena_filter.max_cached_filter_bytes = lambda: cache_cap
     ids = mx.array(np.random.default_rng(0).integers(1000, 30000, (args.batch, args.length)))
     for dtype in args.dtypes:
         model = M2BertModel(M2BertConfig.from_preset(args.model))
@@ -75,7 +75,7 @@ def measure(args):
         record = dict(
             model=args.model, L=args.length, B=args.batch, dtype=dtype, framework="mlx", setting=args.setting,
             env=env, memory_limit_gb=mx.get_memory_limit() / 1e9,
-            filter_cache_cap_gb=modeling_m2_bert.max_cached_filter_bytes() / 1e9,
+            filter_cache_cap_gb=hyena_filter.max_cached_filter_bytes() / 1e9,
             peak_mem_gb=mx.get_peak_memory() / 1e9, tokens_per_s=args.batch * args.length / statistics.median(seconds),
             machine=mx.device_info().get("device_name") or platform.processor() or platform.machine(),
             long_conv_backend=resolve_backend(),

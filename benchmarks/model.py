@@ -20,14 +20,13 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 # m2bert_hf_mlx before mlx.core: on Linux it gives MLX's CPU back end an optimized BLAS (m2bert_hf_mlx.cpu_blas).
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, M2BertModel, __version__, cpu_blas  # isort: skip
 from m2bert_hf_mlx.loading import apply_weights, cast_model  # isort: skip
+from _timing import median_seconds  # isort: skip
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
@@ -72,15 +71,6 @@ def torch_output(model, ids):
 def warm_up(fn, times):
     for _ in range(times):
         fn()
-
-
-def median_seconds(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_mlx(model, ids, dtype, warmup, repeats):

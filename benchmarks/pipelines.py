@@ -16,8 +16,6 @@ Each time is the median of `--repeats` runs after one warm-up run.
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -25,16 +23,7 @@ import numpy as np
 
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, M2BertModel, __version__, pipeline
 from m2bert_hf_mlx.pipelines import default_tokenizer
-
-
-def median_seconds(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from _timing import median_seconds
 
 
 def corpus(tokenizer, count, max_length, seed=0):
@@ -86,13 +75,16 @@ def main():
             mx.eval(mlm(ids).logits)
 
     seconds = {
-        "bare_forward_max_length": median_seconds(bare_embeddings, args.repeats),
-        "encode_max_length": median_seconds(lambda: encoder.encode(texts, batch_size=B, show_progress_bar=False), args.repeats),
-        "encode_longest": median_seconds(
-            lambda: encoder.encode(texts, batch_size=B, padding="longest", show_progress_bar=False), args.repeats
+        "bare_forward_max_length": median_seconds(bare_embeddings, args.repeats, warmup=1),
+        "encode_max_length": median_seconds(
+            lambda: encoder.encode(texts, batch_size=B, show_progress_bar=False), args.repeats, warmup=1
         ),
-        "bare_forward_full_logits": median_seconds(bare_logits, args.repeats),
-        "fill_mask_max_length": median_seconds(lambda: fill_mask(masked, batch_size=B), args.repeats),
+        "encode_longest": median_seconds(
+            lambda: encoder.encode(texts, batch_size=B, padding="longest", show_progress_bar=False), args.repeats,
+            warmup=1,
+        ),
+        "bare_forward_full_logits": median_seconds(bare_logits, args.repeats, warmup=1),
+        "fill_mask_max_length": median_seconds(lambda: fill_mask(masked, batch_size=B), args.repeats, warmup=1),
     }
     record = {
         "preset": args.preset,

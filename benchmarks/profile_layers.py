@@ -15,7 +15,9 @@ import mlx.core as mx
 import numpy as np
 
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, ops
-from m2bert_hf_mlx.modeling_m2_bert import _glu, glu, to_blocks
+from m2bert_hf_mlx.activations import glu
+from m2bert_hf_mlx.blockdiag_linear import to_blocks
+from m2bert_hf_mlx.modeling_m2_bert import _glu
 
 
 def timed(name, fn, repeats=3):

@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM
 from m2bert_hf_mlx.loading import cast_model
-from m2bert_hf_mlx.modeling_m2_bert import BlockdiagLinear
+from m2bert_hf_mlx.blockdiag_linear import BlockdiagLinear
 from m2bert_hf_mlx.quantization import QuantizedBlockdiagLinear, quantize_model
 
 SETTINGS = [("bfloat16", None), ("q8 g64", (8, 64)), ("q4 g64", (4, 64)), ("q4 g32", (4, 32))]

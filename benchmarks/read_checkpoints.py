@@ -18,8 +18,8 @@ from checkpoint_files import composer_checkpoint  # noqa: E402
 from random_checkpoint import random_state_dict  # noqa: E402
 
 from m2bert_hf_mlx.configuration_m2_bert import PRESETS  # noqa: E402
-from m2bert_hf_mlx.conversion.checkpoints import checkpoint_keys, load_state_dict  # noqa: E402
-from m2bert_hf_mlx.conversion.torch_format import save_torch_object, save_torch_state_dict  # noqa: E402
+from m2bert_hf_mlx.checkpoint_reader import checkpoint_keys, load_state_dict  # noqa: E402
+from torch_format import save_torch_object, save_torch_state_dict  # noqa: E402
 
 
 def best_of(fn, repeats=3):

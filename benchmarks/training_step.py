@@ -2,7 +2,7 @@
 
     python benchmarks/training_step.py --out benchmarks/results/training-step-h100.json
 
-The model is training/train_demo_model.py's (hidden size 192, 5 layers, maximum length 128, dropout 0.1), trained
+The model is recipes/demo_model/train_demo_model.py's (hidden size 192, 5 layers, maximum length 128, dropout 0.1), trained
 with the package's Trainer on packed MLM examples (batch 256 x 128 tokens, AdamW, clipping). Each record is the
 median wall time of `--steps` steps after `--warmup` (the warm-up includes compiling), for a whole step and for
 its two parts: the forward and backward passes of the batch, and the clipped AdamW update.
@@ -11,10 +11,8 @@ its two parts: the forward and backward passes of the batch, and the clipped Ada
 import argparse
 import json
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import m2bert_hf_mlx  # noqa: F401  (before mlx.core: the CPU back end's BLAS, see m2bert_hf_mlx.cpu_blas)
@@ -24,20 +22,10 @@ import numpy as np
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM
 from m2bert_hf_mlx.tokenization import load_tokenizer
 from m2bert_hf_mlx.training import MaskedLMData, Trainer, TrainingArguments
+from _timing import median_seconds
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "training"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes" / "demo_model"))
 from train_demo_model import BASE_PRESET, DEMO_CONFIG, MAX_LENGTH  # noqa: E402
-
-
-def median_ms(fn, warmup, steps):
-    for _ in range(warmup):
-        fn()
-    seconds = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds) * 1000
 
 
 def measure(data, batch_size, compile_, warmup, steps):
@@ -47,21 +35,21 @@ def measure(data, batch_size, compile_, warmup, steps):
         args = TrainingArguments(output_dir=scratch, max_steps=10**6, batch_size=batch_size, max_length=MAX_LENGTH,
                                  learning_rate=1e-3, warmup_steps=100, compile=compile_)
         trainer = Trainer(model, args, data, log=lambda line: None)
-        record = {"compile": compile_, "step_ms": median_ms(trainer._train_step, warmup, steps)}
+        record = {"compile": compile_, "step_ms": median_seconds(trainer._train_step, steps, warmup=warmup) * 1000}
         batch = data.batch(np.arange(batch_size), np.random.default_rng(0), args.mlm_probability)
         total = mx.array(float(data.count(batch)))
 
         def forward_backward():
             mx.eval(trainer._loss_and_grads(batch, total))
 
-        record["forward_backward_ms"] = median_ms(forward_backward, warmup, steps)
+        record["forward_backward_ms"] = median_seconds(forward_backward, steps, warmup=warmup) * 1000
         (_, _), grads = trainer._loss_and_grads(batch, total)
         mx.eval(grads)
 
         def update():
             mx.eval(trainer._clip_and_update(grads), model.parameters(), trainer.optimizer.state)
 
-        record["update_ms"] = median_ms(update, warmup, steps)
+        record["update_ms"] = median_seconds(update, steps, warmup=warmup) * 1000
     return record
 
 

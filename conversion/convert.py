@@ -6,26 +6,21 @@ folder holds config.json, MLX safetensors (+ index), the tokenizer files and a R
 are mlx-lm's.
 """
 
+import os
 import re
-import secrets
-import shutil
-import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .. import M2BertConfig
-from ..configuration_m2_bert import PRESETS
-from ..loading import (
-    DTYPE_NAMES,
-    DTYPES,
-    checkpoint_model_class,
-    fetch_config_folder,
-    fetch_weights,
-    has_pooler,
-    hub_kwargs,
-    weight_files,
-)
+from ..checkpoint_reader import checkpoint_keys
+from ..configuration_m2_bert import PRESETS, M2BertConfig
+from ..errors import ConvertError
+from ..hub import hub_kwargs, upload_model_folder
+from ..loading import checkpoint_model_class, fetch_config_folder, fetch_weights, has_pooler, weight_files
+from ..model_card import render_model_card
+from ..modeling_utils import DTYPE_NAMES, DTYPES
+from ..publishing import write_atomically, write_model_folder
 from ..quantization import (
     SKIPPABLE_GROUPS,
     SUPPORTED_BITS,
@@ -33,20 +28,29 @@ from ..quantization import (
     check_quantization_settings,
     quantize_model,
 )
-from ..tokenization import has_tokenizer_files, load_tokenizer, save_tokenizer
-from .checkpoints import checkpoint_keys
-from .model_card import render_model_card
+from ..tokenization import check_tokenizer_fits, resolve_tokenizer
 
 DEFAULT_MLX_PATH = "mlx_model"
 
 
-class ConvertError(ValueError):
-    """A conversion that cannot go ahead as asked; the message says what to change."""
-
-
-def convert(hf_path, mlx_path=DEFAULT_MLX_PATH, *, config=None, preset=None, tokenizer=None, dtype=None,
-            quantize=False, q_bits=4, q_group_size=64, q_skip=(), revision=None, upload_repo=None, hf_endpoint=None,
-            token=None, force=False):
+def convert(
+    hf_path: str,
+    mlx_path: str | os.PathLike = DEFAULT_MLX_PATH,
+    *,
+    config: str | os.PathLike | None = None,
+    preset: str | None = None,
+    tokenizer: str | None = None,
+    dtype: str | None = None,
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    q_skip: Sequence[str] = (),
+    revision: str | None = None,
+    upload_repo: str | None = None,
+    hf_endpoint: str | None = None,
+    token: str | None = None,
+    force: bool = False,
+) -> Path:
     """Convert `hf_path` (Hub repo id, folder or file) into the MLX folder `mlx_path` and return its path.
 
     `config` is a JSON file with the canonical config fields, or `preset` a preset name, for checkpoints without
@@ -80,12 +84,8 @@ def convert(hf_path, mlx_path=DEFAULT_MLX_PATH, *, config=None, preset=None, tok
     cls = checkpoint_model_class(source)
     pooler = has_pooler(k for path in files for k in checkpoint_keys(path))
 
-    tok, tokenizer_origin = _resolve_tokenizer(tokenizer, source_folder, hub)
-    if len(tok) > config_obj.vocab_size:
-        raise ConvertError(
-            f"The tokenizer has {len(tok)} tokens but the model only {config_obj.vocab_size} embeddings: pass "
-            "--tokenizer with the tokenizer this checkpoint was trained with."
-        )
+    tok, tokenizer_origin = resolve_tokenizer(tokenizer, source_folder, token=hub["token"], endpoint=hub["endpoint"])
+    check_tokenizer_fits(tok, config_obj)
 
     # Steps: read, (quantize), write, (upload); huggingface_hub shows its own bars for the downloads.
     with tqdm(total=2 + int(quantize) + int(bool(upload_repo)), unit="step", disable=None) as progress:
@@ -110,7 +110,7 @@ def convert(hf_path, mlx_path=DEFAULT_MLX_PATH, *, config=None, preset=None, tok
             q_skip=q_skip,
             tokenizer=tokenizer_origin,
         )
-        _write_atomically(mlx_path, lambda tmp: _write_folder(tmp, model, tok, card))
+        write_atomically(mlx_path, lambda tmp: write_model_folder(tmp, model, tok, card))
         progress.update()
         if upload_repo:
             progress.set_description(f"Uploading to {upload_repo}")
@@ -120,8 +120,6 @@ def convert(hf_path, mlx_path=DEFAULT_MLX_PATH, *, config=None, preset=None, tok
 
 
 def _upload(folder, repo_id, token, endpoint):
-    from ..hub import upload_model_folder
-
     try:
         upload_model_folder(folder, repo_id, token=token, endpoint=endpoint)
     except (ValueError, OSError) as e:
@@ -160,15 +158,6 @@ def _resolve_config(hf_path, folder, config, preset):
     return M2BertConfig.from_json_file(config_path)
 
 
-def _resolve_tokenizer(tokenizer, source_folder, hub):
-    """The tokenizer to ship, and where it came from (for the model card)."""
-    if tokenizer is not None:
-        return load_tokenizer(tokenizer, token=hub["token"], endpoint=hub["endpoint"]), str(tokenizer)
-    if has_tokenizer_files(source_folder):
-        return load_tokenizer(source_folder), "the source's tokenizer files"
-    return load_tokenizer(), "bert-base-uncased (the vocab.txt shipped with m2bert-hf-mlx)"
-
-
 def _revision_of(source_folder, revision, is_local):
     if is_local:
         return "local files"
@@ -176,35 +165,6 @@ def _revision_of(source_folder, revision, is_local):
     if re.fullmatch(r"[0-9a-f]{40}", source_folder.name):
         return source_folder.name if revision in (None, source_folder.name) else f"{revision} ({source_folder.name})"
     return revision or "main"
-
-
-def _write_folder(folder, model, tokenizer, card):
-    model.save_pretrained(folder)
-    save_tokenizer(tokenizer, folder, model_max_length=model.config.max_sequence_length)
-    (folder / "README.md").write_text(card, encoding="utf-8")
-
-
-def _write_atomically(target, write):
-    """Run `write(tmp)` on a fresh sibling folder, then rename it to `target` (replacing what is there)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.partial-{secrets.token_hex(4)}")
-    tmp.mkdir()
-    try:
-        write(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}")
-            target.rename(old)
-            try:
-                tmp.rename(target)
-            except BaseException:
-                old.rename(target)
-                raise
-            shutil.rmtree(old)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -250,28 +210,24 @@ def register(subparsers):
 
 
 def run_convert(args):
-    try:
-        if not args.quantize and (args.q_bits or args.q_group_size or args.q_skip):
-            raise ConvertError("--q-bits, --q-group-size and --q-skip only apply with -q/--quantize.")
-        folder = convert(
-            args.hf_path,
-            args.mlx_path,
-            config=args.config,
-            preset=args.preset,
-            tokenizer=args.tokenizer,
-            dtype=args.dtype,
-            quantize=args.quantize,
-            q_bits=args.q_bits or 4,
-            q_group_size=args.q_group_size or 64,
-            q_skip=tuple(args.q_skip),
-            revision=args.revision,
-            upload_repo=args.upload_repo,
-            hf_endpoint=args.hf_endpoint,
-            token=args.token,
-            force=args.force,
-        )
-    except (ValueError, OSError) as e:
-        print(f"m2bert-mlx convert: error: {e}", file=sys.stderr)
-        return 1
+    if not args.quantize and (args.q_bits or args.q_group_size or args.q_skip):
+        raise ConvertError("--q-bits, --q-group-size and --q-skip only apply with -q/--quantize.")
+    folder = convert(
+        args.hf_path,
+        args.mlx_path,
+        config=args.config,
+        preset=args.preset,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        q_bits=args.q_bits or 4,
+        q_group_size=args.q_group_size or 64,
+        q_skip=tuple(args.q_skip),
+        revision=args.revision,
+        upload_repo=args.upload_repo,
+        hf_endpoint=args.hf_endpoint,
+        token=args.token,
+        force=args.force,
+    )
     print(f"Wrote {folder}" + (f" and uploaded it to {args.upload_repo}" if args.upload_repo else ""))
     return 0

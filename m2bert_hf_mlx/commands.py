@@ -1,22 +1,20 @@
-"""`m2bert-mlx fill-mask`, `embed`, `demo` and `info`: the pipelines and a model summary on the command line.
-
-Exit codes: 0 on success, 1 for a problem with the inputs or the model (one line on stderr), 2 for a usage error
-(argparse's), 130 when interrupted.
-"""
+"""`m2bert-mlx fill-mask`, `embed`, `demo`, `info` and `upload`: the pipelines, a model summary and Hub uploads on
+the command line (`m2bert_hf_mlx.cli` runs them and reports their errors)."""
 
 import argparse
-import functools
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .loading import DTYPE_NAMES, checkpoint_model_class, fetch_config_folder, fetch_weights, hub_kwargs
+from ._package import DEMO_MODEL
+from .hub import DEFAULT_COMMIT_MESSAGE, hub_kwargs, upload_model_folder
+from .loading import checkpoint_model_class, fetch_config_folder, fetch_weights
 from .modeling_m2_bert import M2BertModel
-from .pipelines import PADDING_CHOICES, default_tokenizer, pipeline
-from .tokenization import has_tokenizer_files
+from .modeling_utils import DTYPE_NAMES
+from .pipelines import PADDING_CHOICES, pipeline
+from .tokenization import resolve_tokenizer
 
 
 def register(subparsers):
@@ -30,7 +28,7 @@ def register(subparsers):
     fill.add_argument("--top-k", type=_positive_int, default=5, metavar="K", help="predictions per mask (default: 5)")
     _add_padding_argument(fill)
     fill.add_argument("texts", nargs="+", metavar="TEXT", help="a text with one or more [MASK]")
-    fill.set_defaults(func=_reporting_errors(run_fill_mask))
+    fill.set_defaults(func=run_fill_mask)
 
     embed = subparsers.add_parser(
         "embed",
@@ -45,7 +43,7 @@ def register(subparsers):
     embed.add_argument("--batch-size", type=_positive_int, metavar="N", help="texts per batch (default: by length)")
     _add_padding_argument(embed)
     embed.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed, after those of --input")
-    embed.set_defaults(func=_reporting_errors(run_embed), parser=embed)
+    embed.set_defaults(func=run_embed, parser=embed)
 
     demo = subparsers.add_parser(
         "demo",
@@ -54,7 +52,7 @@ def register(subparsers):
         "trained by this package (its README.md says on what, and how well it does).",
     )
     demo.add_argument("--top-k", type=_positive_int, default=3, metavar="K", help="predictions per mask (default: 3)")
-    demo.set_defaults(func=_reporting_errors(run_demo))
+    demo.set_defaults(func=run_demo)
 
     info = subparsers.add_parser(
         "info",
@@ -62,7 +60,9 @@ def register(subparsers):
         description="Print a model's configuration summary, parameter count, dtype, tokenizer and files.",
     )
     _add_model_arguments(info)
-    info.set_defaults(func=_reporting_errors(run_info))
+    info.set_defaults(func=run_info)
+
+    _register_upload(subparsers)
 
 
 def _add_model_arguments(parser):
@@ -92,27 +92,6 @@ def _positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
     return value
-
-
-def _reporting_errors(command):
-    """Run a sub-command, turning errors of the user's inputs or model into one line on stderr and exit code 1."""
-
-    @functools.wraps(command)
-    def run(args):
-        try:
-            return command(args)
-        except BrokenPipeError:
-            # The reader of stdout went away (`| head`); keep Python from failing again when it flushes at exit.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 1
-        except (ValueError, OSError) as e:
-            print(f"m2bert-mlx {args.command}: error: {e}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print(f"m2bert-mlx {args.command}: interrupted", file=sys.stderr)
-            return 130
-
-    return run
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -151,8 +130,6 @@ DEMO_SENTENCES = (
 
 
 def run_demo(args):
-    from . import DEMO_MODEL
-
     print(f"M2-BERT demo model ({DEMO_MODEL}), fill-mask, top {args.top_k}:\n")
     results = pipeline("fill-mask", model=DEMO_MODEL)(list(DEMO_SENTENCES), top_k=args.top_k)
     print("\n\n".join(_table(text, predictions) for text, predictions in zip(DEMO_SENTENCES, results)))
@@ -207,7 +184,7 @@ def run_info(args):
     model_class, source = _model_class_and_source(args.model)
     model = model_class.from_pretrained(str(source), config=args.config)
     config = model.config
-    tokenizer = default_tokenizer(model)
+    tokenizer, tokenizer_origin = resolve_tokenizer(source=model.source_folder)
     base = model.bert if "bert" in model else model
     pooler = "none"
     if "pooler" in base:
@@ -231,7 +208,7 @@ def run_info(args):
         ("dtype", DTYPE_NAMES[model.dtype]),
         ("quantization", f"{quantization['bits']}-bit {quantization.get('mode', 'affine')}, group size "
                          f"{quantization['group_size']}" if quantization else "none"),
-        ("tokenizer", _tokenizer_origin(model)),
+        ("tokenizer", tokenizer_origin),
         ("folder", model.source_folder),
     ]
     width = max(len(name) for name, _ in rows)
@@ -272,14 +249,40 @@ def _parameter_count(model):
     return count
 
 
-def _tokenizer_origin(model):
-    if has_tokenizer_files(model.source_folder):
-        return f"the tokenizer files in {model.source_folder}"
-    return "bert-base-uncased (the vocabulary shipped with m2bert-hf-mlx)"
-
-
 def _size(nbytes):
     for unit in ("B", "kB", "MB", "GB"):
         if nbytes < 1000 or unit == "GB":
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
         nbytes /= 1000
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# m2bert-mlx upload
+
+
+def _register_upload(subparsers):
+    parser = subparsers.add_parser(
+        "upload",
+        help="upload a model folder to the Hugging Face Hub",
+        description="Upload a model folder (config.json, weights, tokenizer files, model card) to a Hub repo, "
+        "creating the repo if needed.",
+    )
+    parser.add_argument("--path", required=True, help="the model folder to upload")
+    parser.add_argument("--upload-repo", required=True, help="the Hub repo id, e.g. your-name/m2-bert-80M-mlx")
+    parser.add_argument("--hf-endpoint", help="the Hub URL (default: HF_ENDPOINT, else https://huggingface.co)")
+    parser.add_argument(
+        "--token", help="a Hub token with write access (default: HF_TOKEN or the token saved by `hf auth login`)"
+    )
+    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    parser.add_argument("--revision", help="the branch to commit to, created from main if missing (default: main)")
+    parser.add_argument("--commit-message", help=f"(default: {DEFAULT_COMMIT_MESSAGE!r})")
+    parser.set_defaults(func=run_upload)
+
+
+def run_upload(args):
+    info = upload_model_folder(
+        args.path, args.upload_repo, token=args.token, endpoint=args.hf_endpoint, private=args.private,
+        revision=args.revision, commit_message=args.commit_message,
+    )
+    print(f"Uploaded {args.path} to {info.commit_url}")
+    return 0

@@ -5,6 +5,8 @@ from pathlib import Path
 
 from transformers import AutoConfig, PretrainedConfig
 
+from .errors import ConfigError
+
 # The published models (architecture doc §1.2). Every M2 yaml sets these on top of the canonical defaults.
 _M2_YAML = dict(
     vocab_size=30528,
@@ -129,16 +131,16 @@ class M2BertConfig(PretrainedConfig):
         **kwargs,
     ):
         if not monarch_mixer_sequence_mixing:
-            raise ValueError(
+            raise ConfigError(
                 "This config asks for the attention variant of the canonical BertConfig "
                 "(monarch_mixer_sequence_mixing=False). m2bert_hf_mlx implements only the Monarch Mixer sequence "
                 "mixer that every published M2-BERT uses; use transformers' BertModel for attention BERTs."
             )
         for flag, what in _UNSUPPORTED_FLAGS.items():
             if kwargs.get(flag):
-                raise ValueError(f"{flag}=True asks for {what}, which no published M2-BERT uses and m2bert_hf_mlx does not implement.")
+                raise ConfigError(f"{flag}=True asks for {what}, which no published M2-BERT uses and m2bert_hf_mlx does not implement.")
         if hyena_emb_dim < 3 or hyena_emb_dim % 2 == 0:
-            raise ValueError(f"hyena_emb_dim must be odd and >= 3 (time, cosine and sine features), got {hyena_emb_dim}.")
+            raise ConfigError(f"hyena_emb_dim must be odd and >= 3 (time, cosine and sine features), got {hyena_emb_dim}.")
         kwargs.pop("auto_map", None)  # points at remote code this package replaces
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -187,7 +189,7 @@ class M2BertConfig(PretrainedConfig):
     def from_preset(cls, name, **overrides):
         """The configuration of a published M2-BERT model (`M2BertConfig.PRESETS` lists them)."""
         if name not in PRESETS:
-            raise ValueError(f"Unknown preset {name!r}. Known presets: {', '.join(PRESETS)}.")
+            raise ConfigError(f"Unknown preset {name!r}. Known presets: {', '.join(PRESETS)}.")
         return cls(**{**PRESETS[name], **overrides})
 
     @classmethod
@@ -196,13 +198,13 @@ class M2BertConfig(PretrainedConfig):
         d = dict(config_dict)
         model_type = d.get("model_type", "m2_bert")
         if model_type not in ("m2_bert", "bert"):
-            raise ValueError(
+            raise ConfigError(
                 f"Unsupported model type {model_type!r}: m2bert_hf_mlx loads M2-BERT checkpoints (model_type "
                 "'m2_bert', or 'bert' with the Monarch Mixer fields). Use the library made for that model type."
             )
         rest = set(d) - {"model_type", "auto_map", "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path"}
         if model_type == "bert" and rest and not rest.intersection(_M2_ONLY_KEYS):
-            raise ValueError(
+            raise ConfigError(
                 "This config.json describes a plain BERT (model_type 'bert' without any Monarch Mixer field such as "
                 "long_conv_l_max or hyena_filter_order), not an M2-BERT. Use transformers' BertModel for it."
             )
@@ -218,9 +220,9 @@ class M2BertConfig(PretrainedConfig):
         try:
             config_dict = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} is not a readable JSON config ({e}).") from e
+            raise ConfigError(f"{path} is not a readable JSON config ({e}).") from e
         if not isinstance(config_dict, dict):
-            raise ValueError(f"{path} must hold a JSON object of config fields.")
+            raise ConfigError(f"{path} must hold a JSON object of config fields.")
         return cls.from_upstream_dict(config_dict, **overrides)
 
     @classmethod

@@ -1,10 +1,10 @@
 """An optimized BLAS for MLX's CPU back end on Linux.
 
 MLX's Linux CPU wheels link the reference (netlib) BLAS, whose matrix products run 30-80x slower than an optimized
-one (`benchmarks/cpu_blas.py`), and M2-BERT's time is in its matrix products. The dynamic loader binds MLX's
-`cblas_*` calls when `mlx.core` is loaded, to the first library in the global scope that defines them, so loading an
-optimized CBLAS globally *before* `mlx.core` is imported makes MLX use it. `import m2bert_hf_mlx` does this when it
-comes first; the environment variable M2BERT_BLAS chooses:
+one (`benchmarks/cpu_blas.py` measures both; docs/benchmarks.md has the numbers), and M2-BERT's time is in its matrix
+products. The dynamic loader binds MLX's `cblas_*` calls when `mlx.core` is loaded, to the first library in the global
+scope that defines them, so loading an optimized CBLAS globally *before* `mlx.core` is imported makes MLX use it.
+`import m2bert_hf_mlx` does this when it comes first; the environment variable M2BERT_BLAS chooses:
 
 - unset or `auto`: the first that loads of the CBLAS that the `cpu` extra installs from PyPI (MKL's `libmkl_rt` on
   x86-64, NVIDIA's NVPL BLAS on Arm) and the system OpenBLAS (`libopenblas.so.0`); if none loads, or `mlx.core` was

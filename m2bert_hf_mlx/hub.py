@@ -1,20 +1,89 @@
-"""Uploading to the Hugging Face Hub: `push_to_hub`, `upload_model_folder` and the `upload` sub-command.
+"""The Hugging Face Hub: downloads (`hub_download`) and uploads (`upload_model_folder`), with one-line errors.
 
-Everything goes through huggingface_hub's own client (`HfApi.create_repo`, `create_branch`, `upload_folder`), so
-the token lookup, the upload protocol (Xet or LFS) and the endpoint handling are the ones Hub users know.
+Everything goes through huggingface_hub's own client (`snapshot_download`, `HfApi.create_repo`, `create_branch`,
+`upload_folder`), so the cache, the token lookup, the upload protocol (Xet or LFS) and the endpoint handling are the
+ones Hub users know. What to download (which weight files, which tokenizer files) is decided by the callers.
 """
 
-import sys
-import tempfile
+import os
 from pathlib import Path
 
-from .loading import HubError
+from ._package import __version__
+from .errors import ConfigError, HubError
+
+
+def hub_download(repo_id, allow_patterns, hub, *, dry_run=False):
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = hub.get("endpoint") or "the Hugging Face Hub"
+    try:
+        return snapshot_download(
+            repo_id,
+            allow_patterns=allow_patterns,
+            library_name="m2bert-hf-mlx",
+            library_version=__version__,
+            dry_run=dry_run,
+            **hub,
+        )
+    except HFValidationError as e:
+        raise HubError(f"{repo_id!r} is neither a local folder or file nor a valid Hub repo id ({e}).") from e
+    except GatedRepoError as e:
+        raise HubError(f"{repo_id} on {where} is gated: accept its terms on the Hub and pass token=... .") from e
+    except RepositoryNotFoundError as e:
+        raise HubError(
+            f"Repository {repo_id!r} was not found on {where}. Check the name, pass token=... if it is private, "
+            "or give the path of a local folder."
+        ) from e
+    except RevisionNotFoundError as e:
+        raise HubError(f"Revision {hub.get('revision')!r} does not exist in {repo_id}.") from e
+    except IncompleteSnapshotError as e:
+        raise HubError(
+            f"The cached copy of {repo_id} is incomplete and {where} cannot be reached; go online once to finish "
+            "the download."
+        ) from e
+    except LocalEntryNotFoundError as e:
+        raise HubError(
+            f"{repo_id!r} is not a local folder, is not in the Hugging Face cache, and {where} cannot be reached "
+            "(offline mode, local_files_only=True, or no network). Download it once online, unset HF_HUB_OFFLINE, "
+            "or give the path of a local folder."
+        ) from e
+    except HfHubHTTPError as e:
+        raise HubError(f"{where} refused the request for {repo_id}: {e}") from e
+
+
+def hub_kwargs(revision, cache_dir, local_files_only, token, force_download, endpoint):
+    return dict(
+        revision=revision,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        token=token,
+        force_download=force_download,
+        endpoint=endpoint,
+    )
+
 
 DEFAULT_COMMIT_MESSAGE = "Upload M2-BERT for MLX with m2bert-hf-mlx"
 
 
-def upload_model_folder(folder, repo_id, *, token=None, endpoint=None, private=False, revision=None,
-                        commit_message=None):
+def upload_model_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    endpoint: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+):
     """Upload every file of a model folder to `repo_id` in one commit and return the `CommitInfo`.
 
     The repo is created if it does not exist (`private` applies then). `token` is a Hub token with write access;
@@ -28,11 +97,11 @@ def upload_model_folder(folder, repo_id, *, token=None, endpoint=None, private=F
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        raise ValueError(
+        raise ConfigError(
             f"{folder} is not a model folder (no config.json): write one with model.save_pretrained(...) or "
             "`m2bert-mlx convert` first."
         )
-    _require_token(token)
+    require_token(token)
     api = HfApi(endpoint=endpoint, token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
@@ -52,54 +121,7 @@ def upload_model_folder(folder, repo_id, *, token=None, endpoint=None, private=F
         raise HubError(_describe_refusal(e, repo_id, api.endpoint)) from e
 
 
-def push_to_hub(model, repo_id, *, tokenizer=None, token=None, endpoint=None, private=False, revision=None,
-                commit_message=None):
-    """Save `model` into a temporary folder with the MLX folder contract (config.json, safetensors weights,
-    tokenizer files, README.md model card) and upload it with `upload_model_folder` (same arguments); return the
-    `CommitInfo`.
-
-    `tokenizer` is a transformers tokenizer; by default, the tokenizer files of the folder the model was loaded
-    from, else the bert-base-uncased vocabulary shipped with the package.
-    """
-    from .conversion.model_card import render_model_card
-    from .loading import DTYPE_NAMES
-    from .quantization import float_groups
-    from .tokenization import has_tokenizer_files, load_tokenizer, save_tokenizer
-
-    _require_token(token)
-    source = getattr(model, "source_folder", None)
-    if tokenizer is not None:
-        origin = "the tokenizer given to push_to_hub"
-    elif source is not None and has_tokenizer_files(source):
-        tokenizer, origin = load_tokenizer(source), "the source's tokenizer files"
-    else:
-        tokenizer, origin = load_tokenizer(), "bert-base-uncased (the vocab.txt shipped with m2bert-hf-mlx)"
-    name = getattr(model, "name_or_path", None)
-    from_hub = name is not None and not Path(name).exists()
-    card = render_model_card(
-        repo_id=repo_id,
-        architecture=type(model).__name__,
-        config=model.config,
-        source=name or "a model built in memory",
-        base_model=name if from_hub else None,
-        revision="as loaded" if from_hub else "local files",
-        dtype=DTYPE_NAMES[model.dtype],
-        quantization=getattr(model.config, "quantization", None),
-        q_skip=float_groups(model),
-        tokenizer=origin,
-    )
-    with tempfile.TemporaryDirectory(prefix="m2bert-push-") as tmp:
-        folder = Path(tmp)
-        model.save_pretrained(folder)
-        save_tokenizer(tokenizer, folder, model_max_length=model.config.max_sequence_length)
-        (folder / "README.md").write_text(card, encoding="utf-8")
-        return upload_model_folder(
-            folder, repo_id, token=token, endpoint=endpoint, private=private, revision=revision,
-            commit_message=commit_message,
-        )
-
-
-def _require_token(token):
+def require_token(token):
     """Fail before any work when no token can be found: an upload without one can only be refused."""
     from huggingface_hub import get_token
 
@@ -124,39 +146,3 @@ def _describe_refusal(error, repo_id, endpoint):
             f"the namespace {repo_id.split('/')[0]!r}.{detail}"
         )
     return f"The Hub at {endpoint} refused the upload to {repo_id}: {error}"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# m2bert-mlx upload
-
-
-def register(subparsers):
-    parser = subparsers.add_parser(
-        "upload",
-        help="upload a model folder to the Hugging Face Hub",
-        description="Upload a model folder (config.json, weights, tokenizer files, model card) to a Hub repo, "
-        "creating the repo if needed.",
-    )
-    parser.add_argument("--path", required=True, help="the model folder to upload")
-    parser.add_argument("--upload-repo", required=True, help="the Hub repo id, e.g. your-name/m2-bert-80M-mlx")
-    parser.add_argument("--hf-endpoint", help="the Hub URL (default: HF_ENDPOINT, else https://huggingface.co)")
-    parser.add_argument(
-        "--token", help="a Hub token with write access (default: HF_TOKEN or the token saved by `hf auth login`)"
-    )
-    parser.add_argument("--private", action="store_true", help="create the repo as private")
-    parser.add_argument("--revision", help="the branch to commit to, created from main if missing (default: main)")
-    parser.add_argument("--commit-message", help=f"(default: {DEFAULT_COMMIT_MESSAGE!r})")
-    parser.set_defaults(func=run_upload)
-
-
-def run_upload(args):
-    try:
-        info = upload_model_folder(
-            args.path, args.upload_repo, token=args.token, endpoint=args.hf_endpoint, private=args.private,
-            revision=args.revision, commit_message=args.commit_message,
-        )
-    except (HubError, ValueError) as e:
-        print(f"m2bert-mlx upload: error: {e}", file=sys.stderr)
-        return 1
-    print(f"Uploaded {args.path} to {info.commit_url}")
-    return 0

@@ -1,100 +1,36 @@
-"""Finding, reading, checking and writing M2-BERT weights: local folders, Hub repos, every published format."""
+"""Reading, checking and writing M2-BERT weights and configs: local folders and Hub repos, every published format.
 
+Which files of a folder or repo hold the weights, reading them (`checkpoint_reader`), the hand-off to the model's
+`sanitize`, the strict fit check that names every key, quantized layers, casting, and sharded saving. The trainer's
+resume loads through the same `load_weights`.
+"""
+
+import copy
 import json
 import logging
 import os
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 from mlx.utils import tree_flatten
 
-from . import __version__
+from . import modeling_m2_bert
+from .checkpoint_reader import checkpoint_keys, load_state_dict
 from .configuration_m2_bert import PRESETS, M2BertConfig
-from .conversion.checkpoints import CheckpointError, checkpoint_keys, load_state_dict
+from .errors import CheckpointError, ConfigError, WeightsMismatchError
+from .hub import hub_download, hub_kwargs
+from .modeling_m2_bert import strip_training_prefixes
+from .modeling_utils import DTYPE_NAMES, DTYPES, is_head_weight
 from .quantization import apply_quantization
+from .tokenization import TOKENIZER_FILES
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"]
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
-
-# Keys of task heads that another model class owns: reported, then left out, when loading into a class without them.
-_HEAD_PREFIXES = ("cls.", "classifier.", "bert.pooler.", "pooler.")
-
-
-class WeightsMismatchError(ValueError):
-    """The checkpoint's tensors do not fit the model: missing, unexpected or mis-shaped weights."""
-
-
-class HubError(OSError):
-    """A Hub request that failed: missing repo or revision, offline without a cache, unreachable Hub, refused
-    upload (bad token, no write access)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Resolution: a local folder or file as is, anything else through huggingface_hub.
-
-
-def hub_download(repo_id, allow_patterns, hub, *, dry_run=False):
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HFValidationError,
-        HfHubHTTPError,
-        IncompleteSnapshotError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    where = hub.get("endpoint") or "the Hugging Face Hub"
-    try:
-        return snapshot_download(
-            repo_id,
-            allow_patterns=allow_patterns,
-            library_name="m2bert-hf-mlx",
-            library_version=__version__,
-            dry_run=dry_run,
-            **hub,
-        )
-    except HFValidationError as e:
-        raise HubError(f"{repo_id!r} is neither a local folder or file nor a valid Hub repo id ({e}).") from e
-    except GatedRepoError as e:
-        raise HubError(f"{repo_id} on {where} is gated: accept its terms on the Hub and pass token=... .") from e
-    except RepositoryNotFoundError as e:
-        raise HubError(
-            f"Repository {repo_id!r} was not found on {where}. Check the name, pass token=... if it is private, "
-            "or give the path of a local folder."
-        ) from e
-    except RevisionNotFoundError as e:
-        raise HubError(f"Revision {hub.get('revision')!r} does not exist in {repo_id}.") from e
-    except IncompleteSnapshotError as e:
-        raise HubError(
-            f"The cached copy of {repo_id} is incomplete and {where} cannot be reached; go online once to finish "
-            "the download."
-        ) from e
-    except LocalEntryNotFoundError as e:
-        raise HubError(
-            f"{repo_id!r} is not a local folder, is not in the Hugging Face cache, and {where} cannot be reached "
-            "(offline mode, local_files_only=True, or no network). Download it once online, unset HF_HUB_OFFLINE, "
-            "or give the path of a local folder."
-        ) from e
-    except HfHubHTTPError as e:
-        raise HubError(f"{where} refused the request for {repo_id}: {e}") from e
-
-
-def hub_kwargs(revision, cache_dir, local_files_only, token, force_download, endpoint):
-    return dict(
-        revision=revision,
-        cache_dir=cache_dir,
-        local_files_only=local_files_only,
-        token=token,
-        force_download=force_download,
-        endpoint=endpoint,
-    )
 
 
 def _prefixed(subfolder, names):
@@ -173,8 +109,6 @@ def checkpoint_model_class(source):
     `architectures` names when that is a class of this package (folders this package wrote, fine-tuned classifiers
     included), else from the weight names alone (no tensor is read): M2BertForMaskedLM when they hold an MLM head,
     else M2BertModel (the retrieval checkpoints also carry an unused classifier, which is reported when it loads)."""
-    from . import modeling_m2_bert
-
     config_path = (source if source.is_dir() else source.parent) / "config.json"
     try:
         architectures = json.loads(config_path.read_text()).get("architectures") or []
@@ -183,13 +117,13 @@ def checkpoint_model_class(source):
     for name in architectures:
         if name in ("M2BertModel", "M2BertForMaskedLM", "M2BertForSequenceClassification"):
             return getattr(modeling_m2_bert, name)
-    heads = {_strip_training_prefixes(key).split(".")[0] for path in weight_files(source) for key in checkpoint_keys(path)}
+    heads = {strip_training_prefixes(key).split(".")[0] for path in weight_files(source) for key in checkpoint_keys(path)}
     return modeling_m2_bert.M2BertForMaskedLM if "cls" in heads else modeling_m2_bert.M2BertModel
 
 
 def has_pooler(keys):
     """Whether checkpoint names `keys` hold a pooler (the retrieval encoders do, the MLM checkpoints do not)."""
-    return any(_strip_training_prefixes(k).startswith(("bert.pooler.", "pooler.")) for k in keys)
+    return any(strip_training_prefixes(k).startswith(("bert.pooler.", "pooler.")) for k in keys)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,7 +140,7 @@ def _config_from_argument(config):
             return M2BertConfig.from_preset(str(config)).to_dict()
         if Path(config).is_file():
             return M2BertConfig.from_json_file(config).to_dict()
-    raise ValueError(
+    raise ConfigError(
         f"config={config!r} is not an M2BertConfig, a dict, a JSON file or a preset name ({', '.join(PRESETS)})."
     )
 
@@ -216,14 +150,14 @@ def _read_config_dict(folder, name_or_path, config):
         return _config_from_argument(config)
     path = folder / "config.json" if folder.is_dir() else folder.parent / "config.json"
     if not path.is_file():
-        raise ValueError(
+        raise ConfigError(
             f"{name_or_path} has no config.json (Composer .pt checkpoints ship none). Pass config= with an "
             f"M2BertConfig, a JSON file, or a preset name: {', '.join(PRESETS)}."
         )
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable JSON config ({e}); download it again.") from e
+        raise ConfigError(f"{path} is not a readable JSON config ({e}); download it again.") from e
 
 
 def load_config(name_or_path, *, revision=None, cache_dir=None, local_files_only=False, token=None,
@@ -249,79 +183,6 @@ def read_weights(files):
 # sanitize: checkpoint names -> this package's names
 
 
-def _strip_training_prefixes(key):
-    """DDP's `module.` and Composer's `model.` name the wrappers of a training run, not the model."""
-    while key.startswith(("module.", "model.")):
-        key = key.split(".", 1)[1]
-    return key
-
-
-def _same(a, b):
-    return a.shape == b.shape and bool(mx.array_equal(a.astype(mx.float32), b.astype(mx.float32)))
-
-
-def sanitize_weights(model, weights):
-    """See `M2BertPreTrainedModel.sanitize`."""
-    has_base_prefix = "bert" in model
-    out = {}
-    for original, value in weights.items():
-        key = _strip_training_prefixes(original)
-        if has_base_prefix and key.split(".")[0] in ("embeddings", "encoder", "pooler"):
-            key = "bert." + key
-        elif not has_base_prefix and key.startswith("bert."):
-            key = key[len("bert.") :]
-        if key in out:
-            raise WeightsMismatchError(f"{original!r} and another tensor of the checkpoint both name the weight {key!r}.")
-        out[key] = value
-
-    for key in [k for k in out if k.endswith("embeddings.position_ids")]:
-        ids = np.asarray(out.pop(key)).reshape(-1)
-        if not np.array_equal(ids, np.arange(ids.size)):
-            raise WeightsMismatchError(f"{key} is not arange({ids.size}); this checkpoint's positions are not canonical.")
-
-    for key in [k for k in out if k.endswith("short_filter.weight")]:
-        w = out[key]
-        if w.ndim == 3 and w.shape[1] == 1 and w.shape[2] != 1:
-            out[key] = w.transpose(0, 2, 1)  # torch depthwise (C, 1, k) -> MLX Conv1d (C, k, 1)
-
-    _merge_shared_freq(out)
-
-    base = "bert." if has_base_prefix else ""
-    words_key = f"{base}embeddings.word_embeddings.weight"
-    decoder_key = "cls.predictions.decoder.weight"
-    if decoder_key in out:
-        decoder = out.pop(decoder_key)
-        if words_key not in out:
-            out[words_key] = decoder
-        elif not _same(decoder, out[words_key]):
-            raise WeightsMismatchError(
-                f"{decoder_key} differs from {words_key}: M2-BERT ties the MLM decoder to the word embeddings, so "
-                "this checkpoint cannot be represented faithfully."
-            )
-    return out
-
-
-def _merge_shared_freq(out):
-    """The six `freq` copies of a HyenaFilter are one tensor in the canonical model: keep one, check the others."""
-    copies = {}
-    for key in list(out):
-        parts = key.split(".")
-        if parts[-1] == "freq" and len(parts) >= 3 and parts[-3] in ("implicit_filter", "implicit_filter_rev"):
-            copies.setdefault(".".join(parts[:-3]), []).append(key)
-    for filter_prefix, keys in copies.items():
-        keys.sort(key=lambda k: (k.split(".")[-3] != "implicit_filter", k))
-        target = f"{filter_prefix}.freq"
-        reference = out.get(target, out[keys[0]])
-        for key in keys:
-            if not _same(out[key], reference):
-                raise WeightsMismatchError(
-                    f"{key} differs from {target}: the canonical HyenaFilter shares one Sin.freq between all its sine "
-                    "activations, so this checkpoint does not describe an M2-BERT filter."
-                )
-            del out[key]
-        out[target] = reference
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Strict loading
 
@@ -335,7 +196,7 @@ def _describe(keys, limit=12):
 def apply_weights(model, weights, *, strict=True, source="the checkpoint"):
     """Load sanitized weights into the model, checking that they fit (see `load_model`'s `strict`)."""
     expected = dict(tree_flatten(model.parameters()))
-    other_heads = {k for k in weights if k not in expected and k.startswith(_HEAD_PREFIXES)}
+    other_heads = {k for k in weights if k not in expected and is_head_weight(k)}
     unexpected = set(weights) - set(expected) - other_heads
     missing = set(expected) - set(weights) - model.buffer_keys()
     mismatched = [
@@ -370,11 +231,19 @@ def apply_weights(model, weights, *, strict=True, source="the checkpoint"):
     model.load_weights([(k, v) for k, v in weights.items() if k in expected], strict=False)
 
 
+def load_weights(model, folder, *, strict=True):
+    """Read the weights of a folder this package wrote into `model`, through `sanitize` and `apply_weights`'s
+    checks (the trainer's resume)."""
+    files = weight_files(Path(folder))
+    weights = model.sanitize(read_weights(files))
+    apply_weights(model, weights, strict=strict, source=", ".join(str(f) for f in files))
+
+
 def cast_model(model, dtype):
     """Cast the weights to `dtype`, except the long-convolution filters, which stay float32 (their positional
     tables need the resolution, and the convolution runs in float32 anyway)."""
     if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
+        raise ConfigError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
     target = DTYPES[dtype]
 
     def cast(path, value):
@@ -426,7 +295,7 @@ def load_model(cls, name_or_path, *, config=None, revision=None, cache_dir=None,
     cast_model(model, dtype or _declared_dtype(config_dict) or _stored_dtype(weights))
     model.eval()
     mx.eval(model.parameters())
-    model.name_or_path = str(name_or_path)
+    model.name_or_path = str(name_or_path)  # declared on PreTrainedModel
     model.source_folder = folder if folder.is_dir() else folder.parent
     return model
 
@@ -467,7 +336,8 @@ def save_model(model, save_directory, *, max_shard_size=None):
     }
     (save_directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
-    config = model.config
+    # A copy: saving describes the model, it does not change the live config.
+    config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
     config.dtype = DTYPE_NAMES[model.dtype]
     config.save_pretrained(save_directory)

@@ -16,16 +16,19 @@ A quantized folder records {"group_size", "bits", "mode"} as `quantization` (and
 config.json; loading rebuilds exactly the layers whose `<name>.scales` the weights hold.
 """
 
+from collections.abc import Sequence
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
-from .modeling_m2_bert import BlockdiagLinear, from_blocks, to_blocks
+from .blockdiag_linear import BlockdiagLinear, from_blocks, to_blocks
+from .errors import QuantizationError
+from .modeling_utils import is_head_weight
 
 SKIPPABLE_GROUPS = ("embeddings", "heads", "mlp")
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
-_HEAD_PREFIXES = ("cls.", "classifier", "pooler.", "bert.pooler.")
 
 
 class QuantizedBlockdiagLinear(nn.Module):
@@ -81,7 +84,7 @@ def _group(path, module):
     if isinstance(module, nn.Linear):
         if ".filter_fn" in f".{path}":
             return None
-        return "heads" if path.startswith(_HEAD_PREFIXES) or ".pooler." in path else "mixer"
+        return "heads" if is_head_weight(path) else "mixer"
     return None
 
 
@@ -105,17 +108,17 @@ def _quantize_layers(model, predicate, group_size, bits):
 def check_quantization_settings(bits, group_size, skip):
     """Raise a ValueError that says what to change for settings `quantize_model` cannot apply."""
     if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits={bits} is not supported by MLX affine quantization; use one of {SUPPORTED_BITS}.")
+        raise QuantizationError(f"bits={bits} is not supported by MLX affine quantization; use one of {SUPPORTED_BITS}.")
     if group_size not in SUPPORTED_GROUP_SIZES:
-        raise ValueError(f"group_size={group_size} is not supported; use one of {SUPPORTED_GROUP_SIZES}.")
+        raise QuantizationError(f"group_size={group_size} is not supported; use one of {SUPPORTED_GROUP_SIZES}.")
     unknown = set(skip) - set(SKIPPABLE_GROUPS)
     if unknown:
-        raise ValueError(
+        raise QuantizationError(
             f"Cannot skip {sorted(unknown)}: the groups that can stay float are {', '.join(SKIPPABLE_GROUPS)}."
         )
 
 
-def quantize_model(model, *, bits=4, group_size=64, skip=()):
+def quantize_model(model: nn.Module, *, bits: int = 4, group_size: int = 64, skip: Sequence[str] = ()) -> dict:
     """Quantize `model` in place, record it in `model.config` (so `save_pretrained` writes a folder that loads
     quantized) and return the config entry {"group_size", "bits", "mode"}.
 
@@ -142,12 +145,12 @@ def apply_quantization(model, quantization, weights):
     try:
         group_size, bits = int(quantization["group_size"]), int(quantization["bits"])
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(
+        raise QuantizationError(
             f"The config's quantization entry {quantization!r} needs integer group_size and bits; the folder was "
             "not written by this package. Convert it again with `m2bert-mlx convert -q`."
         ) from e
     if quantization.get("mode", "affine") != "affine":
-        raise ValueError(f"Quantization mode {quantization['mode']!r} is not supported; this package writes affine.")
+        raise QuantizationError(f"Quantization mode {quantization['mode']!r} is not supported; this package writes affine.")
     def stored_quantized(path, module):
         return _group(path, module) is not None and f"{path}.scales" in weights
 

@@ -5,13 +5,17 @@ its `vocab.txt` ships in this package, so a tokenizer is available offline and f
 tokenizer files (the Composer `.pt` files).
 """
 
+import os
 from pathlib import Path
 
 from transformers import BertTokenizerFast
 
-from .loading import TOKENIZER_FILES, hub_download, hub_kwargs
+from .errors import TokenizerError
+from .hub import hub_download, hub_kwargs
 
-VOCAB_FILE = Path(__file__).parent / "data" / "vocab.txt"
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"]
+VOCAB_FILE = Path(__file__).parent / "vocab.txt"
+SHIPPED_VOCABULARY = "bert-base-uncased (the vocab.txt shipped with m2bert-hf-mlx)"
 # sha256 of bert-base-uncased's vocab.txt, as the ecosystem conventions record it.
 VOCAB_SHA256 = "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
 
@@ -21,8 +25,16 @@ def has_tokenizer_files(folder):
     return any((Path(folder) / name).is_file() for name in ("tokenizer.json", "vocab.txt"))
 
 
-def load_tokenizer(name_or_path=None, *, model_max_length=None, revision=None, cache_dir=None,
-                   local_files_only=False, token=None, endpoint=None):
+def load_tokenizer(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    model_max_length: int | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> BertTokenizerFast:
     """A `BertTokenizerFast` from a local folder or Hub repo holding tokenizer.json or vocab.txt, or, with no
     `name_or_path`, bert-base-uncased from the vocabulary shipped with this package.
 
@@ -36,29 +48,59 @@ def load_tokenizer(name_or_path=None, *, model_max_length=None, revision=None, c
         try:
             tokenizer = BertTokenizerFast.from_pretrained(folder)
         except Exception as e:  # tokenizers reports malformed files with its own exception types
-            raise ValueError(f"The tokenizer files in {folder} cannot be read ({type(e).__name__}: {e}).") from e
+            raise TokenizerError(f"The tokenizer files in {folder} cannot be read ({type(e).__name__}: {e}).") from e
     if model_max_length is not None:
         tokenizer.model_max_length = model_max_length
     return tokenizer
+
+
+def resolve_tokenizer(tokenizer=None, source=None, *, model_max_length=None, token=None, endpoint=None):
+    """The tokenizer a model runs with, and where it came from (for model cards and `m2bert-mlx info`).
+
+    `tokenizer`, when given, is a transformers tokenizer or a folder or Hub repo id to load one from. Otherwise
+    `source`, the model's folder or Hub repo id: its tokenizer files (a local folder without them gives the
+    shipped vocabulary); with neither, bert-base-uncased from the vocabulary shipped with this package.
+    """
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        origin = "the tokenizer given"
+    elif tokenizer is not None:
+        tokenizer, origin = load_tokenizer(str(tokenizer), token=token, endpoint=endpoint), str(tokenizer)
+    elif source is not None and (not Path(source).exists() or has_tokenizer_files(source)):
+        tokenizer = load_tokenizer(str(source), token=token, endpoint=endpoint)
+        origin = "the source's tokenizer files"
+    else:
+        tokenizer, origin = load_tokenizer(), SHIPPED_VOCABULARY
+    if model_max_length is not None:
+        tokenizer.model_max_length = model_max_length
+    return tokenizer, origin
+
+
+def check_tokenizer_fits(tokenizer, config):
+    """Refuse a tokenizer with more tokens than the model has embedding rows: its ids would index past them."""
+    if len(tokenizer) > config.vocab_size:
+        raise TokenizerError(
+            f"The tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size} embeddings: pass the "
+            "tokenizer this model was trained with (M2-BERT uses bert-base-uncased)."
+        )
 
 
 def _tokenizer_folder(name_or_path, hub):
     path = Path(name_or_path)
     if path.exists():
         if not path.is_dir():
-            raise ValueError(f"{path} is a file; give the folder that holds tokenizer.json or vocab.txt.")
+            raise TokenizerError(f"{path} is a file; give the folder that holds tokenizer.json or vocab.txt.")
         folder = path
     else:
         folder = Path(hub_download(str(name_or_path), TOKENIZER_FILES, hub))
     if not has_tokenizer_files(folder):
-        raise ValueError(
+        raise TokenizerError(
             f"{name_or_path} has no tokenizer.json or vocab.txt. M2-BERT uses bert-base-uncased: load_tokenizer() "
             "without a path gives the copy shipped with m2bert_hf_mlx."
         )
     return folder
 
 
-def save_tokenizer(tokenizer, folder, *, model_max_length):
+def save_tokenizer(tokenizer, folder: str | os.PathLike, *, model_max_length: int) -> None:
     """Write tokenizer.json, tokenizer_config.json (tokenizer_class "BertTokenizer", `model_max_length`) and
     vocab.txt into `folder`, as mlx-community model folders carry them. Sets `tokenizer.model_max_length`."""
     folder = Path(folder)
@@ -66,5 +108,5 @@ def save_tokenizer(tokenizer, folder, *, model_max_length):
     tokenizer.save_pretrained(folder)
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
     if [i for _, i in vocab] != list(range(len(vocab))):
-        raise ValueError("The tokenizer's token ids are not 0..n-1 without gaps, so it cannot be written as a vocab.txt.")
+        raise TokenizerError("The tokenizer's token ids are not 0..n-1 without gaps, so it cannot be written as a vocab.txt.")
     (folder / "vocab.txt").write_text("".join(f"{token}\n" for token, _ in vocab), encoding="utf-8")

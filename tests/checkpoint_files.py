@@ -5,7 +5,7 @@ import random
 import numpy as np
 from conftest import load_fixture
 
-from m2bert_hf_mlx.conversion.torch_format import Build, Call, Global, NewObject
+from torch_format import Build, Call, Global, NewObject
 
 
 def canonical_state_dict(name):

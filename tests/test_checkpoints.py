@@ -12,9 +12,10 @@ from checkpoint_files import canonical_state_dict, composer_checkpoint
 from conftest import load_fixture
 
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, M2BertModel
-from m2bert_hf_mlx.conversion.checkpoints import CheckpointError, checkpoint_keys, load_state_dict
-from m2bert_hf_mlx.conversion.torch_format import BFloat16, Build, Call, Global, NewObject, save_torch_object, save_torch_state_dict
-from m2bert_hf_mlx.loading import WeightsMismatchError
+from m2bert_hf_mlx.checkpoint_reader import checkpoint_keys, load_state_dict
+from m2bert_hf_mlx.errors import CheckpointError
+from torch_format import BFloat16, Build, Call, Global, NewObject, save_torch_object, save_torch_state_dict
+from m2bert_hf_mlx.errors import WeightsMismatchError
 
 
 def assert_same_arrays(got, expected):

@@ -16,7 +16,7 @@ from hub_server import USER, WRITE_TOKEN, HubServer
 from m2bert_hf_mlx import M2BertForMaskedLM, M2BertModel
 from m2bert_hf_mlx.cli import main
 from m2bert_hf_mlx.conversion.convert import convert
-from m2bert_hf_mlx.conversion.torch_format import BFloat16, save_torch_object, save_torch_state_dict
+from torch_format import BFloat16, save_torch_object, save_torch_state_dict
 from m2bert_hf_mlx.tokenization import VOCAB_SHA256, load_tokenizer
 
 # The fixtures' vocabulary has 120 entries, so the tokenizer that goes with them has 120 tokens too.

@@ -16,7 +16,7 @@ from transformers import BertTokenizer
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM
 from m2bert_hf_mlx.cli import main
 from m2bert_hf_mlx.hub import upload_model_folder
-from m2bert_hf_mlx.loading import HubError
+from m2bert_hf_mlx.errors import HubError
 
 INPUT_IDS = [[101, 2023, 103, 2003, 1037, 3231, 102, 0]]
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world"]
@@ -26,7 +26,7 @@ OFFLINE_LOAD = """
 import sys, json
 from m2bert_hf_mlx import M2BertForMaskedLM  # first, so that MLX gets the same BLAS as the tests
 import mlx.core as mx, numpy as np
-from m2bert_hf_mlx.loading import HubError
+from m2bert_hf_mlx.errors import HubError
 repo_id, endpoint, cache_dir, input_ids, out = sys.argv[1:]
 try:
     model = M2BertForMaskedLM.from_pretrained(repo_id, endpoint=endpoint, cache_dir=cache_dir)

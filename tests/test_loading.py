@@ -8,8 +8,8 @@ from mlx.utils import tree_flatten
 from safetensors.numpy import save_file
 
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, M2BertForSequenceClassification, M2BertModel
-from m2bert_hf_mlx.conversion.checkpoints import CheckpointError
-from m2bert_hf_mlx.loading import HubError, WeightsMismatchError
+from m2bert_hf_mlx.errors import CheckpointError
+from m2bert_hf_mlx.errors import HubError, WeightsMismatchError
 
 TOL = 2e-5
 

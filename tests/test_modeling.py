@@ -139,7 +139,7 @@ def test_too_long_input_is_refused_with_advice():
 
 
 def test_short_conv_is_causal_and_gates_in_the_canonical_order():
-    from m2bert_hf_mlx.modeling_m2_bert import CausalShortConv
+    from m2bert_hf_mlx.short_conv import CausalShortConv
 
     conv = CausalShortConv(6)  # D = 2: channels [x1 | x2 | v]
     x = mx.random.normal((1, 6, 6))
@@ -153,7 +153,7 @@ def test_short_conv_is_causal_and_gates_in_the_canonical_order():
 
 
 def test_blockdiag_matches_dense_block_diagonal_matrix():
-    from m2bert_hf_mlx.modeling_m2_bert import BlockdiagLinear
+    from m2bert_hf_mlx.blockdiag_linear import BlockdiagLinear
 
     layer = BlockdiagLinear(12, 8, nblocks=4)
     x = mx.random.normal((2, 3, 12))
@@ -213,7 +213,7 @@ def test_gradients_at_inference_reach_the_filter_weights_like_in_training():
 def test_gelu_is_the_exact_erf_gelu_to_float32_accuracy():
     import math
 
-    from m2bert_hf_mlx.modeling_m2_bert import gelu
+    from m2bert_hf_mlx.activations import gelu
 
     x = np.linspace(-9, 9, 100_001).astype(np.float32)
     expected = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])

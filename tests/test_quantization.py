@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, M2BertModel
-from m2bert_hf_mlx.modeling_m2_bert import BlockdiagLinear
+from m2bert_hf_mlx.blockdiag_linear import BlockdiagLinear
 from m2bert_hf_mlx.quantization import QuantizedBlockdiagLinear, apply_quantization, quantize_model
 
 # Widths that group size 32 divides everywhere (the tiny preset's block width of 16 does not).

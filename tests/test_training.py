@@ -281,7 +281,7 @@ def test_train_command_explains_mistakes(tmp_path, capsys, monkeypatch, extra, m
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(), reason="the demo model is not trained yet (training/train_demo_model.py)")
+@pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(), reason="the demo model is not trained yet (recipes/demo_model/train_demo_model.py)")
 def test_demo_model_fills_an_easy_blank():
     model = M2BertForMaskedLM.from_pretrained(DEMO_MODEL)
     tokenizer = load_tokenizer(DEMO_MODEL)

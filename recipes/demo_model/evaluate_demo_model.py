@@ -7,7 +7,7 @@ The baseline always answers the most frequent token of the training corpus. The 
 are short single sentences (WordNet usage examples and chat lines), so the model has little context to go on. Each
 file of the held-out folder (one per source) is measured, and all of them together.
 
-Usage: python training/evaluate_demo_model.py [MODEL] [--heldout DIR] [--train FILE] [--seed S]
+Usage: python recipes/demo_model/evaluate_demo_model.py [MODEL] --corpus DIR [--heldout DIR] [--train FILE] [--seed S]
 (MODEL defaults to the demo model shipped in the package.)
 """
 
@@ -22,7 +22,6 @@ import numpy as np
 from m2bert_hf_mlx import DEMO_MODEL, M2BertForMaskedLM
 from m2bert_hf_mlx.tokenization import load_tokenizer
 
-CORPUS = Path("/work/corpus")
 SEED = 0
 BATCH_SIZE = 128
 
@@ -83,7 +82,7 @@ def evaluate_heldout(model, tokenizer, folder, baseline_token, seed=SEED):
     masks together (line-weighted means)."""
     paths = sorted(Path(folder).glob("*.txt"))
     if not paths:
-        raise FileNotFoundError(f"{folder} holds no held-out .txt file: build the corpus with training/prepare_corpus.py.")
+        raise FileNotFoundError(f"{folder} holds no held-out .txt file: build the corpus with recipes/demo_model/prepare_corpus.py.")
     results = {path.stem: evaluate(model, tokenizer, read_lines(path), baseline_token, seed) for path in paths}
     lines = sum(result["lines"] for result in results.values())
     results["all"] = {"lines": lines, "baseline_token": results[paths[0].stem]["baseline_token"]} | {
@@ -100,13 +99,16 @@ def read_lines(path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", nargs="?", default=str(DEMO_MODEL), help="MLX model folder (default: the demo model)")
-    parser.add_argument("--heldout", type=Path, default=CORPUS / "heldout", help="folder of held-out text files, one line each")
-    parser.add_argument("--train", type=Path, default=CORPUS / "train.txt", help="training text, for the baseline")
+    parser.add_argument("--corpus", type=Path, required=True, help="the folder prepare_corpus.py wrote")
+    parser.add_argument("--heldout", type=Path, help="folder of held-out text files, one line each (default: CORPUS/heldout)")
+    parser.add_argument("--train", type=Path, help="training text, for the baseline (default: CORPUS/train.txt)")
     parser.add_argument("--seed", type=int, default=SEED, help="seed of the masked positions")
     args = parser.parse_args()
+    args.heldout = args.heldout or args.corpus / "heldout"
+    args.train = args.train or args.corpus / "train.txt"
     for path in (args.heldout, args.train):
         if not path.exists():
-            sys.exit(f"{path} does not exist: build the corpus with training/prepare_corpus.py, or pass its path.")
+            sys.exit(f"{path} does not exist: build the corpus with recipes/demo_model/prepare_corpus.py, or pass its path.")
     model = M2BertForMaskedLM.from_pretrained(args.model, dtype="float32")
     tokenizer = load_tokenizer(args.model)
     # Counted on lines cut at the model's length, as training saw them.

@@ -1,14 +1,14 @@
 """Train the demo model that ships as m2bert_hf_mlx/demo_model: a small M2-BERT MLM pretrained by this package.
 
 Recipe: DEMO_CONFIG (hidden size 192, 5 layers, maximum length 128, the bert-base-uncased vocabulary) trained from
-scratch with the package's Trainer on the corpus that training/prepare_corpus.py builds: masked-language modelling
+scratch with the package's Trainer on the corpus that recipes/demo_model/prepare_corpus.py builds: masked-language modelling
 on consecutive lines packed into examples of 128 tokens, AdamW with warm-up and cosine decay. The last
 VALIDATION_LINES lines of train.txt are held back for the periodic evaluation. The weights are stored in float16
 (the long-convolution filters in float32), which keeps the folder under 20 MB. Then the top-1 accuracy of single
 masked tokens in the lines of heldout/ is measured against always guessing the most frequent training token
 (evaluate_demo_model.py), and the folder gets its model card with those numbers.
 
-Usage: python training/train_demo_model.py OUTPUT (--steps N | --time-budget SECONDS) [--corpus DIR]
+Usage: python recipes/demo_model/train_demo_model.py OUTPUT (--steps N | --time-budget SECONDS) --corpus DIR
        [--work-dir DIR] [--resume]
 
 --time-budget S picks the number of steps from the speed of a short timing run so that the whole script ends
@@ -20,7 +20,6 @@ same --steps repeats an uninterrupted run; another --steps re-times the rest of 
 import argparse
 import platform
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from prepare_corpus import slug
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, __version__
 from m2bert_hf_mlx.loading import cast_model
 from m2bert_hf_mlx.ops import resolve_backend
+from m2bert_hf_mlx.publishing import write_atomically
 from m2bert_hf_mlx.tokenization import load_tokenizer, save_tokenizer
 from m2bert_hf_mlx.training import MaskedLMData, Trainer, TrainingArguments
 
@@ -53,7 +53,6 @@ TIMING_STEPS = 12
 # Seconds kept for what follows training: the held-out evaluation, the float16 copy and the card.
 FINISH_RESERVE_S = 75
 STORED_DTYPE = "float16"
-CORPUS = Path("/work/corpus")
 # "train  108010 lines  8.30 MB  WordNet 3.0 glosses [wordnet-base_....deb; WordNet 3.0 licence (...)]"
 SOURCE_LINE = re.compile(r"^(train|heldout)\s+(\d+) lines\s+([\d.]+) MB\s+(.+?) \[(.+?); (.+)\]$")
 
@@ -93,13 +92,13 @@ def main():
     length = parser.add_mutually_exclusive_group(required=True)
     length.add_argument("--steps", type=int, help="optimizer steps")
     length.add_argument("--time-budget", type=float, metavar="SECONDS", help="end the whole script within this time")
-    parser.add_argument("--corpus", type=Path, default=CORPUS, help="folder with train.txt, heldout/, SOURCES.txt")
+    parser.add_argument("--corpus", type=Path, required=True, help="folder with train.txt, heldout/, SOURCES.txt")
     parser.add_argument("--work-dir", type=Path, default=Path("demo_model_run"), help="checkpoints (default: ./demo_model_run)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --work-dir")
     args = parser.parse_args()
     for name in ("train.txt", "heldout", "SOURCES.txt"):
         if not (args.corpus / name).exists():
-            sys.exit(f"{args.corpus / name} is missing: build the corpus with training/prepare_corpus.py {args.corpus}.")
+            sys.exit(f"{args.corpus / name} is missing: build the corpus with recipes/demo_model/prepare_corpus.py {args.corpus}.")
 
     tokenizer = load_tokenizer(None, model_max_length=MAX_LENGTH)
     lines = read_lines(args.corpus / "train.txt")
@@ -119,26 +118,28 @@ def main():
     history = trainer.train(resume=args.resume)
 
     model = trainer.model
-    cast_model(model, STORED_DTYPE)
-    staging = args.output.with_name(args.output.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    save_tokenizer(tokenizer, staging, model_max_length=MAX_LENGTH)
 
-    # The shipped float16 weights, computed in float32: what evaluate_demo_model.py measures on the folder.
-    cast_model(model, "float32")
-    baseline_token = int(unigram_counts(train_data.encoded["input_ids"], tokenizer).argmax())
-    results = evaluate_heldout(model, tokenizer, args.corpus / "heldout", baseline_token)
-    for name, result in results.items():
-        print(name, " ".join(f"{k}={v}" for k, v in result.items()), flush=True)
-    validation_entry = [h for h in history if "eval_accuracy" in h][-1]
-    (staging / "README.md").write_text(model_card(
-        steps=trainer.step, runtime_s=trainer.runtime_s, results=results, validation=validation_entry,
-        train_lines=len(lines) - VALIDATION_LINES, train_examples=len(train_data), sources=(args.corpus / "SOURCES.txt").read_text(encoding="utf-8"),
-        parameters=model.num_parameters(),
-    ), encoding="utf-8")
-    shutil.rmtree(args.output, ignore_errors=True)
-    staging.rename(args.output)
+    def write(folder):
+        cast_model(model, STORED_DTYPE)
+        model.save_pretrained(folder)
+        save_tokenizer(tokenizer, folder, model_max_length=MAX_LENGTH)
+        # tokenizer.json holds the vocabulary; the package ships bert-base-uncased's vocab.txt once, beside its code.
+        (folder / "vocab.txt").unlink()
+
+        # The shipped float16 weights, computed in float32: what evaluate_demo_model.py measures on the folder.
+        cast_model(model, "float32")
+        baseline_token = int(unigram_counts(train_data.encoded["input_ids"], tokenizer).argmax())
+        results = evaluate_heldout(model, tokenizer, args.corpus / "heldout", baseline_token)
+        for name, result in results.items():
+            print(name, " ".join(f"{k}={v}" for k, v in result.items()), flush=True)
+        validation_entry = [h for h in history if "eval_accuracy" in h][-1]
+        (folder / "README.md").write_text(model_card(
+            steps=trainer.step, runtime_s=trainer.runtime_s, results=results, validation=validation_entry,
+            train_lines=len(lines) - VALIDATION_LINES, train_examples=len(train_data),
+            sources=(args.corpus / "SOURCES.txt").read_text(encoding="utf-8"), parameters=model.num_parameters(),
+        ), encoding="utf-8")
+
+    write_atomically(args.output, write)
     size = sum(p.stat().st_size for p in args.output.iterdir()) / 1e6
     print(f"Wrote {args.output} ({size:.1f} MB) in {time.perf_counter() - started:.0f} s.")
 
@@ -189,7 +190,7 @@ tags:
 
 A small M2-BERT (Monarch Mixer BERT, [HazyResearch/m2](https://github.com/HazyResearch/m2)) masked-language model,
 pretrained from scratch by [m2bert-hf-mlx](https://pypi.org/project/m2bert-hf-mlx/) {__version__} with its own
-trainer (`training/train_demo_model.py` in the package's repository), so that the package can show fill-mask
+trainer (`recipes/demo_model/train_demo_model.py` in the package's repository), so that the package can show fill-mask
 working on a machine without network access. It is a demonstration, not a useful language model.
 
 ```python
@@ -225,7 +226,7 @@ print(fill_mask("she poured a glass of [MASK]."))
 ## Held-out accuracy
 
 One token of each held-out line is replaced by [MASK], the line is padded to {MAX_LENGTH} tokens on its own, and
-the top-1 prediction is compared with the hidden token (`training/evaluate_demo_model.py`). The held-out lines are
+the top-1 prediction is compared with the hidden token (`recipes/demo_model/evaluate_demo_model.py`). The held-out lines are
 short everyday sentences that the model never saw: the usage examples of half of WordNet's synsets (chosen by a
 hash of the synset id; the other half's examples are training data, so no synset has examples on both sides) and
 the ChatterBot dialogue lines, a source entirely absent from training. The baseline always answers the most
@@ -238,7 +239,7 @@ frequent training token (`{results['all']['baseline_token']}`).
 ## Corpus and licences
 
 English text from Debian and PyPI packages, public domain or under permissive licences, built offline by
-`training/prepare_corpus.py`:
+`recipes/demo_model/prepare_corpus.py`:
 
 | split | source | size | package | licence |
 |---|---|---|---|---|

@@ -2,8 +2,8 @@
 
 from importlib import resources
 
-from .. import __version__
-from ..quantization import SKIPPABLE_GROUPS
+from ._package import __version__
+from .quantization import SKIPPABLE_GROUPS
 
 # Layers quantize_model leaves in float whatever it is asked (see m2bert_hf_mlx.quantization).
 _ALWAYS_FLOAT = "long-conv filters, short conv, LayerNorms, biases, position embeddings"

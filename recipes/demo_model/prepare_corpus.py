@@ -9,7 +9,7 @@ prose, cleans and deduplicates it, and writes into the output folder:
   fill-mask accuracy check;
 - ``SOURCES.txt`` and ``licenses/``: where each line came from, under which licence, and each package's licence text.
 
-Usage: python training/prepare_corpus.py OUTPUT_DIR [--cache DIR]
+Usage: python recipes/demo_model/prepare_corpus.py OUTPUT_DIR [--cache DIR]
 """
 
 import argparse

@@ -31,10 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read: corrupt, truncated, unsafe or of an unsupported kind."""
-
+from .errors import CheckpointError
 
 # ---------------------------------------------------------------------------------------------------------------
 # dtypes

@@ -1,0 +1,46 @@
+"""The exceptions of this package: one base class, one subclass per kind of problem a user can cause.
+
+Each subclasses the built-in exception that code written before them caught (ValueError, OSError), so those
+`except` clauses keep working; the message says what was wrong and what to do.
+"""
+
+
+class M2BertError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(M2BertError, ValueError):
+    """A config that does not describe a supported M2-BERT model, or a config argument that cannot be read."""
+
+
+class InputError(M2BertError, ValueError):
+    """Inputs a model or pipeline cannot take: wrong shape, empty, too long, wrong options."""
+
+
+class QuantizationError(M2BertError, ValueError):
+    """Quantization settings MLX cannot apply, or a quantized folder this package did not write."""
+
+
+class CheckpointError(M2BertError, ValueError):
+    """A checkpoint file that cannot be read: corrupt, truncated, unsafe or of an unsupported kind."""
+
+
+class WeightsMismatchError(M2BertError, ValueError):
+    """The checkpoint's tensors do not fit the model: missing, unexpected or mis-shaped weights."""
+
+
+class TokenizerError(M2BertError, ValueError):
+    """A tokenizer that cannot be read, or that does not fit the model."""
+
+
+class HubError(M2BertError, OSError):
+    """A Hub request that failed: missing repo or revision, offline without a cache, unreachable Hub, refused
+    upload (bad token, no write access)."""
+
+
+class TrainingError(M2BertError, ValueError):
+    """Training that cannot go ahead as asked; the message says what to change."""
+
+
+class ConvertError(M2BertError, ValueError):
+    """A conversion that cannot go ahead as asked; the message says what to change."""

@@ -1,0 +1,91 @@
+"""Writing a complete model folder (weights, config, tokenizer files, model card) and publishing it on the Hub.
+
+`write_atomically` is the one way this package replaces a folder: the new one is written beside it and renamed into
+place, so an interrupted write never leaves a folder that looks complete. `convert`, `push_to_hub` and the trainer's
+checkpoints use it.
+"""
+
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+
+from .hub import require_token, upload_model_folder
+from .model_card import render_model_card
+from .modeling_utils import DTYPE_NAMES
+from .quantization import float_groups
+from .tokenization import resolve_tokenizer, save_tokenizer
+
+
+def write_atomically(target, write):
+    """Run `write(tmp)` on a fresh sibling folder, then rename it to `target` (replacing what is there)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.partial-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}")
+            target.rename(old)
+            try:
+                tmp.rename(target)
+            except BaseException:
+                old.rename(target)
+                raise
+            shutil.rmtree(old)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_model_folder(folder, model, tokenizer, card):
+    """The MLX folder contract: config.json, safetensors weights, tokenizer files and the README.md model card."""
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder, model_max_length=model.config.max_sequence_length)
+    (folder / "README.md").write_text(card, encoding="utf-8")
+
+
+def push_to_hub(
+    model,
+    repo_id: str,
+    *,
+    tokenizer=None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+):
+    """Save `model` into a temporary folder with the MLX folder contract (config.json, safetensors weights,
+    tokenizer files, README.md model card) and upload it with `upload_model_folder` (same arguments); return the
+    `CommitInfo`.
+
+    `tokenizer` is a transformers tokenizer; by default, the tokenizer files of the folder the model was loaded
+    from, else the bert-base-uncased vocabulary shipped with the package.
+    """
+    require_token(token)
+    tokenizer, origin = resolve_tokenizer(tokenizer, model.source_folder)
+    name = model.name_or_path
+    from_hub = name is not None and not Path(name).exists()
+    card = render_model_card(
+        repo_id=repo_id,
+        architecture=type(model).__name__,
+        config=model.config,
+        source=name or "a model built in memory",
+        base_model=name if from_hub else None,
+        revision="as loaded" if from_hub else "local files",
+        dtype=DTYPE_NAMES[model.dtype],
+        quantization=getattr(model.config, "quantization", None),
+        q_skip=float_groups(model),
+        tokenizer=origin,
+    )
+    with tempfile.TemporaryDirectory(prefix="m2bert-push-") as tmp:
+        write_model_folder(tmp, model, tokenizer, card)
+        return upload_model_folder(
+            tmp, repo_id, token=token, endpoint=endpoint, private=private, revision=revision,
+            commit_message=commit_message,
+        )
