@@ -14,20 +14,34 @@ endif
 
 .PHONY: install test test-lowest demo
 
+# The package is installed as a wheel, not in editable mode: setuptools warns on every editable install of a layout
+# that maps conversion/, metal/ and model_cards/ into m2bert_hf_mlx. Any change to the package's files installs it
+# again (a few seconds), so the tests always run the code of the working tree.
+PACKAGE_FILES := $(filter-out %__pycache__ %.pyc,$(wildcard m2bert_hf_mlx/* m2bert_hf_mlx/*/* conversion/* metal/* model_cards/*))
+
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.dependencies: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]" $(TORCH)
+	$(PY) -m pip install -q ".[$(EXTRAS)]" $(TORCH)
 	touch $@
 
-$(LOWEST)/.installed: pyproject.toml Makefile .ci/lowest_requirements.py
+$(VENV)/.installed: $(VENV)/.dependencies $(PACKAGE_FILES)
+	$(PY) -m pip install -q --no-deps --force-reinstall .
+	rm -rf build
+	touch $@
+
+$(LOWEST)/.dependencies: pyproject.toml Makefile .ci/lowest_requirements.py
 	$(PYTHON) -m venv $(LOWEST)
 	$(LOWEST)/bin/python -m pip install -q --upgrade pip
 	$(LOWEST)/bin/python .ci/lowest_requirements.py $(subst $(comma), ,$(EXTRAS)) > $(LOWEST)/requirements.txt
 	$(LOWEST)/bin/python -m pip install -q -r $(LOWEST)/requirements.txt
-	$(LOWEST)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+$(LOWEST)/.installed: $(LOWEST)/.dependencies $(PACKAGE_FILES)
+	$(LOWEST)/bin/python -m pip install -q --no-deps --force-reinstall .
+	rm -rf build
 	touch $@
 
 comma := ,
@@ -42,4 +56,4 @@ test-lowest: $(LOWEST)/.installed
 	$(LOWEST)/bin/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 demo: install
-	$(PY) -m m2bert_hf_mlx demo
+	$(VENV)/bin/m2bert-mlx demo
