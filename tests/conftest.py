@@ -11,6 +11,27 @@ os.environ["PYTHONSAFEPATH"] = "1"  # likewise for the Python processes the test
 # Imported before anything imports mlx.core, so that MLX's CPU back end gets the optimized BLAS (m2bert_hf_mlx.cpu_blas).
 import m2bert_hf_mlx  # noqa: E402, F401, I001
 
+# Where each source folder is installed, as pyproject.toml maps them.
+_INSTALLED_AS = {"m2bert_hf_mlx": "", "conversion": "conversion", "metal": "metal", "model_cards": "model_cards"}
+
+
+def _stale_installed_file():
+    """The first file of the working tree that the installed package lacks or holds otherwise, if any."""
+    installed = Path(m2bert_hf_mlx.__file__).parent
+    for folder, target in _INSTALLED_AS.items():
+        for source in sorted((ROOT / folder).rglob("*")):
+            if source.is_file() and "__pycache__" not in source.parts and source.suffix != ".pyc":
+                copy = installed / target / source.relative_to(ROOT / folder)
+                if not copy.is_file() or copy.read_bytes() != source.read_bytes():
+                    return source.relative_to(ROOT)
+    return None
+
+
+def pytest_configure(config):
+    stale = _stale_installed_file()
+    if stale is not None:
+        raise pytest.UsageError(f"the installed package is older than {stale}: run `make install` (or `make test`)")
+
 import json  # noqa: E402
 
 import numpy as np
