@@ -82,6 +82,12 @@ def _add_padding_argument(parser):
         help="max_length (default) pads every text to the model's maximum length, which reproduces the reference "
         "outputs; longest pads each batch to its longest text: faster, different outputs",
     )
+    parser.add_argument(
+        "--no-truncation",
+        dest="truncation",
+        action="store_false",
+        help="refuse texts longer than the model's maximum length instead of cutting them (with a warning)",
+    )
 
 
 def _positive_int(text):
@@ -100,7 +106,7 @@ def _positive_int(text):
 
 def run_fill_mask(args):
     fill_mask = pipeline("fill-mask", model=args.model, model_kwargs={"config": args.config})
-    results = fill_mask(args.texts, top_k=args.top_k, padding=args.padding)
+    results = fill_mask(args.texts, top_k=args.top_k, padding=args.padding, truncation=args.truncation)
     # transformers' nesting: a list of one text gives that text's result, and one mask a flat list.
     results = [results] if len(args.texts) == 1 else results
     blocks = []
@@ -146,7 +152,9 @@ def run_embed(args):
     if not texts:
         args.parser.error("give texts to embed as arguments or with --input FILE")
     model = M2BertModel.from_pretrained(args.model, config=args.config)
-    embeddings = model.encode(texts, batch_size=args.batch_size, normalize=args.normalize, padding=args.padding)
+    embeddings = model.encode(
+        texts, batch_size=args.batch_size, normalize=args.normalize, padding=args.padding, truncation=args.truncation
+    )
     if args.output:
         with open(args.output, "wb") as f:
             np.save(f, embeddings)

@@ -215,6 +215,11 @@ class M2BertConfig(PretrainedConfig):
         return cls(**{**d, **overrides})
 
     @classmethod
+    def field_names(cls):
+        """The fields a keyword argument may override: those of a default config, `num_labels` and `quantization`."""
+        return set(cls().to_dict()) | {"num_labels", "quantization"}
+
+    @classmethod
     def from_json_file(cls, path, **overrides):
         path = Path(path)
         try:

@@ -10,6 +10,7 @@ import mlx.core as mx
 import numpy as np
 
 from .activations import l2_normalize
+from .errors import checked_keywords
 from .modeling_m2_bert import M2BertModel
 from .pipelines.base import (
     _as_list,
@@ -25,6 +26,7 @@ from .tokenization import check_tokenizer_fits
 CONVERT_TO_CHOICES = ("numpy", "mlx")
 
 
+@checked_keywords
 def encode(
     model: M2BertModel,
     texts: str | Sequence[str],

@@ -4,6 +4,10 @@ Each subclasses the built-in exception that code written before them caught (Val
 `except` clauses keep working; the message says what was wrong and what to do.
 """
 
+import difflib
+import functools
+import inspect
+
 
 class M2BertError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -44,3 +48,30 @@ class TrainingError(M2BertError, ValueError):
 
 class ConvertError(M2BertError, ValueError):
     """A conversion that cannot go ahead as asked; the message says what to change."""
+
+
+class ArgumentError(M2BertError, TypeError):
+    """A keyword argument that the function or pipeline does not take (a TypeError, as Python's own would be)."""
+
+
+def check_keywords(where, given, accepted):
+    """Refuse the first name of `given` that is not in `accepted`, suggesting the closest accepted one."""
+    accepted = sorted(accepted)
+    for name in given:
+        if name not in accepted:
+            close = difflib.get_close_matches(name, accepted, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}?" if close else f"it takes {', '.join(accepted)}."
+            raise ArgumentError(f"{where} got an unknown keyword argument {name!r}: {hint}")
+
+
+def checked_keywords(function):
+    """Make an unknown keyword argument of `function` an ArgumentError that names the closest accepted one."""
+    parameters = inspect.signature(function).parameters.values()
+    accepted = {p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        check_keywords(f"{function.__name__}()", kwargs, accepted)
+        return function(*args, **kwargs)
+
+    return wrapper

@@ -25,6 +25,7 @@ def hub_download(repo_id, allow_patterns, hub, *, dry_run=False):
     )
 
     where = hub.get("endpoint") or "the Hugging Face Hub"
+    # Each message says what failed and what to do, so huggingface_hub's chained tracebacks (100 lines) are left out.
     try:
         return snapshot_download(
             repo_id,
@@ -35,29 +36,29 @@ def hub_download(repo_id, allow_patterns, hub, *, dry_run=False):
             **hub,
         )
     except HFValidationError as e:
-        raise HubError(f"{repo_id!r} is neither a local folder or file nor a valid Hub repo id ({e}).") from e
+        raise HubError(f"{repo_id!r} is neither a local folder or file nor a valid Hub repo id ({e}).") from None
     except GatedRepoError as e:
-        raise HubError(f"{repo_id} on {where} is gated: accept its terms on the Hub and pass token=... .") from e
+        raise HubError(f"{repo_id} on {where} is gated: accept its terms on the Hub and pass token=... .") from None
     except RepositoryNotFoundError as e:
         raise HubError(
             f"Repository {repo_id!r} was not found on {where}. Check the name, pass token=... if it is private, "
             "or give the path of a local folder."
-        ) from e
+        ) from None
     except RevisionNotFoundError as e:
-        raise HubError(f"Revision {hub.get('revision')!r} does not exist in {repo_id}.") from e
+        raise HubError(f"Revision {hub.get('revision')!r} does not exist in {repo_id}.") from None
     except IncompleteSnapshotError as e:
         raise HubError(
             f"The cached copy of {repo_id} is incomplete and {where} cannot be reached; go online once to finish "
             "the download."
-        ) from e
+        ) from None
     except LocalEntryNotFoundError as e:
         raise HubError(
             f"{repo_id!r} is not a local folder, is not in the Hugging Face cache, and {where} cannot be reached "
             "(offline mode, local_files_only=True, or no network). Download it once online, unset HF_HUB_OFFLINE, "
             "or give the path of a local folder."
-        ) from e
+        ) from None
     except HfHubHTTPError as e:
-        raise HubError(f"{where} refused the request for {repo_id}: {e}") from e
+        raise HubError(f"{where} refused the request for {repo_id}: {e}") from None
 
 
 def hub_kwargs(revision, cache_dir, local_files_only, token, force_download, endpoint):

@@ -6,6 +6,7 @@ resume loads through the same `load_weights`.
 """
 
 import copy
+import inspect
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from mlx.utils import tree_flatten
 from . import modeling_m2_bert
 from .checkpoint_reader import checkpoint_keys, load_state_dict
 from .configuration_m2_bert import PRESETS, M2BertConfig
-from .errors import CheckpointError, ConfigError, WeightsMismatchError
+from .errors import CheckpointError, ConfigError, WeightsMismatchError, check_keywords
 from .hub import hub_download, hub_kwargs
 from .modeling_m2_bert import strip_training_prefixes
 from .modeling_utils import DTYPE_NAMES, DTYPES, is_head_weight
@@ -160,8 +161,15 @@ def _read_config_dict(folder, name_or_path, config):
         raise ConfigError(f"{path} is not a readable JSON config ({e}); download it again.") from e
 
 
+def _check_overrides(where, function, overrides):
+    # transformers' rule: keywords that are config fields override the config; anything else is a mistake.
+    loader_arguments = [n for n, p in inspect.signature(function).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    check_keywords(where, overrides, M2BertConfig.field_names() | set(loader_arguments))
+
+
 def load_config(name_or_path, *, revision=None, cache_dir=None, local_files_only=False, token=None,
                 force_download=False, endpoint=None, subfolder="", **overrides):
+    _check_overrides("M2BertConfig.from_pretrained()", load_config, overrides)
     hub = hub_kwargs(revision, cache_dir, local_files_only, token, force_download, endpoint)
     folder = fetch_config_folder(name_or_path, hub, subfolder)
     return M2BertConfig.from_upstream_dict(_read_config_dict(folder, name_or_path, None), **overrides)
@@ -193,6 +201,17 @@ def _describe(keys, limit=12):
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+def _missing_head_message(model, source, missing):
+    # strict=False would run a randomly initialised head: fine to fine-tune a classifier, never to fill masks.
+    head = f"{source} has no weights for the task head of {type(model).__name__} ({_describe(missing)})"
+    if isinstance(model, modeling_m2_bert.M2BertForMaskedLM):
+        return (
+            f"{head}: it is an encoder checkpoint without an MLM head, such as a retrieval model. Load it with "
+            "M2BertModel, or use the 'sentence-embedding' or 'feature-extraction' pipeline."
+        )
+    return f"{head}. To fine-tune a new head from it, pass strict=False, which starts the head from random weights."
+
+
 def apply_weights(model, weights, *, strict=True, source="the checkpoint"):
     """Load sanitized weights into the model, checking that they fit (see `load_model`'s `strict`)."""
     expected = dict(tree_flatten(model.parameters()))
@@ -204,6 +223,8 @@ def apply_weights(model, weights, *, strict=True, source="the checkpoint"):
         for k in sorted(set(weights) & set(expected))
         if weights[k].shape != expected[k].shape
     ]
+    if strict and missing and not mismatched and not unexpected and all(is_head_weight(k) for k in missing):
+        raise WeightsMismatchError(_missing_head_message(model, source, missing))
     problems = []
     if mismatched:
         problems.append("shape mismatches: " + "; ".join(mismatched[:12]))
@@ -273,6 +294,7 @@ def _declared_dtype(config_dict):
 
 def load_model(cls, name_or_path, *, config=None, revision=None, cache_dir=None, local_files_only=False, token=None,
                force_download=False, dtype=None, strict=True, endpoint=None, subfolder="", **config_overrides):
+    _check_overrides(f"{cls.__name__}.from_pretrained()", load_model, config_overrides)
     hub = hub_kwargs(revision, cache_dir, local_files_only, token, force_download, endpoint)
     folder = fetch_config_folder(name_or_path, hub, subfolder)
     config_dict = _read_config_dict(folder, name_or_path, config)

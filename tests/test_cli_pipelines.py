@@ -70,7 +70,7 @@ def test_fill_mask_errors(folders, capsys):
     assert_one_line_error(err, "fill-mask", "[MASK]")
     code, _, err = run(capsys, "fill-mask", "--model", folders["pooler"], "a [MASK]")
     assert code == 1
-    assert_one_line_error(err, "fill-mask", "missing from")
+    assert_one_line_error(err, "fill-mask", "sentence-embedding")
     code, _, err = run(capsys, "fill-mask", "--model", "/no/such/folder", "a [MASK]")
     assert code == 1
     assert_one_line_error(err, "fill-mask", "/no/such/folder")

@@ -28,6 +28,7 @@ from ..modeling_m2_bert import (
     M2BertForSequenceClassification,
     M2BertModel,
 )
+from ..errors import InputError, check_keywords
 from ..tokenization import check_tokenizer_fits, resolve_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -142,8 +143,15 @@ def _tokenize(tokenizer, texts, pairs, *, max_length, truncation):
         )
     if not truncation:
         them = "it" if len(rows) == 1 else "them"
-        raise ValueError(f"{problem}: shorten {them}, or pass truncation=True to cut {them} at the maximum.")
-    logger.warning("%s; truncated to the maximum. Pass truncation=False to refuse such inputs instead.", problem)
+        raise InputError(
+            f"{problem}: shorten {them}, or let {them} be cut at the maximum (truncation=True; on the command line, "
+            "leave out --no-truncation)."
+        )
+    logger.warning(
+        "%s; truncated to the maximum. To refuse such inputs instead, pass truncation=False (on the command line, "
+        "--no-truncation).",
+        problem,
+    )
     cut = _call_tokenizer(
         tokenizer, [texts[i] for i in too_long], [pairs[i] for i in too_long], truncation=True, max_length=max_length
     )
@@ -236,9 +244,7 @@ class Pipeline:
 
     def _check_arguments(self, kwargs):
         accepted = [name for name, p in inspect.signature(self._run).parameters.items() if p.kind is p.KEYWORD_ONLY]
-        unknown = sorted(set(kwargs) - set(accepted))
-        if unknown:
-            raise TypeError(f"The {self.task} pipeline does not take {', '.join(unknown)}; it takes {', '.join(accepted)}.")
+        check_keywords(f"The {self.task} pipeline", kwargs, accepted)
 
     def _tokenize(self, texts, pairs, truncation):
         return _tokenize(self.tokenizer, texts, pairs, max_length=self.model.config.max_sequence_length, truncation=truncation)

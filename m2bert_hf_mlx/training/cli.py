@@ -8,6 +8,7 @@ from ..configuration_m2_bert import PRESETS, M2BertConfig
 from ..errors import TrainingError
 from ..tokenization import check_tokenizer_fits, resolve_tokenizer
 from .arguments import TASKS, TrainingArguments
+from .checkpoints import claim_output_dir
 from .data import load_task_data
 from .trainer import TASK_MODELS, Trainer
 
@@ -47,7 +48,9 @@ def register(subparsers):
     parser.add_argument("--temperature", type=float, default=0.05, help="contrastive softmax temperature (default: 0.05)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
                         help="compile the training step (default: on a GPU only; the CPU back end compiles slowly)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    restart = parser.add_mutually_exclusive_group()
+    restart.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    restart.add_argument("--force", action="store_true", help="start over in a used --output, removing its checkpoints")
     parser.set_defaults(func=run_train)
 
 
@@ -59,6 +62,7 @@ def run_train(args):
         bf16=args.bf16, eval_steps=args.eval_every, save_steps=args.save_every, logging_steps=args.log_every,
         mlm_probability=args.mlm_probability, temperature=args.temperature, compile=args.compile,
     )
+    claim_output_dir(training_args.output_dir, resume=args.resume, force=args.force)
     trainer = build_trainer(training_args, preset=args.preset, config=args.config, init=args.init,
                             data=args.data, eval_data=args.eval_data, pack=args.pack)
     trainer.train(resume=args.resume)

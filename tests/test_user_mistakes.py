@@ -1,0 +1,135 @@
+"""A new user's mistakes, each answered with one line that says what was wrong and what to do."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from tiny_models import MAX_LENGTH, save_tiny_model
+
+from m2bert_hf_mlx import DEMO_MODEL, M2BertConfig, M2BertForMaskedLM, M2BertModel, pipeline
+from m2bert_hf_mlx.cli import main
+from m2bert_hf_mlx.errors import ArgumentError, HubError, WeightsMismatchError
+
+TOO_LONG = "x [MASK] y" + " word" * MAX_LENGTH
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mistakes")
+    for head in ("mlm", "pooler"):
+        save_tiny_model(root / head, head)
+    return {head: str(root / head) for head in ("mlm", "pooler")}
+
+
+def test_a_misspelt_from_pretrained_keyword_is_refused_with_the_right_name():
+    with pytest.raises(ArgumentError, match=r"M2BertForMaskedLM.from_pretrained\(\) got an unknown keyword argument 'dtyp': did you mean 'dtype'\?"):
+        M2BertForMaskedLM.from_pretrained(DEMO_MODEL, dtyp="bfloat16")
+    with pytest.raises(ArgumentError, match="'hiden_size': did you mean 'hidden_size'"):
+        M2BertConfig.from_pretrained(DEMO_MODEL, hiden_size=64)
+
+
+def test_known_config_fields_still_override_the_config():
+    model = M2BertForMaskedLM.from_pretrained(DEMO_MODEL, hidden_dropout_prob=0.25)
+    assert model.config.hidden_dropout_prob == 0.25
+
+
+def test_misspelt_encode_and_pipeline_keywords_are_refused(folders):
+    encoder = M2BertModel.from_pretrained(folders["pooler"])
+    with pytest.raises(ArgumentError, match="encode\\(\\) got an unknown keyword argument 'batchsize': did you mean 'batch_size'"):
+        encoder.encode(["a text"], batchsize=2)
+    with pytest.raises(ArgumentError, match="fill-mask pipeline got an unknown keyword argument 'topk': did you mean 'top_k'"):
+        pipeline("fill-mask", model=folders["mlm"], topk=2)
+    fill = pipeline("fill-mask", model=folders["mlm"])
+    with pytest.raises(ArgumentError, match="'paddding': did you mean 'padding'"):
+        fill("a [MASK]", paddding="longest")
+
+
+OFFLINE = """
+import sys
+from m2bert_hf_mlx import M2BertModel
+M2BertModel.from_pretrained("org/not-cached-anywhere", cache_dir=sys.argv[1])
+"""
+
+
+def test_offline_hub_failure_is_one_message_without_the_library_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", OFFLINE, str(tmp_path)], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 1
+    # The traceback is the user's own call and the error: no "During handling of the above exception" chain.
+    assert "During handling" not in result.stderr and "direct cause" not in result.stderr
+    assert result.stderr.count("Traceback") == 1 and len(result.stderr.splitlines()) < 15
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("m2bert_hf_mlx.errors.HubError: 'org/not-cached-anywhere' is not a local folder")
+
+
+def test_from_python_the_hub_error_is_a_hub_error_without_a_cause(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubError) as error:
+        M2BertModel.from_pretrained("org/not-cached-anywhere", cache_dir=tmp_path, local_files_only=True)
+    assert error.value.__cause__ is None and error.value.__suppress_context__
+
+
+def test_fill_mask_on_a_retrieval_folder_names_the_right_pipeline(folders, capsys):
+    with pytest.raises(WeightsMismatchError, match="'sentence-embedding' or 'feature-extraction' pipeline") as error:
+        pipeline("fill-mask", model=folders["pooler"])
+    assert "strict=False" not in str(error.value)
+    assert main(["fill-mask", "--model", folders["pooler"], "a [MASK]"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'sentence-embedding'" in err and "strict=False" not in err
+
+
+def test_the_cli_truncation_warning_names_the_cli_flag_which_exists(folders, capsys, caplog):
+    assert main(["fill-mask", "--model", folders["mlm"], "--top-k", "1", TOO_LONG]) == 0
+    assert "truncated" in caplog.text and "--no-truncation" in caplog.text
+    assert main(["fill-mask", "--model", folders["mlm"], "--no-truncation", TOO_LONG]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "more than the model's maximum" in err and "leave out --no-truncation" in err
+
+
+def test_embed_takes_no_truncation_too(folders, tmp_path, capsys):
+    output = tmp_path / "v.npy"
+    assert main(["embed", "--model", folders["pooler"], "--no-truncation", "--output", str(output), TOO_LONG]) == 1
+    assert "more than the model's maximum" in capsys.readouterr().err and not output.exists()
+
+
+LINES = ["the cat sat on the mat", "a dog ran in the park", "birds fly over the sea"] * 4
+
+
+def train(tmp_path, output, *extra):
+    data = tmp_path / "train.txt"
+    data.write_text("\n".join(LINES) + "\n")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**M2BertConfig.from_preset("tiny").to_dict(), "max_position_embeddings": 16}))
+    return main(["train", "--data", str(data), "--output", str(output), "--config", str(config), "--seed", "0",
+                 "--batch-size", "4", "--max-length", "16", "--log-every", "1", *extra])
+
+
+def test_train_refuses_a_used_output_folder_unless_resumed_or_forced(tmp_path, capsys):
+    output = tmp_path / "run"
+    assert train(tmp_path, output, "--steps", "2", "--save-every", "1") == 0
+    assert (output / "checkpoint-2").is_dir()
+    capsys.readouterr()
+    assert train(tmp_path, output, "--steps", "2") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds files" in err and "--resume" in err and "--force" in err
+    # --force starts over: the stale checkpoints a later --resume would pick up are gone.
+    (output / ".checkpoint-9.partial-0000").mkdir()
+    assert train(tmp_path, output, "--steps", "1", "--force") == 0
+    names = sorted(p.name for p in output.iterdir())
+    assert [n for n in names if "checkpoint-" in n] == ["checkpoint-1"], names
+    assert json.loads((output / "trainer_state.json").read_text())["step"] == 1
+    with pytest.raises(SystemExit) as usage:
+        train(tmp_path, output, "--steps", "1", "--resume", "--force")
+    assert usage.value.code == 2
+
+
+def test_an_output_that_is_a_file_is_one_line(tmp_path, capsys):
+    output = tmp_path / "file"
+    output.write_text("x")
+    assert train(tmp_path, output, "--steps", "1") == 1
+    assert "is a file, not a folder" in capsys.readouterr().err
+
