@@ -17,7 +17,7 @@ from ..checkpoint_reader import checkpoint_keys
 from ..configuration_m2_bert import PRESETS, M2BertConfig
 from ..errors import ConvertError
 from ..hub import hub_kwargs, upload_model_folder
-from ..loading import checkpoint_model_class, fetch_config_folder, fetch_weights, has_pooler, weight_files
+from ..loading import checkpoint_model_class, fetch_config_folder, fetch_weights, has_pooler
 from ..model_card import render_model_card
 from ..modeling_utils import DTYPE_NAMES, DTYPES
 from ..publishing import write_atomically, write_model_folder
@@ -29,6 +29,7 @@ from ..quantization import (
     quantize_model,
 )
 from ..tokenization import check_tokenizer_fits, resolve_tokenizer
+from ..weight_files import local_weight_files
 
 DEFAULT_MLX_PATH = "mlx_model"
 
@@ -39,6 +40,7 @@ def convert(
     *,
     config: str | os.PathLike | None = None,
     preset: str | None = None,
+    weights: str | None = None,
     tokenizer: str | None = None,
     dtype: str | None = None,
     quantize: bool = False,
@@ -54,12 +56,13 @@ def convert(
     """Convert `hf_path` (Hub repo id, folder or file) into the MLX folder `mlx_path` and return its path.
 
     `config` is a JSON file with the canonical config fields, or `preset` a preset name, for checkpoints without
-    config.json. `tokenizer` is a folder or repo id (default: the source's tokenizer files, else the bert-base-uncased
-    vocabulary shipped with this package). `dtype` is "float32", "float16" or "bfloat16" (default: the source's).
-    With `quantize`, the weights are quantized (see `m2bert_hf_mlx.quantization.quantize_model`). With
-    `upload_repo`, the folder is then uploaded to that Hub repo. The folder is written next to its final place and
-    renamed into it, so a failure leaves no half-written folder; an existing non-empty folder is replaced only with
-    `force`.
+    config.json. `weights` names the weight file to convert when the source holds several (see
+    `m2bert_hf_mlx.weight_files`). `tokenizer` is a folder or repo id (default: the source's tokenizer files, else
+    the bert-base-uncased vocabulary shipped with this package). `dtype` is "float32", "float16" or "bfloat16"
+    (default: the source's). With `quantize`, the weights are quantized (see
+    `m2bert_hf_mlx.quantization.quantize_model`). With `upload_repo`, the folder is then uploaded to that Hub repo.
+    The folder is written next to its final place and renamed into it, so a failure leaves no half-written folder;
+    an existing non-empty folder is replaced only with `force`.
     """
     mlx_path = Path(mlx_path)
     _check_destination(hf_path, mlx_path, force)
@@ -77,11 +80,11 @@ def convert(
         raise ConvertError(
             f"{hf_path} is already quantized; convert from the float checkpoint to quantize differently."
         )
-    source = Path(hf_path) if is_local else fetch_weights(hf_path, hub, "", folder)
+    source = Path(hf_path) if is_local else fetch_weights(hf_path, hub, "", folder, weights)
     source_folder = source if source.is_dir() else source.parent
 
-    files = weight_files(source)
-    cls = checkpoint_model_class(source)
+    files = local_weight_files(source, weights)
+    cls = checkpoint_model_class(source, weights)
     pooler = has_pooler(k for path in files for k in checkpoint_keys(path))
 
     tok, tokenizer_origin = resolve_tokenizer(tokenizer, source_folder, token=hub["token"], endpoint=hub["endpoint"])
@@ -90,7 +93,9 @@ def convert(
     # Steps: read, (quantize), write, (upload); huggingface_hub shows its own bars for the downloads.
     with tqdm(total=2 + int(quantize) + int(bool(upload_repo)), unit="step", disable=None) as progress:
         progress.set_description("Reading weights")
-        model = cls.from_pretrained(str(source), config=config_obj, dtype=dtype, add_pooling_layer=pooler)
+        model = cls.from_pretrained(
+            str(source), config=config_obj, weights=weights, dtype=dtype, add_pooling_layer=pooler
+        )
         progress.update()
         quantization = None
         if quantize:
@@ -188,6 +193,7 @@ def register(subparsers):
     source_config.add_argument(
         "--preset", choices=list(PRESETS), metavar="NAME", help=f"a published configuration: {', '.join(PRESETS)}"
     )
+    parser.add_argument("--weights", metavar="NAME", help="the weight file to convert, when the source holds several")
     parser.add_argument(
         "--tokenizer",
         help="tokenizer folder or repo id (default: the source's, else bert-base-uncased shipped with the package)",
@@ -217,6 +223,7 @@ def run_convert(args):
         args.mlx_path,
         config=args.config,
         preset=args.preset,
+        weights=args.weights,
         tokenizer=args.tokenizer,
         dtype=args.dtype,
         quantize=args.quantize,

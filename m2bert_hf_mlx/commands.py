@@ -15,6 +15,7 @@ from .modeling_m2_bert import M2BertModel
 from .modeling_utils import DTYPE_NAMES
 from .pipelines import PADDING_CHOICES, pipeline
 from .tokenization import resolve_tokenizer
+from .weight_files import format_size
 
 
 def register(subparsers):
@@ -72,6 +73,7 @@ def _add_model_arguments(parser):
         metavar="CONFIG",
         help="a preset name or JSON config file, for checkpoints without config.json (Composer .pt files)",
     )
+    parser.add_argument("--weights", metavar="NAME", help="the weight file to read, when the model holds several")
 
 
 def _add_padding_argument(parser):
@@ -105,7 +107,7 @@ def _positive_int(text):
 
 
 def run_fill_mask(args):
-    fill_mask = pipeline("fill-mask", model=args.model, model_kwargs={"config": args.config})
+    fill_mask = pipeline("fill-mask", model=args.model, model_kwargs={"config": args.config, "weights": args.weights})
     results = fill_mask(args.texts, top_k=args.top_k, padding=args.padding, truncation=args.truncation)
     # transformers' nesting: a list of one text gives that text's result, and one mask a flat list.
     results = [results] if len(args.texts) == 1 else results
@@ -151,7 +153,7 @@ def run_embed(args):
     texts += args.texts
     if not texts:
         args.parser.error("give texts to embed as arguments or with --input FILE")
-    model = M2BertModel.from_pretrained(args.model, config=args.config)
+    model = M2BertModel.from_pretrained(args.model, config=args.config, weights=args.weights)
     embeddings = model.encode(
         texts, batch_size=args.batch_size, normalize=args.normalize, padding=args.padding, truncation=args.truncation
     )
@@ -189,8 +191,8 @@ def _read_lines(path):
 
 
 def run_info(args):
-    model_class, source = _model_class_and_source(args.model)
-    model = model_class.from_pretrained(str(source), config=args.config)
+    model_class, source = _model_class_and_source(args.model, args.weights)
+    model = model_class.from_pretrained(str(source), config=args.config, weights=args.weights)
     config = model.config
     tokenizer, tokenizer_origin = resolve_tokenizer(source=model.source_folder)
     base = model.bert if "bert" in model else model
@@ -224,17 +226,17 @@ def run_info(args):
     print("files")
     files = sorted(p for p in model.source_folder.iterdir() if p.is_file() and not p.name.startswith("."))
     name_width = max(len(p.name) for p in files)
-    print("\n".join(f"  {p.name:<{name_width}}  {_size(p.stat().st_size):>9}" for p in files))
+    print("\n".join(f"  {p.name:<{name_width}}  {format_size(p.stat().st_size):>9}" for p in files))
     return 0
 
 
-def _model_class_and_source(name_or_path):
+def _model_class_and_source(name_or_path, weights):
     """The model class whose weights the checkpoint holds, and its local folder or file (downloaded if needed)."""
     hub = hub_kwargs(None, None, False, None, False, None)
     folder = fetch_config_folder(name_or_path, hub, "")
     if not Path(name_or_path).exists():
-        folder = fetch_weights(name_or_path, hub, "", folder)
-    return checkpoint_model_class(folder), folder
+        folder = fetch_weights(name_or_path, hub, "", folder, weights)
+    return checkpoint_model_class(folder, weights), folder
 
 
 def _parameter_count(model):
@@ -255,13 +257,6 @@ def _parameter_count(model):
         else:
             count += value.size
     return count
-
-
-def _size(nbytes):
-    for unit in ("B", "kB", "MB", "GB"):
-        if nbytes < 1000 or unit == "GB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1000
 
 
 # ---------------------------------------------------------------------------------------------------------------

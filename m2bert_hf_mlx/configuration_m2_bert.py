@@ -50,6 +50,12 @@ PRESETS = {
     "m2-bert-80m-2k-retrieval": _preset(768, 2048, retrieval=True),
     "m2-bert-80m-8k-retrieval": _preset(768, 8192, retrieval=True),
     "m2-bert-80m-32k-retrieval": _preset(768, 32768, retrieval=True),
+    # hazyresearch/M2-BERT-{128,2k,8k,32k}-Retrieval-Encoder-V1, the LoCoV1 encoders of the M2-BERT retrieval paper:
+    # the 80M retrieval architecture of bert/yamls/embeddings/*.yaml at each length (no yaml exists for 128).
+    "m2-bert-128-retrieval-encoder-v1": _preset(768, 128, retrieval=True),
+    "m2-bert-2k-retrieval-encoder-v1": _preset(768, 2048, retrieval=True),
+    "m2-bert-8k-retrieval-encoder-v1": _preset(768, 8192, retrieval=True),
+    "m2-bert-32k-retrieval-encoder-v1": _preset(768, 32768, retrieval=True),
     "tiny": dict(
         _M2_YAML,
         hidden_size=64,
@@ -128,6 +134,9 @@ class M2BertConfig(PretrainedConfig):
         classifier_dropout=None,
         use_flash_fft=False,
         use_flash_mm=False,
+        prompts=None,
+        default_prompt_name=None,
+        similarity_fn_name=None,
         **kwargs,
     ):
         if not monarch_mixer_sequence_mixing:
@@ -176,6 +185,10 @@ class M2BertConfig(PretrainedConfig):
         self.classifier_dropout = classifier_dropout
         self.use_flash_fft = use_flash_fft
         self.use_flash_mm = use_flash_mm
+        # sentence-transformers' settings: named prompts for encode(prompt_name=...), and the similarity function.
+        self.prompts = dict(prompts or {})
+        self.default_prompt_name = default_prompt_name
+        self.similarity_fn_name = similarity_fn_name
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 
     @property

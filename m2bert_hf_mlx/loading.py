@@ -1,8 +1,8 @@
 """Reading, checking and writing M2-BERT weights and configs: local folders and Hub repos, every published format.
 
-Which files of a folder or repo hold the weights, reading them (`checkpoint_reader`), the hand-off to the model's
-`sanitize`, the strict fit check that names every key, quantized layers, casting, and sharded saving. The trainer's
-resume loads through the same `load_weights`.
+Which files of a folder or repo hold the weights (`weight_files` chooses), reading them (`checkpoint_reader`), the
+hand-off to the model's `sanitize`, the strict fit check that names every key, quantized layers, casting, and
+sharded saving. The trainer's resume loads through the same `load_weights`.
 """
 
 import copy
@@ -18,12 +18,13 @@ from mlx.utils import tree_flatten
 from . import modeling_m2_bert
 from .checkpoint_reader import checkpoint_keys, load_state_dict
 from .configuration_m2_bert import PRESETS, M2BertConfig
-from .errors import CheckpointError, ConfigError, WeightsMismatchError, check_keywords
+from .errors import ConfigError, WeightsMismatchError, check_keywords
 from .hub import hub_download, hub_kwargs
 from .modeling_m2_bert import strip_training_prefixes
 from .modeling_utils import DTYPE_NAMES, DTYPES, is_head_weight
 from .quantization import apply_quantization
 from .tokenization import TOKENIZER_FILES
+from .weight_files import choose, local_weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -47,65 +48,25 @@ def fetch_config_folder(name_or_path, hub, subfolder):
     return folder / subfolder if subfolder else folder
 
 
-def fetch_weights(repo_id, hub, subfolder, folder):
-    """Download the preferred weight files and the tokenizer files of a Hub repo; return the local folder."""
+def fetch_weights(repo_id, hub, subfolder, folder, weights=None):
+    """Download the chosen weight files (see `weight_files.choose`) and the tokenizer files of a Hub repo; return
+    the local folder."""
     from huggingface_hub.errors import DryRunError
 
     try:
-        listing = [f.filename for f in hub_download(repo_id, None, hub, dry_run=True)]
+        listing = {f.filename: f.file_size for f in hub_download(repo_id, None, hub, dry_run=True)}
     except DryRunError:
         return folder  # offline: the cached snapshot holds what an earlier online load fetched
     if subfolder:
-        listing = [n[len(subfolder) + 1 :] for n in listing if n.startswith(subfolder + "/")]
-    listing = [n for n in listing if "/" not in n]
-    wanted = _choose_weight_files(listing, repo_id) + [n for n in TOKENIZER_FILES if n in listing]
+        listing = {n[len(subfolder) + 1 :]: s for n, s in listing.items() if n.startswith(subfolder + "/")}
+    listing = {n: s for n, s in listing.items() if "/" not in n}
+    chosen = choose(listing, repo_id, weights)
+    wanted = list(chosen.files) + [n for n in TOKENIZER_FILES if n in listing]
     root = Path(hub_download(repo_id, _prefixed(subfolder, wanted), hub))
     return root / subfolder if subfolder else root
 
 
-def _choose_weight_files(names, where):
-    """The files of the preferred weight format among a folder's or a repo's file names."""
-    names = set(names)
-    safetensors = sorted(n for n in names if n.endswith(".safetensors"))
-    if "model.safetensors.index.json" in names:
-        return ["model.safetensors.index.json"] + safetensors
-    if safetensors:
-        return safetensors
-    if "pytorch_model.bin.index.json" in names:
-        return ["pytorch_model.bin.index.json"] + sorted(n for n in names if n.startswith("pytorch_model-") and n.endswith(".bin"))
-    for candidates in (
-        [n for n in ("pytorch_model.bin", "model.bin") if n in names][:1],
-        sorted(n for n in names if n.endswith(".bin")),
-        sorted(n for n in names if n.endswith(".pt")),
-    ):
-        if len(candidates) == 1:
-            return candidates
-        if candidates:
-            raise CheckpointError(f"{where} holds several weight files ({', '.join(candidates)}); pass the path of the one to load.")
-    raise CheckpointError(
-        f"No weights found in {where}: expected model.safetensors (or shards with an index), pytorch_model.bin, "
-        "model.bin or a Composer .pt file."
-    )
-
-
-def weight_files(folder):
-    if folder.is_file():
-        return [folder]
-    chosen = _choose_weight_files([p.name for p in folder.iterdir() if p.is_file()], folder)
-    if not chosen[0].endswith(".index.json"):
-        return [folder / n for n in chosen]
-    index = folder / chosen[0]
-    try:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (OSError, ValueError, KeyError, AttributeError) as e:
-        raise CheckpointError(f"{index} is not a valid weight index ({e}); download it again.") from e
-    missing = [n for n in shards if not (folder / n).is_file()]
-    if missing:
-        raise CheckpointError(f"{folder} is missing the weight shards {missing} that {index.name} names; download them again.")
-    return [folder / n for n in shards]
-
-
-def checkpoint_model_class(source):
+def checkpoint_model_class(source, weights=None):
     """The model class for the checkpoint at `source` (a folder or a weight file): the one its config.json's
     `architectures` names when that is a class of this package (folders this package wrote, fine-tuned classifiers
     included), else from the weight names alone (no tensor is read): M2BertForMaskedLM when they hold an MLM head,
@@ -118,7 +79,8 @@ def checkpoint_model_class(source):
     for name in architectures:
         if name in ("M2BertModel", "M2BertForMaskedLM", "M2BertForSequenceClassification"):
             return getattr(modeling_m2_bert, name)
-    heads = {strip_training_prefixes(key).split(".")[0] for path in weight_files(source) for key in checkpoint_keys(path)}
+    keys = (key for path in local_weight_files(source, weights) for key in checkpoint_keys(path))
+    heads = {strip_training_prefixes(key).split(".")[0] for key in keys}
     return modeling_m2_bert.M2BertForMaskedLM if "cls" in heads else modeling_m2_bert.M2BertModel
 
 
@@ -255,7 +217,7 @@ def apply_weights(model, weights, *, strict=True, source="the checkpoint"):
 def load_weights(model, folder, *, strict=True):
     """Read the weights of a folder this package wrote into `model`, through `sanitize` and `apply_weights`'s
     checks (the trainer's resume)."""
-    files = weight_files(Path(folder))
+    files = local_weight_files(Path(folder))
     weights = model.sanitize(read_weights(files))
     apply_weights(model, weights, strict=strict, source=", ".join(str(f) for f in files))
 
@@ -293,7 +255,8 @@ def _declared_dtype(config_dict):
 
 
 def load_model(cls, name_or_path, *, config=None, revision=None, cache_dir=None, local_files_only=False, token=None,
-               force_download=False, dtype=None, strict=True, endpoint=None, subfolder="", **config_overrides):
+               force_download=False, dtype=None, strict=True, endpoint=None, subfolder="", weights=None,
+               **config_overrides):
     _check_overrides(f"{cls.__name__}.from_pretrained()", load_model, config_overrides)
     hub = hub_kwargs(revision, cache_dir, local_files_only, token, force_download, endpoint)
     folder = fetch_config_folder(name_or_path, hub, subfolder)
@@ -301,20 +264,20 @@ def load_model(cls, name_or_path, *, config=None, revision=None, cache_dir=None,
     # Building the config validates the model type before any weight file is fetched.
     config_obj = M2BertConfig.from_upstream_dict(config_dict, **config_overrides)
     if not Path(name_or_path).exists():
-        folder = fetch_weights(str(name_or_path), hub, subfolder, folder)
+        folder = fetch_weights(str(name_or_path), hub, subfolder, folder, weights)
 
-    files = weight_files(folder)
-    weights = read_weights(files)
+    files = local_weight_files(folder, weights)
+    tensors = read_weights(files)
     if "add_pooling_layer" not in config_dict and "add_pooling_layer" not in config_overrides:
         # Upstream configs do not say; the retrieval checkpoints carry a pooler, the MLM ones do not.
-        config_obj.add_pooling_layer = has_pooler(weights)
+        config_obj.add_pooling_layer = has_pooler(tensors)
     model = cls(config_obj)
     source = ", ".join(str(f) for f in files)
-    weights = model.sanitize(weights)
+    tensors = model.sanitize(tensors)
     if getattr(config_obj, "quantization", None):
-        apply_quantization(model, config_obj.quantization, weights)
-    apply_weights(model, weights, strict=strict, source=source)
-    cast_model(model, dtype or _declared_dtype(config_dict) or _stored_dtype(weights))
+        apply_quantization(model, config_obj.quantization, tensors)
+    apply_weights(model, tensors, strict=strict, source=source)
+    cast_model(model, dtype or _declared_dtype(config_dict) or _stored_dtype(tensors))
     model.eval()
     mx.eval(model.parameters())
     model.name_or_path = str(name_or_path)  # declared on PreTrainedModel

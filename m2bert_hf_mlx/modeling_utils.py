@@ -45,7 +45,8 @@ class PreTrainedModel(nn.Module):
 
         Arguments: `config`, `revision`, `cache_dir`, `local_files_only`, `token`, `force_download`, `dtype`
         ("float32", "float16", "bfloat16"), `strict` (default True: every checkpoint tensor used and every weight
-        filled), `endpoint`; any other keyword overrides a config field.
+        filled), `endpoint`, `weights` (the weight file to read when the folder or repo holds several; see
+        `m2bert_hf_mlx.weight_files`); any other keyword overrides a config field.
         """
         from .loading import load_model
 

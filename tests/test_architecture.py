@@ -21,8 +21,8 @@ LAYERS = [
     ("layers", ["activations", "modeling_outputs", "initialization", "losses", "blockdiag_linear", "short_conv",
                 "hyena_filter", "ops", "kernels", "emulator"]),
     ("model", ["modeling_utils", "modeling_m2_bert"]),
-    ("files and Hub", ["checkpoint_reader", "hub", "tokenization", "quantization", "loading", "model_card",
-                       "publishing"]),
+    ("files and Hub", ["checkpoint_reader", "hub", "tokenization", "quantization", "weight_files", "loading",
+                       "model_card", "publishing"]),
     ("applications", ["pipelines", "encode", "training", "conversion", "commands", "cli", "__main__", ""]),
 ]
 
