@@ -87,7 +87,10 @@ def convert(
     cls = checkpoint_model_class(source, weights)
     pooler = has_pooler(k for path in files for k in checkpoint_keys(path))
 
-    tok, tokenizer_origin = resolve_tokenizer(tokenizer, source_folder, token=hub["token"], endpoint=hub["endpoint"])
+    tok, tokenizer_origin = resolve_tokenizer(
+        tokenizer, source_folder, model_max_length=config_obj.max_sequence_length, token=hub["token"],
+        endpoint=hub["endpoint"],
+    )
     check_tokenizer_fits(tok, config_obj)
 
     # Steps: read, (quantize), write, (upload); huggingface_hub shows its own bars for the downloads.

@@ -3,11 +3,21 @@
 Every published M2-BERT uses bert-base-uncased (30522 tokens; the models pad their vocabulary to 30528). A copy of
 its `vocab.txt` ships in this package, so a tokenizer is available offline and for checkpoints that come without
 tokenizer files (the Composer `.pt` files).
+
+The canonical rule for tokenizer files found beside the weights. Some published ones contradict their vocabulary:
+`"do_lower_case": false` next to bert-base-uncased's uncased vocabulary turns every capitalised word into [UNK], and
+a missing `model_max_length` leaves the length to pad and truncate to undefined. The models were trained and
+evaluated with bert-base-uncased, so an uncased vocabulary (no entry with an uppercase letter, special tokens aside)
+is always lowercased with accents stripped, and the length is the model's maximum; each override is reported once,
+naming the file. Files written by `save_tokenizer` (and so by the converter) carry the corrected settings.
 """
 
+import json
+import logging
 import os
 from pathlib import Path
 
+from tokenizers import normalizers
 from transformers import BertTokenizerFast
 
 from .errors import TokenizerError
@@ -18,6 +28,9 @@ VOCAB_FILE = Path(__file__).parent / "vocab.txt"
 SHIPPED_VOCABULARY = "bert-base-uncased (the vocab.txt shipped with m2bert-hf-mlx)"
 # sha256 of bert-base-uncased's vocab.txt, as the ecosystem conventions record it.
 VOCAB_SHA256 = "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
+
+logger = logging.getLogger(__name__)
+_reported = set()
 
 
 def has_tokenizer_files(folder):
@@ -49,6 +62,7 @@ def load_tokenizer(
             tokenizer = BertTokenizerFast.from_pretrained(folder)
         except Exception as e:  # tokenizers reports malformed files with its own exception types
             raise TokenizerError(f"The tokenizer files in {folder} cannot be read ({type(e).__name__}: {e}).") from e
+        _apply_canonical_rule(tokenizer, folder, model_max_length)
     if model_max_length is not None:
         tokenizer.model_max_length = model_max_length
     return tokenizer
@@ -59,14 +73,15 @@ def resolve_tokenizer(tokenizer=None, source=None, *, model_max_length=None, tok
 
     `tokenizer`, when given, is a transformers tokenizer or a folder or Hub repo id to load one from. Otherwise
     `source`, the model's folder or Hub repo id: its tokenizer files (a local folder without them gives the
-    shipped vocabulary); with neither, bert-base-uncased from the vocabulary shipped with this package.
+    shipped vocabulary), under the canonical rule of this module; with neither, bert-base-uncased from the
+    vocabulary shipped with this package.
     """
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         origin = "the tokenizer given"
     elif tokenizer is not None:
         tokenizer, origin = load_tokenizer(str(tokenizer), token=token, endpoint=endpoint), str(tokenizer)
     elif source is not None and (not Path(source).exists() or has_tokenizer_files(source)):
-        tokenizer = load_tokenizer(str(source), token=token, endpoint=endpoint)
+        tokenizer = load_tokenizer(str(source), model_max_length=model_max_length, token=token, endpoint=endpoint)
         origin = "the source's tokenizer files"
     else:
         tokenizer, origin = load_tokenizer(), SHIPPED_VOCABULARY
@@ -82,6 +97,44 @@ def check_tokenizer_fits(tokenizer, config):
             f"The tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size} embeddings: pass the "
             "tokenizer this model was trained with (M2-BERT uses bert-base-uncased)."
         )
+
+
+def _apply_canonical_rule(tokenizer, folder, model_max_length):
+    """Lowercase (and strip accents) where the vocabulary is uncased, as bert-base-uncased does; report each
+    override of the folder's files once (see the module docstring)."""
+    config_path = Path(folder) / "tokenizer_config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    config = config if isinstance(config, dict) else {}
+    overrides = []
+    special = set(tokenizer.all_special_tokens)
+    uncased = not any(t != t.lower() for t in tokenizer.get_vocab() if t not in special and not _bracketed(t))
+    normalizer = tokenizer.backend_tokenizer.normalizer
+    lowercases = normalizer is not None and normalizer.normalize_str("A") == "a"
+    if uncased and not lowercases:
+        tokenizer.backend_tokenizer.normalizer = normalizers.BertNormalizer(
+            clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
+        )
+        # save_pretrained writes these into tokenizer_config.json.
+        tokenizer.do_lower_case, tokenizer.strip_accents = True, None
+        tokenizer.init_kwargs.update(do_lower_case=True, strip_accents=None)
+        source = config_path if config.get("do_lower_case") is False else Path(folder) / "tokenizer.json"
+        overrides.append(
+            f"{source} does not lowercase, but its vocabulary is uncased: capitalised words would become [UNK]. "
+            "Lowercasing and stripping accents, as bert-base-uncased (the models' tokenizer) does"
+        )
+    if model_max_length is not None and "model_max_length" not in config:
+        overrides.append(f"{config_path} sets no model_max_length; using the model's maximum, {model_max_length} tokens")
+    for message in overrides:
+        if message not in _reported:
+            _reported.add(message)
+            logger.warning("%s.", message)
+
+
+def _bracketed(token):
+    return token.startswith("[") and token.endswith("]")
 
 
 def _tokenizer_folder(name_or_path, hub):

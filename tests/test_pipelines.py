@@ -429,7 +429,11 @@ def test_pipeline_factory(folders, fill_mask, tmp_path):
     # Tokenizer files beside the weights are the model's tokenizer; a folder can also be given explicitly.
     with_tokenizer = tmp_path / "with-tokenizer"
     save_tiny_model(with_tokenizer, "mlm")
-    tokenizer = BertTokenizerFast(vocab=str(VOCAB_FILE), do_lower_case=False)
+    # A cased vocabulary (one [unused] entry becomes "Paris"), so the canonical uncased rule leaves it as it is.
+    vocab = VOCAB_FILE.read_text().splitlines()
+    vocab[vocab.index("[unused1]")] = "Paris"
+    (tmp_path / "cased-vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab=str(tmp_path / "cased-vocab.txt"), do_lower_case=False)
     save_tokenizer(tokenizer, with_tokenizer, model_max_length=MAX_LENGTH)
     cased = pipeline("fill-mask", model=with_tokenizer)
     assert cased.tokenizer.tokenize("Paris") != fill_mask.tokenizer.tokenize("Paris")
