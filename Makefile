@@ -24,7 +24,7 @@ install: $(VENV)/.installed
 $(VENV)/.dependencies: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q ".[$(EXTRAS)]" $(TORCH)
+	$(PY) -m pip install -q ".[$(EXTRAS),reference]" $(TORCH)
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.dependencies $(PACKAGE_FILES)

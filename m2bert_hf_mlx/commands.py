@@ -9,6 +9,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ._package import DEMO_MODEL
+from .embedding_precision import PRECISIONS
 from .hub import DEFAULT_COMMIT_MESSAGE, hub_kwargs, upload_model_folder
 from .loading import checkpoint_model_class, fetch_config_folder, fetch_weights
 from .modeling_m2_bert import M2BertModel
@@ -40,7 +41,10 @@ def register(subparsers):
     _add_model_arguments(embed)
     embed.add_argument("--input", metavar="FILE", help="a UTF-8 text file with one text per line ('-': standard input)")
     embed.add_argument("--output", metavar="FILE.npy", help="write the embeddings there (default: print them)")
-    embed.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
+    embed.add_argument("--normalize-embeddings", action="store_true", help="L2-normalize the embeddings")
+    embed.add_argument(
+        "--precision", choices=PRECISIONS, default="float32", help="quantize the embeddings (default: float32)"
+    )
     embed.add_argument("--batch-size", type=_positive_int, metavar="N", help="texts per batch (default: by length)")
     _add_padding_argument(embed)
     embed.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed, after those of --input")
@@ -155,14 +159,15 @@ def run_embed(args):
         args.parser.error("give texts to embed as arguments or with --input FILE")
     model = M2BertModel.from_pretrained(args.model, config=args.config, weights=args.weights)
     embeddings = model.encode(
-        texts, batch_size=args.batch_size, normalize=args.normalize, padding=args.padding, truncation=args.truncation
+        texts, batch_size=args.batch_size, normalize_embeddings=args.normalize_embeddings, precision=args.precision,
+        padding=args.padding, truncation=args.truncation,
     )
     if args.output:
         with open(args.output, "wb") as f:
             np.save(f, embeddings)
         print(f"Wrote {embeddings.shape[0]} embeddings of dimension {embeddings.shape[1]} to {args.output}")
     else:
-        np.savetxt(sys.stdout, embeddings, fmt="%.8g")
+        np.savetxt(sys.stdout, embeddings, fmt="%.8g" if args.precision == "float32" else "%d")
     return 0
 
 

@@ -24,6 +24,7 @@ from .modeling_outputs import (
 )
 from .modeling_utils import PreTrainedModel
 from .short_conv import CausalShortConv
+from .similarity import check_similarity_fn_name, similarity, similarity_pairwise
 
 
 class M2BertEmbeddings(nn.Module):
@@ -263,13 +264,46 @@ class M2BertModel(M2BertPreTrainedModel):
         pooled = self.pooler(hidden_states, attention_mask) if "pooler" in self else None
         return M2BertModelOutput(last_hidden_state=hidden_states, pooler_output=pooled)
 
-    def encode(self, texts, **kwargs) -> "np.ndarray | mx.array":
-        """Sentence embeddings (the pooled output) of one text or a list of texts, as a float32 (N, D) array, like
-        sentence-transformers' `encode`. Arguments: `tokenizer`, `batch_size`, `normalize`, `padding`,
-        `truncation`, `show_progress_bar`, `convert_to`; see `m2bert_hf_mlx.encode.encode`."""
+    def encode(self, sentences, **kwargs) -> "np.ndarray | mx.array | list":
+        """Sentence embeddings (the pooled output) of one text or a list of texts, with sentence-transformers'
+        arguments: `batch_size`, `show_progress_bar`, `normalize_embeddings`, `convert_to_numpy`,
+        `convert_to_tensor`, `prompt`, `prompt_name`, `precision`, `output_value`, plus `tokenizer`, `padding` and
+        `truncation`; see `m2bert_hf_mlx.encode.encode`."""
         from .encode import encode
 
-        return encode(self, texts, **kwargs)
+        return encode(self, sentences, **kwargs)
+
+    def encode_query(self, sentences, *, prompt: str | None = None, prompt_name: str | None = None, **kwargs):
+        """`encode` for search queries, as sentence-transformers' `encode_query`: with the "query" prompt of
+        `config.prompts` when it has one and no prompt is given."""
+        if prompt is None and prompt_name is None and "query" in self.config.prompts:
+            prompt_name = "query"
+        return self.encode(sentences, prompt=prompt, prompt_name=prompt_name, **kwargs)
+
+    def encode_document(self, sentences, *, prompt: str | None = None, prompt_name: str | None = None, **kwargs):
+        """`encode` for the documents searched, as sentence-transformers' `encode_document`: with the first of the
+        "document", "passage" and "corpus" prompts of `config.prompts` when no prompt is given."""
+        if prompt is None and prompt_name is None:
+            prompt_name = next((n for n in ("document", "passage", "corpus") if n in self.config.prompts), None)
+        return self.encode(sentences, prompt=prompt, prompt_name=prompt_name, **kwargs)
+
+    @property
+    def similarity_fn_name(self) -> str:
+        """sentence-transformers' name of the similarity `similarity` computes (config.similarity_fn_name, by
+        default "cosine")."""
+        return self.config.similarity_fn_name or "cosine"
+
+    @similarity_fn_name.setter
+    def similarity_fn_name(self, name: str) -> None:
+        self.config.similarity_fn_name = check_similarity_fn_name(name)
+
+    def similarity(self, embeddings1, embeddings2) -> mx.array:
+        """(N, M) similarities of two sets of embeddings by `similarity_fn_name`; see `m2bert_hf_mlx.similarity`."""
+        return similarity(embeddings1, embeddings2, self.similarity_fn_name)
+
+    def similarity_pairwise(self, embeddings1, embeddings2) -> mx.array:
+        """(N,) similarities of `embeddings1[i]` and `embeddings2[i]` by `similarity_fn_name`."""
+        return similarity_pairwise(embeddings1, embeddings2, self.similarity_fn_name)
 
 
 class M2BertForMaskedLM(M2BertPreTrainedModel):

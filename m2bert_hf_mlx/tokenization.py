@@ -126,7 +126,9 @@ def _apply_canonical_rule(tokenizer, folder, model_max_length):
             "Lowercasing and stripping accents, as bert-base-uncased (the models' tokenizer) does"
         )
     if model_max_length is not None and "model_max_length" not in config:
-        overrides.append(f"{config_path} sets no model_max_length; using the model's maximum, {model_max_length} tokens")
+        overrides.append(
+            f"{config_path} sets no model_max_length; using the model's maximum, {model_max_length} tokens"
+        )
     for message in overrides:
         if message not in _reported:
             _reported.add(message)

@@ -19,7 +19,7 @@ HAND_OFFS = {"from_pretrained", "save_pretrained", "push_to_hub", "encode"}
 LAYERS = [
     ("foundation", ["_package", "cpu_blas", "errors", "configuration_m2_bert", "metal", "model_cards"]),
     ("layers", ["activations", "modeling_outputs", "initialization", "losses", "blockdiag_linear", "short_conv",
-                "hyena_filter", "ops", "kernels", "emulator"]),
+                "hyena_filter", "ops", "kernels", "emulator", "similarity", "embedding_precision"]),
     ("model", ["modeling_utils", "modeling_m2_bert"]),
     ("files and Hub", ["checkpoint_reader", "hub", "tokenization", "quantization", "weight_files", "loading",
                        "model_card", "publishing"]),

@@ -92,14 +92,27 @@ def test_embed_writes_npy_in_input_order(folders, encoder, capsys, tmp_path):
     np.testing.assert_array_equal(saved, encoder.encode(TEXTS))
 
 
+def test_embed_quantizes_with_precision(folders, encoder, capsys, tmp_path):
+    output = tmp_path / "vectors.npy"
+    argv = ["embed", "--model", folders["pooler"], "--precision", "ubinary", "--output", str(output), *TEXTS]
+    code, out, _ = run(capsys, *argv)
+    assert code == 0
+    saved = np.load(output)
+    assert saved.dtype == np.uint8 and saved.shape == (3, 4)
+    np.testing.assert_array_equal(saved, encoder.encode(TEXTS, precision="ubinary"))
+    code, out, _ = run(capsys, "embed", "--model", folders["pooler"], "--precision", "int8", *TEXTS)
+    assert code == 0
+    np.testing.assert_array_equal(np.loadtxt(out.splitlines()), encoder.encode(TEXTS, precision="int8"))
+
+
 def test_embed_prints_one_vector_per_line(folders, encoder, capsys):
-    code, out, _ = run(capsys, "embed", "--model", folders["pooler"], "--normalize", "--padding", "longest", "--batch-size", "1", *TEXTS)
+    code, out, _ = run(capsys, "embed", "--model", folders["pooler"], "--normalize-embeddings", "--padding", "longest", "--batch-size", "1", *TEXTS)
     assert code == 0
     printed = np.loadtxt(out.splitlines())
-    expected = encoder.encode(TEXTS, normalize=True, padding="longest", batch_size=1)
+    expected = encoder.encode(TEXTS, normalize_embeddings=True, padding="longest", batch_size=1)
     assert printed.shape == (3, 32)
     np.testing.assert_allclose(printed, expected, rtol=1e-7, atol=1e-9)
-    assert not np.allclose(printed, encoder.encode(TEXTS, normalize=True), rtol=1e-4)
+    assert not np.allclose(printed, encoder.encode(TEXTS, normalize_embeddings=True), rtol=1e-4)
 
 
 def test_embed_errors(folders, capsys, tmp_path):

@@ -11,7 +11,7 @@ from tiny_models import LABELS, MAX_LENGTH, REAL_VOCAB, padded_ids, save_tiny_mo
 from transformers import BertTokenizerFast
 
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, M2BertModel, pipeline
-from m2bert_hf_mlx.errors import ArgumentError
+from m2bert_hf_mlx.errors import ArgumentError, InputError
 from m2bert_hf_mlx.pipelines import FillMaskPipeline
 from m2bert_hf_mlx.tokenization import VOCAB_FILE, save_tokenizer
 
@@ -244,16 +244,19 @@ def test_encode_is_the_reference_pooled_output(folders, encoder):
     assert isinstance(embeddings, np.ndarray) and embeddings.shape == (len(TEXTS), 32) and embeddings.dtype == np.float32
     np.testing.assert_allclose(embeddings, expected, rtol=RTOL, atol=1e-6)
 
-    normalized = encoder.encode(TEXTS, normalize=True)
+    normalized = encoder.encode(TEXTS, normalize_embeddings=True)
     np.testing.assert_allclose(np.linalg.norm(normalized, axis=1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(normalized, expected / np.linalg.norm(expected, axis=1, keepdims=True), rtol=RTOL, atol=1e-6)
 
     single = encoder.encode(TEXTS[0])
     assert single.shape == (32,)
     np.testing.assert_allclose(single, expected[0], rtol=RTOL, atol=1e-6)
-    as_mlx = encoder.encode(TEXTS, convert_to="mlx")
+    as_mlx = encoder.encode(TEXTS, convert_to_tensor=True)
     assert isinstance(as_mlx, mx.array)
     np.testing.assert_array_equal(np.array(as_mlx), embeddings)
+    rows = encoder.encode(TEXTS, convert_to_numpy=False)
+    assert isinstance(rows, list) and all(isinstance(r, mx.array) for r in rows)
+    np.testing.assert_array_equal(np.stack([np.array(r) for r in rows]), embeddings)
 
 
 def test_padding_longest_is_the_unpadded_reference_and_differs(folders, encoder):
@@ -327,8 +330,15 @@ def test_encode_errors(folders, encoder):
         encoder.encode(None)
     with pytest.raises(ValueError, match="padding='max'"):
         encoder.encode("a", padding="max")
-    with pytest.raises(ValueError, match="convert_to"):
-        encoder.encode("a", convert_to="torch")
+    with pytest.raises(InputError, match="precision='float16' is not supported"):
+        encoder.encode("a", precision="float16")
+    with pytest.raises(InputError, match="output_value='pooled'"):
+        encoder.encode("a", output_value="pooled")
+    # The old names of sentence-transformers' arguments point at the new ones.
+    with pytest.raises(ArgumentError, match="unknown keyword argument 'convert_to': did you mean 'convert_to_numpy'"):
+        encoder.encode("a", convert_to="numpy")
+    with pytest.raises(ArgumentError, match="'normalize': did you mean 'normalize_embeddings'"):
+        encoder.encode("a", normalize=True)
     with pytest.raises(ValueError, match="batch_size"):
         encoder.encode("a", batch_size=0)
     mlm_base = M2BertModel.from_pretrained(folders["mlm"][0])
@@ -349,7 +359,8 @@ def test_sentence_embedding_pipeline_gives_the_encode_vectors(folders, encoder):
     vectors = embed(TEXTS)
     assert isinstance(vectors, list) and len(vectors) == len(TEXTS) and all(len(v) == 32 for v in vectors)
     np.testing.assert_allclose(vectors, encoder.encode(TEXTS), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(embed(TEXTS[0], normalize=True), encoder.encode(TEXTS[0], normalize=True), rtol=1e-6)
+    expected = encoder.encode(TEXTS[0], normalize_embeddings=True)
+    np.testing.assert_allclose(embed(TEXTS[0], normalize_embeddings=True), expected, rtol=1e-6)
     tensor = embed(TEXTS, return_tensors=True)
     assert isinstance(tensor, mx.array) and tensor.shape == (len(TEXTS), 32)
     # A classification checkpoint's encoder has the pooler too.

@@ -5,8 +5,8 @@ from .base import Pipeline, _base_model
 
 
 class SentenceEmbeddingPipeline(Pipeline):
-    """One vector per text: the canonical pooled output, as `encode` computes it (`normalize=True` for unit
-    vectors). A list of D floats per text (a list of them for a list of texts); with `return_tensors=True` an
+    """One vector per text: the canonical pooled output, as `encode` computes it (`normalize_embeddings=True` for
+    unit vectors). A list of D floats per text (a list of them for a list of texts); with `return_tensors=True` an
     `mx.array` of shape (D,) or (N, D)."""
 
     task = "sentence-embedding"
@@ -21,10 +21,10 @@ class SentenceEmbeddingPipeline(Pipeline):
             )
         return model
 
-    def _run(self, inputs, *, normalize=False, return_tensors=False, padding="max_length", truncation=True,
+    def _run(self, inputs, *, normalize_embeddings=False, return_tensors=False, padding="max_length", truncation=True,
              batch_size=None):
         embeddings = encode(
-            self.model, inputs, tokenizer=self.tokenizer, batch_size=batch_size, normalize=normalize,
-            padding=padding, truncation=truncation, convert_to="mlx",
+            self.model, inputs, tokenizer=self.tokenizer, batch_size=batch_size,
+            normalize_embeddings=normalize_embeddings, padding=padding, truncation=truncation, convert_to_tensor=True,
         )
         return embeddings if return_tensors else embeddings.tolist()
