@@ -8,13 +8,13 @@ import argparse
 import os
 import sys
 
-from . import commands
+from . import commands, retrieval_evaluation
 from .conversion import convert
 from .errors import M2BertError
 from .training import cli as training_cli
 
 # Each module defines register(subparsers), adding its sub-commands with set_defaults(func=...).
-COMMAND_MODULES = (commands, convert, training_cli)
+COMMAND_MODULES = (commands, convert, training_cli, retrieval_evaluation)
 
 
 def build_parser() -> argparse.ArgumentParser:
