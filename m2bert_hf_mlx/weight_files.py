@@ -20,8 +20,11 @@ from .errors import CheckpointError
 
 WEIGHT_EXTENSIONS = (".safetensors", ".bin", ".pt")
 STANDARD_NAMES = ("model.safetensors", "pytorch_model.bin", "model.bin")
-# What transformers' Trainer saves beside the weights: pickles of training state, not models.
-TRAINING_STATE_FILES = ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt")
+# The optimizer state this package's trainer saves in each checkpoint, beside the model's weights.
+OPTIMIZER_FILE = "optimizer.safetensors"
+# What trainers save beside the weights, training state rather than models: transformers' Trainer's pickles, and
+# this package's optimizer state.
+TRAINING_STATE_FILES = ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", OPTIMIZER_FILE)
 _SHARD = re.compile(r"(?P<stem>.+)-\d{5}-of-\d{5}(?P<ext>\.safetensors|\.bin)")
 _INDEX = re.compile(r"(?P<name>.+(?:\.safetensors|\.bin))\.index\.json")
 

@@ -115,10 +115,10 @@ def test_each_weight_file_of_a_folder_loads_by_name(tmp_path, name):
 
 
 def test_standard_names_alone_load_without_asking(tmp_path):
-    # The same model as safetensors and as a pickle (and the Trainer's training_args.bin, which holds no weights):
-    # safetensors is read.
+    # The same model as safetensors and as a pickle (and training state, which holds no weights): safetensors is read.
     folder = locov1_folder(tmp_path / "standard", {"pytorch_model.bin": 0.5, "model.safetensors": 0.25})
     (folder / "training_args.bin").write_bytes(b"not weights")
+    save_file({"step": np.zeros(1, np.float32)}, str(folder / "optimizer.safetensors"))  # this package's trainer
     np.testing.assert_allclose(pooled(M2BertModel.from_pretrained(folder)), expected_pooled(0.25), atol=1e-4)
     np.testing.assert_allclose(
         pooled(M2BertModel.from_pretrained(folder, weights="pytorch_model.bin")), expected_pooled(0.5), atol=1e-4

@@ -4,9 +4,9 @@ import shutil
 from pathlib import Path
 
 from ..errors import TrainingError
+from ..weight_files import OPTIMIZER_FILE
 
 CHECKPOINT_PREFIX = "checkpoint-"
-OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 
 
