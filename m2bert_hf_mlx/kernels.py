@@ -148,6 +148,12 @@ class Plan:
         return self.n // self.n1
 
     @property
+    def builds(self):
+        """What the kernels of this plan are compiled and launched with, apart from the grid: plans with the same
+        builds run the same code."""
+        return tuple((launch.kernel, launch.threads, launch.elems, launch.constants) for launch in self.launches)
+
+    @property
     def max_log_n(self):
         """log2 of the longest FFT a threadgroup does."""
         return _log2(max(self.n1, self.n2))

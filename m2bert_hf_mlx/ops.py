@@ -5,18 +5,36 @@
 Back ends: "metal" and "cuda" run the fused FFT kernel (``kernels.py``), "emulated" runs the Metal build of the
 same kernel on the CPU (``emulator.py``), "mlx" is the ``mx.fft`` reference. ``None`` picks Metal on an Apple GPU,
 CUDA on an NVIDIA GPU and "mlx" on the CPU; the environment variable M2BERT_LONG_CONV_BACKEND overrides that choice.
+
+A kernel back end checks itself before its first use of each plan (kernel build) and dtype: it compiles the plan's
+kernels and runs one small convolution against the ``mx.fft`` path. If a build fails or a result is wrong, that back
+end computes every later convolution of the process from the same filter spectrum with ``mx.fft`` (the same
+function, slower) after one `LongConvFallbackWarning`; when M2BERT_LONG_CONV_BACKEND names the back end, it raises
+`LongConvKernelError` instead.
 """
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 from . import emulator, kernels
 
 BACKENDS = ("metal", "cuda", "mlx", "emulated")
 BACKEND_ENV = "M2BERT_LONG_CONV_BACKEND"
 _IO_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+# The self-check's largest accepted relative error against mx.fft, by the dtype the output is rounded to.
+_CHECK_TOLERANCE = {mx.float32: 1e-4, mx.float16: 1e-2, mx.bfloat16: 3e-2}
+
+
+class LongConvKernelError(RuntimeError):
+    """A long-convolution kernel failed to build or computed a wrong result, and its back end was forced."""
+
+
+class LongConvFallbackWarning(RuntimeWarning):
+    """A long-convolution kernel failed its self-check: its back end now computes with mx.fft."""
 
 
 def resolve_backend(backend=None):
@@ -169,15 +187,93 @@ def _mlx_long_conv(u, skip, filters, spectrum):
     return conv(u, skip, *filters)
 
 
+def _launch_fn(backend, target):
+    if backend == "emulated":
+        return emulator.launch_fn(target.threadgroup_bytes_limit)
+    return kernels.gpu_launch(backend)
+
+
 def _run_kernels(backend, u, packed):
     batch, length, channels = u.shape
+    plan = kernels.plan(_target(backend), batch, length, channels)
+    if _kernels_pass(backend, plan, u.dtype):
+        return kernels.run_plan(plan, u, packed, _launch_fn(backend, _target(backend)))
+    return _packed_fft_conv(u, packed, plan.n, plan.n1)
+
+
+# Self-check state of the process: the verdict per (back end, kernel builds, dtype), and the back ends that failed.
+_kernel_checks = {}
+_failed_backends = {}
+
+
+def _kernels_pass(backend, plan, dtype):
+    """Whether `plan` runs on the kernels of `backend` for `dtype`: checks them first if that was never done."""
+    if backend in _failed_backends:
+        return False
+    key = (backend, plan.builds, dtype)
+    if key not in _kernel_checks:
+        _kernel_checks[key] = _self_check(backend, plan, dtype)
+    failure = _kernel_checks[key]
+    if failure is None:
+        return True
+    if os.environ.get(BACKEND_ENV) == backend:
+        raise LongConvKernelError(
+            f"The {backend} long-convolution kernel failed its self-check ({failure}); {BACKEND_ENV}={backend} "
+            f"forbids the fallback: unset it to run on mx.fft, and please report this to m2bert-hf-mlx."
+        )
+    warnings.warn(
+        f"The {backend} long-convolution kernel failed its self-check ({failure}). Long convolutions now run on "
+        "mx.fft for the rest of this process, which took 1.2-3.7x as long as the kernel on an NVIDIA H200 "
+        "(README, long convolution kernel). Please report this message with your device and MLX version to "
+        f"m2bert-hf-mlx; set {BACKEND_ENV}=mlx to skip the check.",
+        LongConvFallbackWarning,
+        stacklevel=2,
+    )
+    _failed_backends[backend] = failure
+    return False
+
+
+def _self_check(backend, plan, dtype):
+    """None if the kernels of `plan` build and match mx.fft on one small convolution, else what went wrong."""
     target = _target(backend)
-    plan = kernels.plan(target, batch, length, channels)
-    if backend == "emulated":
-        launch_fn = emulator.launch_fn(target.threadgroup_bytes_limit)
-    else:
-        launch_fn = kernels.gpu_launch(backend)
-    return kernels.run_plan(plan, u, packed, launch_fn)
+    # As few channels as give the same builds: one threadgroup's worth.
+    channels = min(plan.channels, 2 << dict(plan.launches[0].constants)["LOG_P"])
+    small = kernels.plan(target, 1, plan.length, channels)
+    if small.builds != plan.builds:
+        channels = plan.channels
+        small = kernels.plan(target, 1, plan.length, channels)
+    rng = np.random.default_rng(0)
+    k_fwd, k_rev = (
+        mx.array(rng.standard_normal((channels, plan.length)).astype(np.float32) / np.sqrt(plan.length)) for _ in "fr"
+    )
+    skip = mx.array(rng.standard_normal(channels).astype(np.float32))
+    u = mx.array(rng.standard_normal((1, plan.length, channels)).astype(np.float32)).astype(dtype)
+    expected = _mlx_long_conv(u, skip, (k_fwd, k_rev), None).astype(mx.float32)
+    what = f"L={plan.length}, {str(dtype).split('.')[-1]}"
+    try:
+        packed = kernels.packed_filter(k_fwd, k_rev, skip, small.n, small.n1)
+        y = kernels.run_plan(small, u, packed, _launch_fn(backend, target)).astype(mx.float32)
+        error = float(mx.linalg.norm(y - expected) / mx.linalg.norm(expected))
+    except Exception as e:  # noqa: BLE001 -- any failure to build or run fails the check; the message says which
+        return f"{what}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    if not error <= _CHECK_TOLERANCE[dtype]:
+        return f"{what}: relative error {error:.2g} against mx.fft"
+    return None
+
+
+def _packed_fft_conv(u, packed, n, n1):
+    """The convolution of a kernel plan computed with mx.fft from the kernels' packed filter (see
+    kernels.packed_filter): the same function as the kernels, for a back end that failed its self-check."""
+    _, length, channels = u.shape
+    bins = np.arange(n // 2 + 1)
+    index = mx.array(((bins % n1) * packed.shape[2] + bins // n1).astype(np.int32))
+    gf = mx.take(packed.reshape(packed.shape[0], -1, 4), index, axis=1)
+    g = gf[..., 0] + 1j * gf[..., 1]
+    f = gf[..., 2] + 1j * gf[..., 3]
+    # G = (H_c + H_d) / 2n and F = (H_c - H_d) / 2n for the channel pair (c, d).
+    spectrum = (n * mx.stack([g + f, g - f], axis=1)).reshape(-1, n // 2 + 1)[:channels]
+    y = mx.fft.irfft(mx.fft.rfft(u.astype(mx.float32), n=n, axis=1) * spectrum.T, n=n, axis=1)[:, :length]
+    return y.astype(u.dtype)
 
 
 def _filter_gradients(u, g, skip, filters):

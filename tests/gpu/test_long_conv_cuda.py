@@ -10,7 +10,11 @@ from test_long_conv import AWKWARD, inputs, reference, rel_error, run
 
 from m2bert_hf_mlx import ops
 
-pytestmark = pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX with its CUDA back end and a GPU")
+pytestmark = [
+    pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX with its CUDA back end and a GPU"),
+    # A kernel that fails its self-check would pass through the mx.fft fallback: make that a failure.
+    pytest.mark.filterwarnings("error::m2bert_hf_mlx.ops.LongConvFallbackWarning"),
+]
 
 # Every plan of the CUDA target (both single-pass tiers and the four-step passes), up to the longest published L.
 LONG = [(2, 1500, 40), (2, 4096, 96), (2, 8192, 33), (1, 8193, 8), (1, 16384, 770), (1, 32768, 768)]

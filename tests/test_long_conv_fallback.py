@@ -1,0 +1,125 @@
+"""The kernel back ends' self-check: a kernel that fails to build or computes wrong numbers is replaced by mx.fft
+for the rest of the process, with one warning, or raises where M2BERT_LONG_CONV_BACKEND forces it."""
+
+import warnings
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from test_long_conv import inputs, reference, rel_error
+
+from m2bert_hf_mlx import emulator, ops
+
+
+@pytest.fixture(autouse=True)
+def fresh_checks(monkeypatch):
+    """A process that has checked nothing yet, and no forced back end."""
+    monkeypatch.setattr(ops, "_kernel_checks", {})
+    monkeypatch.setattr(ops, "_failed_backends", {})
+    monkeypatch.delenv(ops.BACKEND_ENV, raising=False)
+
+
+@pytest.fixture
+def failing_build(monkeypatch, tmp_path):
+    """The emulator's C++ build fails, as a compiler that rejects the kernels would: nothing cached, no compiler."""
+    monkeypatch.setattr(emulator, "_library", None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")
+
+
+@pytest.fixture
+def wrong_kernel(monkeypatch):
+    """A stand-in kernel that runs and returns plausible but wrong numbers (the emulated kernel's, 1% off)."""
+    real = ops._launch_fn
+
+    def launch_fn(backend, target):
+        run = real(backend, target)
+        return lambda launch, inputs, outputs, io_dtype: [y * 1.01 for y in run(launch, inputs, outputs, io_dtype)]
+
+    monkeypatch.setattr(ops, "_launch_fn", launch_fn)
+
+
+def conv(backend, shape, causal=False, seed=0, dtype=mx.float32):
+    u, k_fwd, k_rev, skip = inputs(np.random.default_rng(seed), *shape, causal=causal)
+    y = ops.long_conv(
+        mx.array(u).astype(dtype),
+        mx.array(k_fwd),
+        None if k_rev is None else mx.array(k_rev),
+        mx.array(skip),
+        backend=backend,
+    )
+    return np.asarray(y.astype(mx.float32)), reference(u, k_fwd, k_rev, skip)
+
+
+@pytest.mark.parametrize("failure", ["failing_build", "wrong_kernel"])
+def test_failed_check_falls_back_to_mx_fft_with_one_warning(request, failure):
+    request.getfixturevalue(failure)
+    with pytest.warns(ops.LongConvFallbackWarning) as caught:
+        y, ref = conv("emulated", (2, 300, 6))
+    assert rel_error(y, ref) < 1e-6
+    message = str(caught[0].message)
+    assert "emulated long-convolution kernel failed its self-check (L=300, float32: " in message
+    assert "mx.fft for the rest of this process" in message and "report" in message
+    assert ("RuntimeError: Building the long-convolution emulator failed" in message) == (failure == "failing_build")
+    assert ("relative error 0.01 against mx.fft" in message) == (failure == "wrong_kernel")
+    # Later calls, other plans (the four-step path), causal filters and dtypes included, stay silent and right.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for shape, causal, dtype, tolerance in [
+            ((1, 2049, 3), False, mx.float32, 1e-6),
+            ((2, 37, 5), True, mx.bfloat16, 1e-2),
+        ]:
+            y, ref = conv("emulated", shape, causal, dtype=dtype)
+            assert rel_error(y, ref) < tolerance
+
+
+def test_fallback_keeps_the_gradients(wrong_kernel):
+    rng = np.random.default_rng(4)
+    primals = [mx.array(a) for a in inputs(rng, 2, 70, 3)]
+    cotangent = mx.array(rng.standard_normal((2, 70, 3)).astype(np.float32))
+
+    def conv_on(backend):
+        return lambda u, k_fwd, k_rev, skip: ops.long_conv(u, k_fwd, k_rev, skip, backend=backend)
+
+    expected = mx.vjp(conv_on("mlx"), primals, [cotangent])[1]
+    with pytest.warns(ops.LongConvFallbackWarning):
+        actual = mx.vjp(conv_on("emulated"), primals, [cotangent])[1]
+    for e, a in zip(expected, actual, strict=True):
+        assert float(mx.linalg.norm(a - e) / mx.linalg.norm(e)) < 2e-6
+
+
+def test_fallback_serves_a_precomputed_spectrum(wrong_kernel):
+    rng = np.random.default_rng(8)
+    u, k_fwd, k_rev, skip = inputs(rng, 2, 4097, 2)
+    spectrum = ops.filter_spectrum(mx.array(k_fwd), mx.array(k_rev), mx.array(skip), 4097, backend="emulated")
+    with pytest.warns(ops.LongConvFallbackWarning):
+        y = ops.long_conv(mx.array(u), None, None, mx.array(skip), backend="emulated", spectrum=spectrum)
+    assert rel_error(np.asarray(y), reference(u, k_fwd, k_rev, skip)) < 1e-6
+
+
+@pytest.mark.parametrize("failure", ["failing_build", "wrong_kernel"])
+def test_forced_backend_raises_instead(request, monkeypatch, failure):
+    request.getfixturevalue(failure)
+    monkeypatch.setenv(ops.BACKEND_ENV, "emulated")
+    with pytest.raises(ops.LongConvKernelError, match=f"{ops.BACKEND_ENV}=emulated forbids the fallback"):
+        conv(None, (1, 100, 4))
+
+
+def test_metal_without_a_metal_device_falls_back(monkeypatch):
+    # MLX builds a Metal kernel anywhere and fails when it runs without Metal: a real failed build of the Metal path.
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    with pytest.warns(ops.LongConvFallbackWarning, match=r"metal long-convolution kernel .*No Metal back-end"):
+        y, ref = conv("metal", (2, 300, 6))
+    assert rel_error(y, ref) < 1e-6
+
+
+def test_a_passing_check_runs_once_per_build_and_dtype():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for shape in [(2, 300, 6), (3, 300, 70), (1, 260, 8)]:
+            y, ref = conv("emulated", shape)
+            assert rel_error(y, ref) < 1e-6
+        conv("emulated", (1, 300, 6), dtype=mx.float16)
+    # L = 260 and 300 share the N = 1024 build, and 6, 8 or 70 channels its 4-pair tile; float16 builds its own.
+    assert sorted(str(dtype) for _, _, dtype in ops._kernel_checks) == ["mlx.core.float16", "mlx.core.float32"]
+    assert all(failure is None for failure in ops._kernel_checks.values())
