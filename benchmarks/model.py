@@ -1,11 +1,13 @@
 """Whole-model forward throughput and peak memory: MLX (this package) vs the PyTorch baseline, same weights, one process.
 
     python benchmarks/model.py --out benchmarks/results/model-cpu.json                 # CPU, MLX CPU back end
-    python benchmarks/model.py --gpu --out benchmarks/results/model-h100.json          # MLX CUDA vs torch CUDA
+    python benchmarks/model.py --gpu --precision tf32 strict --out benchmarks/results/model-h200.json  # MLX vs torch CUDA
     python benchmarks/model.py --gpu --canonical-src m2/bert --out ...   # also the canonical HazyResearch/m2 code
 
-MLX's CUDA back end multiplies float32 matrices in TF32 by default and torch does not (it does in cuDNN
-convolutions): run with MLX_ENABLE_TF32=0 for strict float32 on both sides. `versions.mlx_tf32` records the mode.
+float32 matrix products run in one of two modes on a GPU, on both sides alike: `--precision tf32` (MLX's CUDA default;
+torch with `allow_tf32`, which the canonical code switches on when it is imported) or `--precision strict` (MLX with
+MLX_ENABLE_TF32=0, torch at "highest"). `--precision tf32 strict` runs both, each in a child process, since MLX reads
+its setting once. Every record carries `matmul_precision`, the mode each side actually ran in; the CPU is strict.
 
 `--canonical-src` is the `bert` folder of a checkout of github.com/HazyResearch/m2 (with `bert/src/__init__.py`
 emptied, as its CPU/GPU imports need; see the architecture doc §4); that code is read for the run, never shipped.
@@ -20,11 +22,13 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
 # m2bert_hf_mlx before mlx.core: on Linux it gives MLX's CPU back end an optimized BLAS (m2bert_hf_mlx.cpu_blas).
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, M2BertModel, __version__, cpu_blas  # isort: skip
+from m2bert_hf_mlx import ops  # isort: skip
 from m2bert_hf_mlx.loading import apply_weights, cast_model  # isort: skip
 from _timing import median_seconds  # isort: skip
 
@@ -127,6 +131,34 @@ def canonical_output(model, ids):
     return out.logits if hasattr(out, "logits") else out[1]
 
 
+def set_torch_precision(precision):
+    """Puts torch's float32 matrix products (and cuDNN's) in `precision`; the canonical import changes them."""
+    tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+def matmul_precision(gpu):
+    """The float32 matrix-product mode each side runs in now: "tf32" or "strict"."""
+    mlx_tf32 = gpu and os.environ.get("MLX_ENABLE_TF32", "1") != "0"
+    torch_tf32 = gpu and torch.backends.cuda.matmul.allow_tf32
+    return {"mlx": "tf32" if mlx_tf32 else "strict", "torch": "tf32" if torch_tf32 else "strict"}
+
+
+def run_modes(args):
+    """One child process per precision mode (MLX reads MLX_ENABLE_TF32 once), their records into args.out."""
+    records = []
+    for precision in args.precision:
+        out = args.out.with_name(f"{args.out.stem}.{precision}{args.out.suffix}")
+        # argparse keeps the last value of a repeated option.
+        argv = [*sys.argv[1:], "--precision", precision, "--out", str(out)]
+        env = dict(os.environ, MLX_ENABLE_TF32="1" if precision == "tf32" else "0")
+        subprocess.run([sys.executable, __file__, *argv], env=env, check=True)
+        records += json.loads(out.read_text())
+        out.unlink()
+    args.out.write_text(json.dumps(records, indent=1) + "\n")
+
+
 def check_same_function(model, reference, ids_np, device):
     with torch.inference_mode():
         expected = torch_output(reference, torch.from_numpy(ids_np).to(device)).float().cpu().numpy()
@@ -144,31 +176,43 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--canonical-src", type=Path, help="HazyResearch/m2's bert folder: also time the canonical code")
+    parser.add_argument("--precision", nargs="+", default=["tf32"], choices=["tf32", "strict"],
+                        help="float32 matrix-product mode of both sides on a GPU (two values: both, one after the other)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.gpu and len(args.precision) > 1:
+        return run_modes(args)
+    precision = args.precision[0] if args.gpu else "strict"
+    if args.gpu and (os.environ.get("MLX_ENABLE_TF32", "1") != "0") != (precision == "tf32"):
+        raise SystemExit(f"--precision {precision} needs MLX_ENABLE_TF32={int(precision == 'tf32')} in the environment.")
 
     device = "cuda" if args.gpu else "cpu"
+    if args.gpu:
+        os.environ[ops.BACKEND_ENV] = "cuda"  # a kernel that fails its self-check raises rather than time mx.fft
     mx.set_default_device(mx.gpu if args.gpu else mx.cpu)
     machine = torch.cuda.get_device_name() if args.gpu else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     versions = {"mlx": mx.__version__, "torch": torch.__version__, "m2bert_hf_mlx": __version__, "python": platform.python_version(),
-                "mlx_cpu_blas": cpu_blas.loaded, "mlx_tf32": args.gpu and os.environ.get("MLX_ENABLE_TF32", "1") != "0"}
+                "mlx_cpu_blas": cpu_blas.loaded}
     records = []
     args.dtypes = sorted(set(args.dtypes), key=["float32", "bfloat16"].index)  # fp32 first: the cast is one-way
     for name in args.models:
         for L in args.lengths:
             B = max(1, args.tokens // L)
+            set_torch_precision(precision)
             model, reference = build_pair(name, L, device)
             ids_np = np.random.default_rng(L).integers(1, 30522, size=(B, L))
             err = check_same_function(model, reference, ids_np[:1], device)
             canonical = None
             if args.canonical_src:
                 canonical = canonical_model(args.canonical_src, name, model.config, reference, device)
+                set_torch_precision(precision)
                 with torch.inference_mode():
                     probe = torch.from_numpy(ids_np[:1]).to(device)
                     a, b = canonical_output(canonical, probe).float(), torch_output(reference, probe).float()
                     canonical_err = float((a - b).abs().max() / b.abs().max())
             for dtype in args.dtypes:
-                row = dict(model=name, L=L, B=B, dtype=dtype, machine=machine, versions=versions)
+                row = dict(model=name, L=L, B=B, dtype=dtype, machine=machine, versions=versions,
+                           matmul_precision=matmul_precision(args.gpu))
                 mlx_s, mlx_mem = bench_mlx(model, mx.array(ids_np), dtype, args.warmup, args.repeats)
                 mlx_rec = dict(row, framework="mlx", tokens_per_s=B * L / mlx_s, peak_mem_gb=mlx_mem, max_rel_err_vs_torch_fp32=err)
                 if dtype == "bfloat16" and device == "cpu":
