@@ -227,7 +227,7 @@ def plan(target, batch, length, channels):
     column_groups = (-(-pairs // p), n2 // q, batch)
     rp = min(n1 // 2, capacity // (2 * n2))
     row_values = 2 * rp * n2
-    tw_n = ("TW_N", stage_twiddle_size(max(log_n1, _log2(n2))))
+    tw_n = ("TW_N", stage_twiddle_size(max(log_n1, _log2(n2)), log_radix(elems)))
     launches = (
         Launch("columns_forward", column_groups, _threads(column_values, elems), elems, column_constants + (tw_n,)),
         Launch(
@@ -249,17 +249,25 @@ def plan(target, batch, length, channels):
     return Plan(batch, length, channels, n, n1, launches)
 
 
-def stage_twiddle_size(max_log_n):
-    """Entries of the stage-twiddle blocks (long_conv.h) that FFTs of up to 2^max_log_n points read."""
-    blocks = (max_log_n + 2) // 3  # radix-8 stages, then one of radix 2 or 4, each after ns = 8^i
-    return 8 * (8**blocks - 1) // 7
+def log_radix(elems):
+    """log2 of the FFT radix of threads holding `elems` values (long_conv.h's m2_fft_rows makes the same choice)."""
+    return 4 if elems >= 16 else 3
 
 
-def _twiddle_table(max_log_n, n):
+def stage_twiddle_size(max_log_n, log_b):
+    """Entries of the stage-twiddle blocks (long_conv.h) that FFTs of up to 2^max_log_n points of radix 2^log_b
+    read: one block per radix stage, each after ns = (2^log_b)^i, the last of them also serving a smaller radix."""
+    b = 1 << log_b
+    blocks = -(-max_log_n // log_b)
+    return b * (b**blocks - 1) // (b - 1)
+
+
+def _twiddle_table(max_log_n, log_b, n):
     parts = []
-    for i in range((max_log_n + 2) // 3):
-        ns = 8**i
-        parts.append(np.exp(-2j * np.pi * np.outer(np.arange(8), np.arange(ns)) / (8 * ns)).reshape(-1))
+    b = 1 << log_b
+    for i in range(-(-max_log_n // log_b)):
+        ns = b**i
+        parts.append(np.exp(-2j * np.pi * np.outer(np.arange(b), np.arange(ns)) / (b * ns)).reshape(-1))
     if n is not None:
         parts.append(np.exp(-2j * np.pi * np.arange(n) / n))
     w = np.concatenate(parts)
@@ -279,7 +287,7 @@ def _dims(length, channels):
 
 def twiddles(plan_):
     """The twiddle table of a plan as (entries, 2) float32: stage blocks, then (four-step) exp(-2 pi i j / N)."""
-    key = (plan_.max_log_n, None if plan_.n1 == 1 else plan_.n)
+    key = (plan_.max_log_n, log_radix(plan_.launches[0].elems), None if plan_.n1 == 1 else plan_.n)
     if key not in _twiddle_arrays:
         _twiddle_arrays[key] = mx.array(_twiddle_table(*key))
     return _twiddle_arrays[key]

@@ -12,12 +12,13 @@
 // Metal's names for thread indices (thread_position_in_threadgroup, threadgroup_position_in_grid,
 // threads_per_threadgroup), which the CUDA and C++ preludes map onto their own.
 //
-// The FFT is a Stockham radix-8 transform (one radix-4 or radix-2 stage last) over rows held in threadgroup memory.
-// Each thread keeps at most E complex values in registers between the two barriers of a stage, so a threadgroup
-// of `nthreads` threads transforms up to E * nthreads values. Twiddle factors come from a host-side table
-// (float64, rounded once), so every back end multiplies by the same numbers. The stage after sub-transforms of
-// length ns = 8^i reads block i of the table, tw[(8^(i+1) - 8) / 7 + r * ns + k] = exp(-2 pi i r k / (8 ns)) for
-// r < 8, k < ns: adjacent threads (adjacent k) read adjacent entries.
+// The FFT is a Stockham transform of radix B = 16 (threads of 16 or more register values) or B = 8 (fewer), with
+// one stage of a smaller radix last, over rows held in threadgroup memory. Each thread keeps at most E complex values
+// in registers between the two barriers of a stage, so a threadgroup of `nthreads` threads transforms up to
+// E * nthreads values. Twiddle factors come from a host-side table (float64, rounded once), so every back end
+// multiplies by the same numbers. The stage after sub-transforms of length ns = B^i reads block i of the table,
+// tw[B (B^i - 1) / (B - 1) + r * ns + k] = exp(-2 pi i r k / (B ns)) for r < B, k < ns: adjacent threads (adjacent k)
+// read adjacent entries. kernels.log_radix is the host's copy of the choice of B.
 
 struct m2c {
   float re;
@@ -134,10 +135,46 @@ M2_FUNC void m2_dft<8>(M2_THREAD m2c* v) {
   }
 }
 
+// Radix 16 as 4 x 4: DFTs of 4 over the stride-4 subsequences, twiddles exp(-2 pi i b k1 / 16), DFTs of 4 across.
+template <>
+M2_FUNC void m2_dft<16>(M2_THREAD m2c* v) {
+  const float c = 0.92387953251128674f;  // cos(pi / 8)
+  const float s = 0.38268343236508978f;  // sin(pi / 8)
+  const float h = 0.70710678118654752f;
+  m2c x[16];
+  M2_UNROLL for (int b = 0; b < 4; ++b) {
+    m2c y[4];
+    M2_UNROLL for (int a = 0; a < 4; ++a) {
+      y[a] = v[4 * a + b];
+    }
+    m2_dft<4>(y);
+    M2_UNROLL for (int k1 = 0; k1 < 4; ++k1) {
+      x[4 * k1 + b] = y[k1];
+    }
+  }
+  // x[4 k1 + b] *= exp(-2 pi i b k1 / 16) for b k1 in {1, 2, 3, 4, 6, 9}
+  x[5] = m2_mul(x[5], m2_cx(c, -s));
+  x[6] = m2_mul(x[6], m2_cx(h, -h));
+  x[7] = m2_mul(x[7], m2_cx(s, -c));
+  x[9] = m2_mul(x[9], m2_cx(h, -h));
+  x[10] = m2_mul_neg_i(x[10]);
+  x[11] = m2_mul(x[11], m2_cx(-h, -h));
+  x[13] = m2_mul(x[13], m2_cx(s, -c));
+  x[14] = m2_mul(x[14], m2_cx(-h, -h));
+  x[15] = m2_mul(x[15], m2_cx(-c, s));
+  M2_UNROLL for (int k1 = 0; k1 < 4; ++k1) {
+    m2_dft<4>(x + 4 * k1);
+    M2_UNROLL for (int k2 = 0; k2 < 4; ++k2) {
+      v[k1 + 4 * k2] = x[4 * k1 + k2];
+    }
+  }
+}
+
 // One Stockham stage of radix R = 2^LOG_R over `total` values forming rows of length 2^log_n, with sub-transforms
-// of length 2^log_ns (a power of 8) done. Reads every value into registers, then writes every value: the two
-// barriers make the stage safe in place. Twiddle exp(-2 pi i r k / (R ns)) is entry (8 / R) r of the stage's block.
-template <int LOG_R, int E>
+// of length 2^log_ns (a power of B = 2^LOG_B) done. Reads every value into registers, then writes every value: the
+// two barriers make the stage safe in place. Twiddle exp(-2 pi i r k / (R ns)) is entry (B / R) r of the stage's
+// block; the first stage (ns = 1) has none.
+template <int LOG_R, int LOG_B, int E>
 M2_FUNC void m2_fft_stage(
     M2_TG float2* buf,
     int log_n,
@@ -148,9 +185,10 @@ M2_FUNC void m2_fft_stage(
     int nthreads,
     int layout) {
   const int R = 1 << LOG_R;
+  const int B = 1 << LOG_B;
   const int log_m = log_n - LOG_R;
   const int butterflies = total >> LOG_R;
-  const int tw_block = ((8 << log_ns) - 8) / 7;
+  const int tw_block = B * ((1 << log_ns) - 1) / (B - 1);
   m2c v[E];
   M2_UNROLL for (int i = 0; i < E / R; ++i) {
     const int w = tid + i * nthreads;
@@ -161,8 +199,11 @@ M2_FUNC void m2_fft_stage(
       M2_UNROLL for (int r = 0; r < R; ++r) {
         v[i * R + r] = m2_tg_load(buf, base + j + (r << log_m), layout);
       }
-      M2_UNROLL for (int r = 1; r < R; ++r) {
-        v[i * R + r] = m2_mul(v[i * R + r], m2_load_complex(tw, tw_block + ((r << (3 - LOG_R)) << log_ns) + k));
+      if (log_ns != 0) {
+        M2_UNROLL for (int r = 1; r < R; ++r) {
+          v[i * R + r] =
+              m2_mul(v[i * R + r], m2_load_complex(tw, tw_block + ((r << (LOG_B - LOG_R)) << log_ns) + k));
+        }
       }
       m2_dft<R>(v + i * R);
     }
@@ -194,14 +235,18 @@ M2_FUNC void m2_fft_rows(
     int tid,
     int nthreads,
     int layout) {
-  int log_ns = 0;
-  for (; log_ns + 3 <= log_n; log_ns += 3) {
-    m2_fft_stage<3, E>(buf, log_n, total, log_ns, tw, tid, nthreads, layout);
+  const int LOG_B = E >= 16 ? 4 : 3;
+  // log_n is a compile-time constant in every GPU kernel body: unrolled, each stage's index arithmetic is constant.
+  M2_UNROLL for (int s = 0; s < log_n / LOG_B; ++s) {
+    m2_fft_stage<LOG_B, LOG_B, E>(buf, log_n, total, LOG_B * s, tw, tid, nthreads, layout);
   }
-  if (log_n - log_ns == 2) {
-    m2_fft_stage<2, E>(buf, log_n, total, log_ns, tw, tid, nthreads, layout);
+  const int log_ns = log_n - log_n % LOG_B;
+  if (log_n - log_ns == 3) {
+    m2_fft_stage<3, LOG_B, E>(buf, log_n, total, log_ns, tw, tid, nthreads, layout);
+  } else if (log_n - log_ns == 2) {
+    m2_fft_stage<2, LOG_B, E>(buf, log_n, total, log_ns, tw, tid, nthreads, layout);
   } else if (log_n - log_ns == 1) {
-    m2_fft_stage<1, E>(buf, log_n, total, log_ns, tw, tid, nthreads, layout);
+    m2_fft_stage<1, LOG_B, E>(buf, log_n, total, log_ns, tw, tid, nthreads, layout);
   }
 }
 
