@@ -33,13 +33,33 @@ import numpy as np
 from m2bert_hf_mlx import kernels, ops
 from _timing import median_seconds
 
-def _cuda_variant(values, elems):
-    return kernels.Target("cuda", single_pass=((values, values, elems),), four_step=(values, elems), pad=True)
+
+def _cuda_variant(single_pass=None, four_step=None):
+    """The CUDA target with one tile for every single-pass or every four-step plan: (values, per thread, log radix)."""
+    return kernels.Target(
+        "cuda",
+        (kernels.Tile(single_pass[0], *single_pass),) if single_pass else kernels.CUDA.single_pass,
+        (kernels.Tile(1 << 62, *four_step),) if four_step else kernels.CUDA.four_step,
+        pad=True,
+    )
 
 
-# Tile variants of the CUDA plan: values per block and per thread (threads = values / per thread), beside the default.
-VARIANTS = [(8192, 16), (4096, 16), (4096, 8), (2048, 8), (1024, 8)]
-SWEEP = {"default": kernels.CUDA} | {f"{v} values, {e} per thread": _cuda_variant(v, e) for v, e in VARIANTS}
+# Tile variants of the CUDA plan beside the default: values per block, per thread (threads = values / per thread)
+# and the log2 of the FFT radix, for the single pass (which then covers N up to the block's values) or the four-step
+# passes.
+SINGLE_PASS_VARIANTS = [(8192, 16, 4), (4096, 16, 3), (2048, 16, 4), (2048, 8, 3), (1024, 8, 3)]
+FOUR_STEP_VARIANTS = [(4096, 16, 3), (4096, 16, 4), (8192, 16, 3), (8192, 16, 4), (4096, 8, 3)]
+SWEEP = (
+    {"default": kernels.CUDA}
+    | {
+        f"single pass {v} values, {e} per thread, radix {1 << r}": _cuda_variant(single_pass=(v, e, r))
+        for v, e, r in SINGLE_PASS_VARIANTS
+    }
+    | {
+        f"four-step {v} values, {e} per thread, radix {1 << r}": _cuda_variant(four_step=(v, e, r))
+        for v, e, r in FOUR_STEP_VARIANTS
+    }
+)
 
 
 def median_ms(fn, sync, calls, repeats):

@@ -24,9 +24,7 @@ from .kernels import KERNELS, TARGETS, header
 
 CXX_FLAGS = ("-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-fno-strict-aliasing")
 # The register-array sizes the targets' plans use: one instantiation each.
-ELEMS = sorted(
-    {tier[2] for t in TARGETS.values() for tier in t.single_pass} | {t.four_step[1] for t in TARGETS.values()}
-)
+ELEMS = sorted({tile.elems for t in TARGETS.values() for tile in t.single_pass + t.four_step})
 _CPP_TYPES = {"float32": "float", "float16": "m2_half", "bfloat16": "m2_bfloat16"}
 _FIXED_TYPES = {"f32": "float", "i32": "int"}
 # numpy types of the kernels' I/O dtypes; bfloat16 has none and travels as its bits.

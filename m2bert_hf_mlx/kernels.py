@@ -36,7 +36,7 @@ class KernelSpec:
         return any(kind == "io" for _, kind in self.inputs + self.outputs)
 
 
-_COLUMN_CONSTANTS = ("LOG_N1", "LOG_N2", "LOG_P", "LOG_Q", "PAD", "SMEM")
+_COLUMN_CONSTANTS = ("LOG_RADIX", "LOG_N1", "LOG_N2", "LOG_P", "LOG_Q", "PAD", "SMEM")
 
 KERNELS = {
     spec.name: spec
@@ -45,7 +45,7 @@ KERNELS = {
             "single_pass",
             (("u", "io"), ("dims", "i32"), ("spectrum", "f32"), ("tw", "f32")),
             (("y", "io"),),
-            ("LOG_N", "LOG_P", "PAD", "SMEM"),
+            ("LOG_RADIX", "LOG_N", "LOG_P", "PAD", "SMEM"),
         ),
         KernelSpec(
             "columns_forward",
@@ -57,7 +57,7 @@ KERNELS = {
             "rows",
             (("scratch", "f32"), ("dims", "i32"), ("spectrum", "f32"), ("tw", "f32")),
             (("out", "f32"),),
-            ("LOG_N1", "LOG_N2", "LOG_RP", "TW_N", "PAD", "SMEM"),
+            ("LOG_RADIX", "LOG_N1", "LOG_N2", "LOG_RP", "TW_N", "PAD", "SMEM"),
         ),
         KernelSpec(
             "columns_inverse", (("scratch", "f32"), ("dims", "i32"), ("tw", "f32")), (("y", "io"),), _COLUMN_CONSTANTS
@@ -77,12 +77,25 @@ def header(target):
 
 
 @dataclass(frozen=True)
-class Target:
-    """Tile limits of a GPU family, in complex values per threadgroup.
+class Tile:
+    """One tier of a target's plans: FFTs of up to `max_n` points, `values` complex values per threadgroup, `elems`
+    per thread (threads = values / elems) and FFT stages of radix 2^log_radix (3 or 4; 4 needs elems >= 16)."""
 
-    single_pass: (max N, values per threadgroup, values per thread) tiers, the first with N <= max N wins;
-    four_step: (values per threadgroup, values per thread) of the multi-pass kernels. pad: pad the threadgroup
-    layout against bank conflicts (one more value per 16 and per row).
+    max_n: int
+    values: int
+    elems: int
+    log_radix: int
+
+    def __post_init__(self):
+        if self.log_radix not in (3, 4) or (self.log_radix == 4 and self.elems < 16):
+            raise ValueError(f"radix 2^{self.log_radix} with {self.elems} values per thread has no kernel")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Tile tiers of a GPU family, for the single pass and for the four-step passes: the first tier whose max_n is
+    at least the FFT size N wins. pad: pad the threadgroup layout against bank conflicts (one more value per 16 and
+    per row).
     """
 
     name: str
@@ -93,17 +106,23 @@ class Target:
     @property
     def threadgroup_bytes_limit(self):
         """The most threadgroup memory a plan of this target may use (rows of 2 values at the worst)."""
-        values = max([tier[1] for tier in self.single_pass] + [self.four_step[0]])
-        return 8 * _smem(values, 1, self.pad)
+        return 8 * _smem(max(tile.values for tile in self.single_pass + self.four_step), 1, self.pad)
 
 
+_ANY_N = 1 << 62
 # Metal: 32 KB of threadgroup memory holds 4096 complex fp32 values, without room for padding.
-METAL = Target("metal", single_pass=((4096, 4096, 16),), four_step=(4096, 16), pad=False)
-# CUDA (H100): blocks small enough that several share a multiprocessor, so that one block's memory phase overlaps
-# another's FFT: 2048 values (256 threads of 8) up to N = 1024, 4096 values (256 threads of 16) up to N = 4096 and in
-# the four-step passes beyond (benchmarks/long_conv.py --sweep times the alternatives). MLX gives no launch bound, so
-# a block's threads must fit the register file as compiled (tests/test_long_conv_sources.py checks it).
-CUDA = Target("cuda", single_pass=((1024, 2048, 8), (4096, 4096, 16)), four_step=(4096, 16), pad=True)
+METAL = Target("metal", single_pass=(Tile(4096, 4096, 16, 4),), four_step=(Tile(_ANY_N, 4096, 16, 4),), pad=False)
+# CUDA (H200; benchmarks/long_conv.py --sweep times the alternatives): blocks small enough that several share a
+# multiprocessor, so that one block's memory phase overlaps another's FFT: 2048 values (256 threads of 8, radix 8) up
+# to N = 1024, 4096 values (256 threads of 16, radix 16) up to N = 4096; the four-step passes take 4096 values in
+# radix-8 stages up to N = 16384 and 8192 values (512 threads) in radix-16 stages beyond. MLX gives no launch bound,
+# so a block's threads must fit the register file as compiled (tests/test_long_conv_sources.py checks it).
+CUDA = Target(
+    "cuda",
+    single_pass=(Tile(1024, 2048, 8, 3), Tile(4096, 4096, 16, 4)),
+    four_step=(Tile(16384, 4096, 16, 3), Tile(_ANY_N, 8192, 16, 4)),
+    pad=True,
+)
 TARGETS = {"metal": METAL, "cuda": CUDA}
 
 
@@ -186,16 +205,17 @@ def plan(target, batch, length, channels):
     n = fft_size(length)
     pairs = (channels + 1) // 2
     pad = int(target.pad)
-    for max_n, capacity, elems in target.single_pass:
-        if n <= max_n:
-            p = min(capacity // n, _pow2_at_least(pairs))
+    for tile in target.single_pass:
+        if n <= tile.max_n:
+            p = min(tile.values // n, _pow2_at_least(pairs))
             values = p * n
             launch = Launch(
                 "single_pass",
                 (-(-pairs // p), batch, 1),
-                _threads(values, elems),
-                elems,
+                _threads(values, tile.elems),
+                tile.elems,
                 (
+                    ("LOG_RADIX", tile.log_radix),
                     ("LOG_N", _log2(n)),
                     ("LOG_P", _log2(p)),
                     ("PAD", pad),
@@ -204,7 +224,8 @@ def plan(target, batch, length, channels):
             )
             return Plan(batch, length, channels, n, 1, (launch,))
 
-    capacity, elems = target.four_step
+    tile = next(tile for tile in target.four_step if n <= tile.max_n)
+    capacity, elems = tile.values, tile.elems
     log_n1 = _log2(n) // 2
     n1, n2 = 1 << log_n1, n >> log_n1
     if 2 * n2 > capacity:
@@ -212,11 +233,13 @@ def plan(target, batch, length, channels):
             f"long_conv supports lengths up to {capacity * capacity // 8} on {target.name}; got L={length}. "
             "Split the sequence or use backend='mlx'."
         )
+    radix = ("LOG_RADIX", tile.log_radix)
     # Columns: up to 4 pairs (32 bytes of fp32 channels per time step) and as many adjacent columns as fit.
     p = min(_pow2_at_least(pairs), 4, capacity // n1)
     q = min(n2, capacity // (n1 * p))
     column_values = p * q * n1
     column_constants = (
+        radix,
         ("LOG_N1", log_n1),
         ("LOG_N2", _log2(n2)),
         ("LOG_P", _log2(p)),
@@ -227,7 +250,7 @@ def plan(target, batch, length, channels):
     column_groups = (-(-pairs // p), n2 // q, batch)
     rp = min(n1 // 2, capacity // (2 * n2))
     row_values = 2 * rp * n2
-    tw_n = ("TW_N", stage_twiddle_size(max(log_n1, _log2(n2)), log_radix(elems)))
+    tw_n = ("TW_N", stage_twiddle_size(max(log_n1, _log2(n2)), tile.log_radix))
     launches = (
         Launch("columns_forward", column_groups, _threads(column_values, elems), elems, column_constants + (tw_n,)),
         Launch(
@@ -236,6 +259,7 @@ def plan(target, batch, length, channels):
             _threads(row_values, elems),
             elems,
             (
+                radix,
                 ("LOG_N1", log_n1),
                 ("LOG_N2", _log2(n2)),
                 ("LOG_RP", _log2(rp)),
@@ -247,11 +271,6 @@ def plan(target, batch, length, channels):
         Launch("columns_inverse", column_groups, _threads(column_values, elems), elems, column_constants),
     )
     return Plan(batch, length, channels, n, n1, launches)
-
-
-def log_radix(elems):
-    """log2 of the FFT radix of threads holding `elems` values (long_conv.h's m2_fft_rows makes the same choice)."""
-    return 4 if elems >= 16 else 3
 
 
 def stage_twiddle_size(max_log_n, log_b):
@@ -287,7 +306,7 @@ def _dims(length, channels):
 
 def twiddles(plan_):
     """The twiddle table of a plan as (entries, 2) float32: stage blocks, then (four-step) exp(-2 pi i j / N)."""
-    key = (plan_.max_log_n, log_radix(plan_.launches[0].elems), None if plan_.n1 == 1 else plan_.n)
+    key = (plan_.max_log_n, dict(plan_.launches[0].constants)["LOG_RADIX"], None if plan_.n1 == 1 else plan_.n)
     if key not in _twiddle_arrays:
         _twiddle_arrays[key] = mx.array(_twiddle_table(*key))
     return _twiddle_arrays[key]

@@ -12,13 +12,12 @@
 // Metal's names for thread indices (thread_position_in_threadgroup, threadgroup_position_in_grid,
 // threads_per_threadgroup), which the CUDA and C++ preludes map onto their own.
 //
-// The FFT is a Stockham transform of radix B = 16 (threads of 16 or more register values) or B = 8 (fewer), with
-// one stage of a smaller radix last, over rows held in threadgroup memory. Each thread keeps at most E complex values
-// in registers between the two barriers of a stage, so a threadgroup of `nthreads` threads transforms up to
-// E * nthreads values. Twiddle factors come from a host-side table (float64, rounded once), so every back end
+// The FFT is a Stockham transform of radix B = 16 or 8 (the plan's LOG_RADIX), with one stage of a smaller radix
+// last, over rows held in threadgroup memory. Each thread keeps at most E complex values in registers between the
+// two barriers of a stage, so a threadgroup of `nthreads` threads transforms up to E * nthreads values. Twiddle factors come from a host-side table (float64, rounded once), so every back end
 // multiplies by the same numbers. The stage after sub-transforms of length ns = B^i reads block i of the table,
 // tw[B (B^i - 1) / (B - 1) + r * ns + k] = exp(-2 pi i r k / (B ns)) for r < B, k < ns: adjacent threads (adjacent k)
-// read adjacent entries. kernels.log_radix is the host's copy of the choice of B.
+// read adjacent entries.
 
 struct m2c {
   float re;
@@ -224,10 +223,8 @@ M2_FUNC void m2_fft_stage(
   M2_BARRIER();
 }
 
-// Forward FFT of every row (length 2^log_n) of the `total` values in buf. The caller puts a barrier between
-// filling buf and this call; the result is visible to all threads on return.
-template <int E>
-M2_FUNC void m2_fft_rows(
+template <int E, int LOG_B>
+M2_FUNC void m2_fft_rows_radix(
     M2_TG float2* buf,
     int log_n,
     int total,
@@ -235,7 +232,6 @@ M2_FUNC void m2_fft_rows(
     int tid,
     int nthreads,
     int layout) {
-  const int LOG_B = E >= 16 ? 4 : 3;
   // log_n is a compile-time constant in every GPU kernel body: unrolled, each stage's index arithmetic is constant.
   M2_UNROLL for (int s = 0; s < log_n / LOG_B; ++s) {
     m2_fft_stage<LOG_B, LOG_B, E>(buf, log_n, total, LOG_B * s, tw, tid, nthreads, layout);
@@ -247,6 +243,26 @@ M2_FUNC void m2_fft_rows(
     m2_fft_stage<2, LOG_B, E>(buf, log_n, total, log_ns, tw, tid, nthreads, layout);
   } else if (log_n - log_ns == 1) {
     m2_fft_stage<1, LOG_B, E>(buf, log_n, total, log_ns, tw, tid, nthreads, layout);
+  }
+}
+
+// Forward FFT of every row (length 2^log_n) of the `total` values in buf, in stages of radix 2^log_radix (3 or 4;
+// 4 needs E >= 16). The caller puts a barrier between filling buf and this call; the result is visible to all
+// threads on return. log_radix is a compile-time constant on the GPUs, so only one branch is compiled there.
+template <int E>
+M2_FUNC void m2_fft_rows(
+    M2_TG float2* buf,
+    int log_radix,
+    int log_n,
+    int total,
+    const M2_GLOBAL float* tw,
+    int tid,
+    int nthreads,
+    int layout) {
+  if (log_radix == 4 && E >= 16) {
+    m2_fft_rows_radix<E, 4>(buf, log_n, total, tw, tid, nthreads, layout);
+  } else {
+    m2_fft_rows_radix<E, 3>(buf, log_n, total, tw, tid, nthreads, layout);
   }
 }
 
