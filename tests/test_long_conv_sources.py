@@ -120,16 +120,20 @@ using Strides = cuda::std::array<int64_t, 10>;
 }
 """
 
-# Plans that reach every kernel and register-array size, on both GPU targets.
-SHAPES = [(2, 100, 70), (1, 4097, 6), (1, 8192, 768), (1, 32768, 768)]
+# Plans that reach every tier of both GPU targets: each single-pass tile and each four-step tile.
+SHAPES = [(2, 100, 70), (1, 2048, 768), (1, 4097, 6), (1, 8192, 768), (1, 32768, 768)]
 
 
-def _unique_launches(target):
+def _unique_launches(target, shapes=SHAPES):
     launches = {}
-    for batch, length, channels in SHAPES:
+    for batch, length, channels in shapes:
         for launch in kernels.plan(target, batch, length, channels).launches:
-            launches.setdefault((launch.kernel, launch.elems), launch)
+            launches.setdefault((launch.kernel, launch.threads, launch.elems, launch.constants), launch)
     return list(launches.values())
+
+
+# Every plan a target makes up to L = 32768: each FFT size with each power-of-two count of channel pairs.
+EVERY_PLAN = [(1, 1 << (log_n - 1), 2 << log_pairs) for log_n in range(1, 17) for log_pairs in range(13)]
 
 
 def _input_sizes(launch):
@@ -147,8 +151,9 @@ def test_metal_kernels_construct_without_metal():
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_metal_instantiation_compiles_as_cpp(tmp_path, dtype):
+    # Every plan in float32; the I/O conversions of the other dtypes on one plan of each tier.
     (tmp_path / "metal_stdlib").write_text(METAL_STDLIB_SHIM)
-    launches = _unique_launches(kernels.METAL)
+    launches = _unique_launches(kernels.METAL, EVERY_PLAN if dtype == "float32" else SHAPES)
     source = [kernels.header("metal")]
     source += [metal_kernel_source(launch, dtype, _input_sizes(launch), f"k{i}") for i, launch in enumerate(launches)]
     (tmp_path / "kernels.cpp").write_text("\n".join(source))

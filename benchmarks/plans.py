@@ -1,0 +1,125 @@
+"""The long-convolution kernel's plans per target, without a GPU: tiles, threadgroup memory, registers and traffic.
+
+    python benchmarks/plans.py --out benchmarks/results/plans.json      # prints the README's markdown table
+
+For each target (Metal, CUDA) and each L of the benchmarks (C = 768, B = max(1, 16384 // L)), every launch of the
+plan: threads per threadgroup, threadgroup memory, registers per thread of the CUDA build of that tile (nvcc for
+sm_90a, where nvcc is installed; Apple's compiler is not available here, so Metal tiles are compiled as CUDA too,
+an estimate of their register pressure), passes through device memory and the bytes moved per token against the
+minimum (u read and y written once, the filter spectrum once), in float32. Filter re-reads by the threadgroups of
+other batch rows are assumed to hit the cache.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_long_conv_sources import CUDA_UTILS_STUB, cuda_kernel_source  # MLX's CUDA source assembly
+
+from m2bert_hf_mlx import kernels
+
+LENGTHS = [128, 512, 2048, 8192, 32768]
+
+
+def registers(launches):
+    """Registers per thread of each launch's CUDA build (float32 I/O), or None without nvcc."""
+    if shutil.which("nvcc") is None:
+        return [None] * len(launches)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        stub = tmp / "mlx" / "backend" / "cuda" / "device" / "utils.cuh"
+        stub.parent.mkdir(parents=True)
+        stub.write_text(CUDA_UTILS_STUB)
+        source = ['#include "mlx/backend/cuda/device/utils.cuh"', kernels.header("cuda")]
+        source += [cuda_kernel_source(launch, "float32", f"k{i}") for i, launch in enumerate(launches)]
+        (tmp / "kernels.cu").write_text("\n".join(source))
+        flags = ["-std=c++17", "-arch=sm_90a", "-Xptxas", "-v", "-I", str(tmp), "-c", "-o", os.devnull]
+        result = subprocess.run(["nvcc", *flags, str(tmp / "kernels.cu")], capture_output=True, text=True, check=True)
+    used = dict(
+        re.findall(
+            r"Compiling entry function '_ZN3mlx4core2cu\d+(k\d+)E.*?Used (\d+) registers", result.stderr, re.DOTALL
+        )
+    )
+    return [int(used[f"k{i}"]) for i in range(len(launches))]
+
+
+def traffic(plan, itemsize=4):
+    """(passes through device memory, bytes per token moved, minimum bytes per token)."""
+    tokens = plan.batch * plan.length
+    io = 2 * itemsize * tokens * plan.channels
+    filter_bytes = plan.pairs * plan.n1 * (plan.n2 // 2 + 1) * 16
+    minimum = io + 8 * plan.channels * (plan.length + 1)
+    if plan.n1 == 1:
+        return 1, (io + filter_bytes) / tokens, minimum / tokens
+    scratch = plan.batch * plan.pairs * plan.n * 8  # written by pass 1, read and written by pass 2, read by pass 3
+    return 3, (io + filter_bytes + 4 * scratch) / tokens, minimum / tokens
+
+
+def table(channels=768):
+    rows = []
+    for target in kernels.TARGETS.values():
+        plans = [kernels.plan(target, max(1, 16384 // length), length, channels) for length in LENGTHS]
+        launches = [launch for p in plans for launch in p.launches]
+        regs = iter(registers(launches))
+        for length, p in zip(LENGTHS, plans):
+            passes, moved, minimum = traffic(p)
+            for launch in p.launches:
+                constants = dict(launch.constants)
+                rows.append(
+                    {
+                        "target": target.name,
+                        "L": length,
+                        "B": p.batch,
+                        "C": channels,
+                        "N": p.n,
+                        "kernel": launch.kernel,
+                        "threads": launch.threads,
+                        "values_per_thread": launch.elems,
+                        "radix": 1 << constants["LOG_RADIX"],
+                        "threadgroup_bytes": 8 * constants["SMEM"],
+                        "registers_cuda_build": next(regs),
+                        "passes": passes,
+                        "bytes_per_token": round(moved),
+                        "min_bytes_per_token": round(minimum),
+                    }
+                )
+    return rows
+
+
+def markdown(rows):
+    lines = [
+        (
+            "| target | L | N | kernel | threads | values/thread, radix | threadgroup KB | registers (CUDA build) "
+            "| passes | bytes/token (min) |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = r["bytes_per_token"] / r["min_bytes_per_token"]
+        lines.append(
+            f"| {r['target']} | {r['L']} | {r['N']} | {r['kernel']} | {r['threads']} | {r['values_per_thread']}, "
+            f"{r['radix']} | {r['threadgroup_bytes'] / 1024:.1f} | {r['registers_cuda_build'] or '-'} | {r['passes']} "
+            f"| {r['bytes_per_token']:,} ({r['min_bytes_per_token']:,}, {ratio:.2f}x) |"
+        )
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    rows = table()
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
