@@ -50,6 +50,10 @@ class ConvertError(M2BertError, ValueError):
     """A conversion that cannot go ahead as asked; the message says what to change."""
 
 
+class LongConvKernelError(M2BertError, RuntimeError):
+    """A long-convolution kernel failed to build or computed a wrong result, and its back end was forced."""
+
+
 class ArgumentError(M2BertError, TypeError):
     """A keyword argument that the function or pipeline does not take (a TypeError, as Python's own would be)."""
 

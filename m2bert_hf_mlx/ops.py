@@ -21,16 +21,13 @@ import mlx.core as mx
 import numpy as np
 
 from . import emulator, kernels
+from .errors import LongConvKernelError
 
 BACKENDS = ("metal", "cuda", "mlx", "emulated")
 BACKEND_ENV = "M2BERT_LONG_CONV_BACKEND"
 _IO_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 # The self-check's largest accepted relative error against mx.fft, by the dtype the output is rounded to.
 _CHECK_TOLERANCE = {mx.float32: 1e-4, mx.float16: 1e-2, mx.bfloat16: 3e-2}
-
-
-class LongConvKernelError(RuntimeError):
-    """A long-convolution kernel failed to build or computed a wrong result, and its back end was forced."""
 
 
 class LongConvFallbackWarning(RuntimeWarning):
