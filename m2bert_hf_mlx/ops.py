@@ -216,13 +216,14 @@ def _kernels_pass(backend, plan, dtype):
     if os.environ.get(BACKEND_ENV) == backend:
         raise LongConvKernelError(
             f"The {backend} long-convolution kernel failed its self-check ({failure}); {BACKEND_ENV}={backend} "
-            f"forbids the fallback: unset it to run on mx.fft, and please report this to m2bert-hf-mlx."
+            "forbids the fallback: unset it to run on mx.fft, and please report this to the m2bert-hf-mlx issue "
+            "tracker."
         )
     warnings.warn(
         f"The {backend} long-convolution kernel failed its self-check ({failure}). Long convolutions now run on "
-        "mx.fft for the rest of this process, which took 1.2-3.7x as long as the kernel on an NVIDIA H200 "
-        "(README, long convolution kernel). Please report this message with your device and MLX version to "
-        f"m2bert-hf-mlx; set {BACKEND_ENV}=mlx to skip the check.",
+        "mx.fft for the rest of this process, which took 1.2-4.7x as long as the kernel on an NVIDIA H200 "
+        "(docs/benchmarks.md of m2bert-hf-mlx). Please report this message with your device, OS and MLX versions "
+        f"to the m2bert-hf-mlx issue tracker; set {BACKEND_ENV}=mlx to skip the check.",
         LongConvFallbackWarning,
         stacklevel=2,
     )
