@@ -114,13 +114,13 @@ _ANY_N = 1 << 62
 METAL = Target("metal", single_pass=(Tile(4096, 4096, 16, 4),), four_step=(Tile(_ANY_N, 4096, 16, 4),), pad=False)
 # CUDA (H200; benchmarks/long_conv.py --sweep times the alternatives): blocks small enough that several share a
 # multiprocessor, so that one block's memory phase overlaps another's FFT: 2048 values (256 threads of 8, radix 8) up
-# to N = 1024, 4096 values (256 threads of 16, radix 16) up to N = 4096; the four-step passes take 4096 values in
-# radix-8 stages up to N = 16384 and 8192 values (512 threads) in radix-16 stages beyond. MLX gives no launch bound,
-# so a block's threads must fit the register file as compiled (tests/test_long_conv_sources.py checks it).
+# to N = 1024, 4096 values (256 threads of 16, radix 16) up to N = 4096; the four-step passes take 8192 values (512
+# threads of 16) in radix-16 stages. MLX gives no launch bound, so a block's threads must fit the register file as
+# compiled (tests/test_long_conv_sources.py checks it).
 CUDA = Target(
     "cuda",
     single_pass=(Tile(1024, 2048, 8, 3), Tile(4096, 4096, 16, 4)),
-    four_step=(Tile(16384, 4096, 16, 3), Tile(_ANY_N, 8192, 16, 4)),
+    four_step=(Tile(_ANY_N, 8192, 16, 4),),
     pad=True,
 )
 TARGETS = {"metal": METAL, "cuda": CUDA}
