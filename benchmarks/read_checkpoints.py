@@ -2,8 +2,13 @@
 torch.load(weights_only=True) where torch can read the file.
 
 Run from the repository root (needs torch for the files torch writes): .venv/bin/python benchmarks/read_checkpoints.py
+With `--baseline FILE`, also times the reader in FILE (an older conversion/checkpoints.py, e.g. from
+`git show REV:conversion/checkpoints.py > FILE`) on the same files, in the same run.
 """
 
+import argparse
+import importlib.util
+import statistics
 import sys
 import tempfile
 import time
@@ -22,17 +27,29 @@ from m2bert_hf_mlx.checkpoint_reader import checkpoint_keys, load_state_dict  # 
 from torch_format import save_torch_object, save_torch_state_dict  # noqa: E402
 
 
-def best_of(fn, repeats=3):
+def median_of(fn, repeats=5):
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return statistics.median(times)
+
+
+def load_baseline(path):
+    spec = importlib.util.spec_from_file_location("baseline_checkpoints", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main():
     import torch
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--baseline", help="an older checkpoints.py to time side by side")
+    options = parser.parse_args()
+    baseline = load_baseline(options.baseline) if options.baseline else None
 
     state = random_state_dict(PRESETS["m2-bert-80m"], head="mlm", seed=0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -45,16 +62,19 @@ def main():
         mx.save_safetensors(str(tmp / "model.safetensors"), {k: mx.array(v) for k, v in state.items()})
 
         print(f"80M MLM state dict: {len(state)} tensors, {sum(v.nbytes for v in state.values()) / 1e6:.0f} MB")
-        print(f"  {'file':22s} {'MB':>6s} {'load_state_dict s':>18s} {'checkpoint_keys s':>18s} {'torch.load(weights_only) s':>27s}")
+        extra = f" {'baseline load s':>16s} {'baseline keys s':>16s}" if baseline else ""
+        print(f"  {'file':22s} {'MB':>6s} {'load_state_dict s':>18s} {'checkpoint_keys s':>18s} {'torch.load(weights_only) s':>27s}{extra}")
         for path in sorted(tmp.iterdir()):
-            loaded = load_state_dict(path)
-            assert all(np.array_equal(loaded[k.removeprefix("model.")], v) for k, v in state.items())
-            ours = best_of(lambda: load_state_dict(path))
-            keys = best_of(lambda: checkpoint_keys(path))
+            loaded = {k.removeprefix("model."): v for k, v in load_state_dict(path).items()}
+            assert all(np.array_equal(loaded[k], v) for k, v in state.items())
+            ours = median_of(lambda: load_state_dict(path))
+            keys = median_of(lambda: checkpoint_keys(path))
             try:
-                theirs = f"{best_of(lambda: torch.load(path, weights_only=True)):27.2f}"
+                theirs = f"{median_of(lambda: torch.load(path, weights_only=True)):27.2f}"
             except Exception as e:  # safetensors and Composer files are not torch.load(weights_only=True) material
                 theirs = f"{'refused: ' + type(e).__name__:>27s}"
+            if baseline:
+                theirs += f" {median_of(lambda: baseline.load_state_dict(path)):16.2f} {median_of(lambda: baseline.checkpoint_keys(path)):16.3f}"
             print(f"  {path.name:22s} {path.stat().st_size / 1e6:6.0f} {ours:18.2f} {keys:18.3f} {theirs}")
 
 

@@ -6,8 +6,13 @@ folder holds config.json, MLX safetensors (+ index), the tokenizer files and a R
 are mlx-lm's.
 """
 
+import contextlib
+import errno
+import logging
 import os
 import re
+import secrets
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,12 +20,12 @@ from tqdm import tqdm
 
 from ..checkpoint_reader import checkpoint_keys
 from ..configuration_m2_bert import PRESETS, M2BertConfig
-from ..errors import ConvertError
+from ..errors import ConvertError, quote
 from ..hub import hub_kwargs, upload_model_folder
 from ..loading import checkpoint_model_class, fetch_config_folder, fetch_weights, has_pooler
 from ..model_card import render_model_card
 from ..modeling_utils import DTYPE_NAMES, DTYPES
-from ..publishing import write_atomically, write_model_folder
+from ..publishing import write_model_folder
 from ..quantization import (
     SKIPPABLE_GROUPS,
     SUPPORTED_BITS,
@@ -32,6 +37,13 @@ from ..tokenization import check_tokenizer_fits, resolve_tokenizer
 from ..weight_files import local_weight_files
 
 DEFAULT_MLX_PATH = "mlx_model"
+# What a folder this package writes holds; `--force` replaces nothing else unless `--force-any-folder` says so.
+_OWN_FILES = re.compile(
+    r"config\.json|README\.md|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|vocab\.txt|"
+    r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json"
+)
+
+logger = logging.getLogger(__name__)
 
 
 def convert(
@@ -52,6 +64,7 @@ def convert(
     hf_endpoint: str | None = None,
     token: str | None = None,
     force: bool = False,
+    force_any_folder: bool = False,
 ) -> Path:
     """Convert `hf_path` (Hub repo id, folder or file) into the MLX folder `mlx_path` and return its path.
 
@@ -61,11 +74,22 @@ def convert(
     the bert-base-uncased vocabulary shipped with this package). `dtype` is "float32", "float16" or "bfloat16"
     (default: the source's). With `quantize`, the weights are quantized (see
     `m2bert_hf_mlx.quantization.quantize_model`). With `upload_repo`, the folder is then uploaded to that Hub repo.
-    The folder is written next to its final place and renamed into it, so a failure leaves no half-written folder;
-    an existing non-empty folder is replaced only with `force`.
+    The folder is written next to its final place and renamed into it, so a failure leaves no half-written folder.
+    The destination is claimed first (a lock file beside it), so two conversions cannot both write it; an existing
+    non-empty folder is replaced only with `force`, and only if this package wrote it (any folder with
+    `force_any_folder` too); what it holds is logged first.
     """
     mlx_path = Path(mlx_path)
-    _check_destination(hf_path, mlx_path, force)
+    with _Destination(hf_path, Path(os.path.abspath(mlx_path)), force, force_any_folder) as destination:
+        return _convert(
+            hf_path, mlx_path, destination, config=config, preset=preset, weights=weights, tokenizer=tokenizer,
+            dtype=dtype, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size, q_skip=q_skip,
+            revision=revision, upload_repo=upload_repo, hf_endpoint=hf_endpoint, token=token,
+        )
+
+
+def _convert(hf_path, mlx_path, destination, *, config, preset, weights, tokenizer, dtype, quantize, q_bits,
+             q_group_size, q_skip, revision, upload_repo, hf_endpoint, token):
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
     if quantize:
@@ -118,7 +142,7 @@ def convert(
             q_skip=q_skip,
             tokenizer=tokenizer_origin,
         )
-        write_atomically(mlx_path, lambda tmp: write_model_folder(tmp, model, tok, card))
+        destination.write(lambda tmp: write_model_folder(tmp, model, tok, card))
         progress.update()
         if upload_repo:
             progress.set_description(f"Uploading to {upload_repo}")
@@ -137,17 +161,165 @@ def _upload(folder, repo_id, token, endpoint):
         ) from e
 
 
-def _check_destination(hf_path, mlx_path, force):
-    if mlx_path.exists() and not mlx_path.is_dir():
-        raise ConvertError(f"--mlx-path {mlx_path} is a file; give a folder path.")
-    source = Path(hf_path).resolve()
-    target = mlx_path.resolve()
-    if Path(hf_path).exists() and (target == source or target in source.parents):
-        raise ConvertError(f"--mlx-path {mlx_path} would replace the source {hf_path}; write the MLX folder elsewhere.")
-    if mlx_path.is_dir() and any(mlx_path.iterdir()) and not force:
-        raise ConvertError(
-            f"{mlx_path} already exists and is not empty; pass --force to replace it, or choose another --mlx-path."
-        )
+class _Destination:
+    """The output folder of one conversion, from the claim to the final rename.
+
+    Claimed by an exclusive lock file beside it (`.<name>.m2bert-lock`, holding the process id), so a second
+    conversion to the same place fails at once; a lock whose process is gone is taken over. Partial folders of
+    killed runs (`.<name>.partial-*`) are removed then (and the previous contents a killed `--force` run set aside,
+    `.<name>.old-*`, reported). The folder's state is recorded when it is checked, and the
+    final rename refuses to replace anything else: an absent destination is created empty at once (another tool
+    that writes into it keeps its files, since a rename never replaces a non-empty folder), an existing one is
+    replaced only if it is still the same folder.
+    """
+
+    def __init__(self, hf_path, path, force, force_any_folder):
+        self.path = path
+        self.lock = path.with_name(f".{path.name}.m2bert-lock")
+        self._check_place(hf_path)
+        self._force, self._force_any = force, force_any_folder
+
+    def _check_place(self, hf_path):
+        path = self.path
+        if path.is_symlink():
+            raise ConvertError(f"--mlx-path {path} is a symbolic link; give the folder it points to, or another path.")
+        if path.exists() and not path.is_dir():
+            raise ConvertError(f"--mlx-path {path} is a file; give a folder path.")
+        target, cwd = path.resolve(), Path.cwd().resolve()
+        if target == cwd or target in cwd.parents or target == Path(target.anchor):
+            raise ConvertError(f"--mlx-path {path} is the current folder or one of its parents; give a new folder.")
+        source = Path(hf_path).resolve()
+        if Path(hf_path).exists() and (target == source or target in source.parents):
+            raise ConvertError(f"--mlx-path {path} would replace the source {hf_path}; write the MLX folder elsewhere.")
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._claim()
+        try:
+            self._remove_partials()
+            self._inspect()
+        except BaseException:
+            self.lock.unlink(missing_ok=True)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        if self._created and exc[0] is not None:
+            with contextlib.suppress(OSError):
+                self.path.rmdir()  # the empty folder this run created, unless something was written into it
+        self.lock.unlink(missing_ok=True)
+
+    def _claim(self):
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not self._stale_lock():
+                    raise ConvertError(
+                        f"Another conversion is writing {self.path} (lock file {self.lock}); wait for it to finish, "
+                        "or choose another --mlx-path."
+                    ) from None
+                self.lock.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            return
+        raise ConvertError(f"Cannot claim {self.path}: its lock file {self.lock} keeps reappearing.")
+
+    def _stale_lock(self):
+        try:
+            pid = int(self.lock.read_text(encoding="ascii").strip()[:20])
+        except (OSError, ValueError, UnicodeDecodeError):
+            return False  # being written, or not ours: leave it
+        if pid <= 0:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
+
+    def _remove_partials(self):
+        for partial in sorted(self.path.parent.glob(f".{self.path.name}.partial-*")):
+            logger.warning("Removing %s, left by a conversion that did not finish.", partial)
+            shutil.rmtree(partial, ignore_errors=True)
+        for old in sorted(self.path.parent.glob(f".{self.path.name}.old-*")):
+            logger.warning(
+                "%s holds what %s held before a --force conversion that was interrupted; move it back or remove it.",
+                old, self.path,
+            )
+
+    def _inspect(self):
+        path = self.path
+        self._created = False
+        try:
+            path.mkdir()
+            self._created = True
+        except FileExistsError:
+            pass
+        if path.is_symlink() or not path.is_dir():
+            raise ConvertError(f"--mlx-path {path} changed while it was checked; run again.")
+        self._identity = _identity(path)
+        entries = sorted(p.name for p in path.iterdir())
+        self._replaces = bool(entries)
+        if not entries:
+            return
+        if not self._force:
+            raise ConvertError(
+                f"{path} already exists and is not empty; pass --force to replace it, or choose another --mlx-path."
+            )
+        foreign = [name for name in entries if not (_OWN_FILES.fullmatch(name) and (path / name).is_file())]
+        if foreign and not self._force_any:
+            shown = ", ".join(quote(n) for n in foreign[:8]) + (" ..." if len(foreign) > 8 else "")
+            raise ConvertError(
+                f"--force would remove {path}, which holds what this package does not write ({shown}); move those "
+                "away, choose another --mlx-path, or add --force-any-folder to remove them too."
+            )
+        shown = ", ".join(quote(n) for n in entries[:20])
+        if len(entries) > 20:
+            shown += f" and {len(entries) - 20} more"
+        logger.warning("--force: replacing %s and what it holds (%d): %s", path, len(entries), shown)
+
+    def write(self, write):
+        """Run `write(tmp)` on a fresh sibling folder, then rename it into place (see the class)."""
+        path = self.path
+        tmp = path.with_name(f".{path.name}.partial-{secrets.token_hex(4)}")
+        tmp.mkdir()
+        try:
+            write(tmp)
+            if _identity(path) != self._identity:
+                raise ConvertError(f"{path} was replaced by something else during the conversion; nothing was changed.")
+            if self._replaces:
+                old = path.with_name(f".{path.name}.old-{secrets.token_hex(4)}")
+                path.rename(old)
+                if _identity(old) != self._identity:
+                    old.rename(path)
+                    raise ConvertError(f"{path} was replaced during the conversion; nothing was changed.")
+                os.rename(tmp, path)
+                shutil.rmtree(old)
+            else:
+                try:
+                    os.rename(tmp, path)  # replaces the empty folder, and only an empty one
+                except OSError as e:
+                    if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+                    raise ConvertError(
+                        f"Something wrote into {path} during the conversion; its files were kept and the conversion "
+                        "was discarded. Run again with another --mlx-path."
+                    ) from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _identity(path):
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def _resolve_config(hf_path, folder, config, preset):
@@ -214,13 +386,20 @@ def register(subparsers):
         "--hf-endpoint", help="Hub URL for download and upload (default: HF_ENDPOINT, else https://huggingface.co)"
     )
     parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`)")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --mlx-path")
+    parser.add_argument(
+        "--force", action="store_true", help="replace a non-empty --mlx-path that this package wrote (lists it first)"
+    )
+    parser.add_argument(
+        "--force-any-folder", action="store_true", help="with --force, replace a --mlx-path this package did not write"
+    )
     parser.set_defaults(func=run_convert)
 
 
 def run_convert(args):
     if not args.quantize and (args.q_bits or args.q_group_size or args.q_skip):
         raise ConvertError("--q-bits, --q-group-size and --q-skip only apply with -q/--quantize.")
+    if args.force_any_folder and not args.force:
+        raise ConvertError("--force-any-folder only applies with --force.")
     folder = convert(
         args.hf_path,
         args.mlx_path,
@@ -238,6 +417,7 @@ def run_convert(args):
         hf_endpoint=args.hf_endpoint,
         token=args.token,
         force=args.force,
+        force_any_folder=args.force_any_folder,
     )
     print(f"Wrote {folder}" + (f" and uploaded it to {args.upload_repo}" if args.upload_repo else ""))
     return 0

@@ -10,6 +10,7 @@ from mlx.utils import tree_flatten
 
 from ._package import DEMO_MODEL
 from .embedding_precision import PRECISIONS
+from .errors import InputError
 from .hub import DEFAULT_COMMIT_MESSAGE, hub_kwargs, upload_model_folder
 from .loading import checkpoint_model_class, fetch_config_folder, fetch_weights
 from .modeling_m2_bert import M2BertModel
@@ -172,22 +173,36 @@ def run_embed(args):
 
 
 def _read_lines(path):
+    """The lines of --input, split on \\n (and \\r\\n) only: str.splitlines() would also split on form feeds, U+2028,
+    NEL and lone carriage returns, which texts may hold, and give more rows than lines. Read as bytes, so that no
+    newline translation applies either."""
     name = "standard input" if path == "-" else path
     try:
-        content = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"--input {name} is not UTF-8 text ({e.reason} at byte {e.start}).") from None
+        content = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
     except OSError as e:
         raise OSError(f"cannot read --input {name}: {e.strerror or e}") from None
-    lines = content.splitlines()
-    for number, line in enumerate(lines, start=1):
+    if content.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise InputError(f"--input {name} is UTF-16 text; convert it to UTF-8 (one text per line).")
+    content = content.removeprefix(b"\xef\xbb\xbf")
+    raw_lines = content.split(b"\n")
+    if raw_lines[-1] == b"":
+        raw_lines.pop()  # the newline that ends the last line
+    lines = []
+    for number, raw in enumerate(raw_lines, start=1):
+        try:
+            line = raw.removesuffix(b"\r").decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(
+                f"line {number} of --input {name} is not UTF-8 text ({e.reason} at byte {e.start} of the line)."
+            ) from None
         if not line.strip():
-            raise ValueError(
+            raise InputError(
                 f"line {number} of --input {name} is empty; give one text per line (each line becomes one row of "
                 "the output)."
             )
+        lines.append(line)
     if not lines:
-        raise ValueError(f"--input {name} holds no text; give one text per line.")
+        raise InputError(f"--input {name} holds no text; give one text per line.")
     return lines
 
 

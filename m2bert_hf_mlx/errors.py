@@ -1,7 +1,8 @@
 """The exceptions of this package: one base class, one subclass per kind of problem a user can cause.
 
 Each subclasses the built-in exception that code written before them caught (ValueError, OSError), so those
-`except` clauses keep working; the message says what was wrong and what to do.
+`except` clauses keep working; the message says what was wrong and what to do. `quote` and `one_line` build the
+parts of that text that come from a file, a server or a user.
 """
 
 import difflib
@@ -79,3 +80,32 @@ def checked_keywords(function):
         return function(*args, **kwargs)
 
     return wrapper
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Error text
+
+
+def quote(value, limit=80):
+    """`value` as error text shows it when it comes from a file or a user: strings as their repr (so newlines and
+    escape sequences stay visible and a crafted name cannot fake a line of output), cut to `limit` characters;
+    numbers and short lists of them as written; anything else by its type."""
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if isinstance(value, str):
+        return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        return repr(value)
+    if isinstance(value, int):
+        return repr(value) if value.bit_length() <= 64 else f"an integer of {value.bit_length()} bits"
+    if isinstance(value, (list, tuple)) and len(value) <= 8 and all(isinstance(v, (int, float, str)) for v in value):
+        items = ", ".join(quote(v, limit // 4) for v in value)
+        return f"[{items}]" if isinstance(value, list) else f"({items}{',' if len(value) == 1 else ''})"
+    return f"a {type(value).__name__}"
+
+
+def one_line(text, limit=1000):
+    """Error text for a terminal: line breaks and other control characters shown escaped, cut at `limit`
+    characters, so that every error is one line and no text from a file or a server can move the cursor."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+    return text if len(text) <= limit else text[:limit] + "..."

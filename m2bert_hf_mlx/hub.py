@@ -6,10 +6,47 @@ ones Hub users know. What to download (which weight files, which tokenizer files
 """
 
 import os
+import re
+import urllib.parse
 from pathlib import Path
 
 from ._package import __version__
-from .errors import ConfigError, HubError
+from .errors import ConfigError, HubError, quote
+
+
+def display_endpoint(endpoint):
+    """A Hub URL as messages show it: without the user name and password it may carry."""
+    if not endpoint:
+        return "the Hugging Face Hub"
+    try:
+        parts = urllib.parse.urlsplit(str(endpoint))
+        if parts.username is None and parts.password is None:
+            return quote(str(endpoint), 200)[1:-1]
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host
+    except ValueError:
+        return "the Hub endpoint given"
+    return quote(urllib.parse.urlunsplit(parts._replace(netloc=netloc)), 200)[1:-1]
+
+
+_SECRETS = re.compile(r"(?i)(bearer\s+|authorization:\s*)\S+|hf_[A-Za-z0-9]{8,}")
+
+
+def describe_http_error(error, token=None):
+    """A failed Hub request in a few words: the HTTP status and the server's own short message, with anything that
+    looks like a token removed. Never the request's headers or URL, which huggingface_hub's message may hold."""
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None)
+    reason = getattr(response, "reason_phrase", "")
+    text = type(error).__name__ if status is None else f"HTTP {status}"
+    if status is not None and isinstance(reason, str) and reason:
+        text += f" {reason}"
+    message = getattr(error, "server_message", None)
+    if message:
+        if isinstance(token, str) and token:
+            message = message.replace(token, "[token]")
+        text += f", the server said {quote(_SECRETS.sub('[redacted]', str(message)), 200)}"
+    return text
 
 
 def hub_download(repo_id, allow_patterns, hub, *, dry_run=False):
@@ -24,7 +61,7 @@ def hub_download(repo_id, allow_patterns, hub, *, dry_run=False):
         RevisionNotFoundError,
     )
 
-    where = hub.get("endpoint") or "the Hugging Face Hub"
+    where = display_endpoint(hub.get("endpoint"))
     # Each message says what failed and what to do, so huggingface_hub's chained tracebacks (100 lines) are left out.
     try:
         return snapshot_download(
@@ -36,7 +73,7 @@ def hub_download(repo_id, allow_patterns, hub, *, dry_run=False):
             **hub,
         )
     except HFValidationError as e:
-        raise HubError(f"{repo_id!r} is neither a local folder or file nor a valid Hub repo id ({e}).") from None
+        raise HubError(f"{quote(repo_id)} is neither a local folder or file nor a valid Hub repo id.") from None
     except GatedRepoError as e:
         raise HubError(f"{repo_id} on {where} is gated: accept its terms on the Hub and pass token=... .") from None
     except RepositoryNotFoundError as e:
@@ -58,7 +95,7 @@ def hub_download(repo_id, allow_patterns, hub, *, dry_run=False):
             "or give the path of a local folder."
         ) from None
     except HfHubHTTPError as e:
-        raise HubError(f"{where} refused the request for {repo_id}: {e}") from None
+        raise HubError(f"{where} refused the request for {repo_id} ({describe_http_error(e, hub.get('token'))}).") from None
 
 
 def hub_kwargs(revision, cache_dir, local_files_only, token, force_download, endpoint):
@@ -116,10 +153,11 @@ def upload_model_folder(
         )
     except httpx2.TransportError as e:
         raise HubError(
-            f"Cannot reach the Hub at {api.endpoint} ({type(e).__name__}: {e}). Check the endpoint URL and the network."
+            f"Cannot reach the Hub at {display_endpoint(api.endpoint)} ({type(e).__name__}). Check the endpoint URL "
+            "and the network."
         ) from e
     except HfHubHTTPError as e:
-        raise HubError(_describe_refusal(e, repo_id, api.endpoint)) from e
+        raise HubError(_describe_refusal(e, repo_id, display_endpoint(api.endpoint), token)) from e
 
 
 def require_token(token):
@@ -133,17 +171,17 @@ def require_token(token):
         )
 
 
-def _describe_refusal(error, repo_id, endpoint):
+def _describe_refusal(error, repo_id, endpoint, token):
     status = error.response.status_code if error.response is not None else None
-    detail = f" The Hub said: {error.server_message}" if error.server_message else ""
+    said = describe_http_error(error, token)
     if status == 401:
         return (
-            f"The Hub at {endpoint} rejected the token (401 Unauthorized): it is invalid or expired. Pass a valid "
-            f"write token with token=... (--token), HF_TOKEN, or `hf auth login`.{detail}"
+            f"The Hub at {endpoint} rejected the token ({said}): it is invalid or expired. Pass a valid write token "
+            "with token=... (--token), HF_TOKEN, or `hf auth login`."
         )
     if status == 403:
         return (
-            f"The token may not write to {repo_id} on {endpoint} (403 Forbidden): use a token with write access to "
-            f"the namespace {repo_id.split('/')[0]!r}.{detail}"
+            f"The token may not write to {repo_id} on {endpoint} ({said}): use a token with write access to the "
+            f"namespace {repo_id.split('/')[0]!r}."
         )
-    return f"The Hub at {endpoint} refused the upload to {repo_id}: {error}"
+    return f"The Hub at {endpoint} refused the upload to {repo_id} ({said})."

@@ -6,10 +6,12 @@ sharded saving. The trainer's resume loads through the same `load_weights`.
 """
 
 import copy
+import errno
 import inspect
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -17,8 +19,8 @@ from mlx.utils import tree_flatten
 
 from . import modeling_m2_bert
 from .checkpoint_reader import checkpoint_keys, load_state_dict
-from .configuration_m2_bert import PRESETS, M2BertConfig
-from .errors import ConfigError, WeightsMismatchError, check_keywords
+from .configuration_m2_bert import PRESETS, M2BertConfig, read_config_file
+from .errors import ConfigError, WeightsMismatchError, check_keywords, quote
 from .hub import hub_download, hub_kwargs
 from .modeling_m2_bert import strip_training_prefixes
 from .modeling_utils import DTYPE_NAMES, DTYPES, is_head_weight
@@ -73,10 +75,10 @@ def checkpoint_model_class(source, weights=None):
     else M2BertModel (the retrieval checkpoints also carry an unused classifier, which is reported when it loads)."""
     config_path = (source if source.is_dir() else source.parent) / "config.json"
     try:
-        architectures = json.loads(config_path.read_text()).get("architectures") or []
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        architectures = []  # no config, or one that loading reports on
-    for name in architectures:
+        architectures = read_config_file(config_path).get("architectures")
+    except ConfigError:
+        architectures = None  # no config, or one that loading reports on
+    for name in architectures if isinstance(architectures, list) else []:
         if name in ("M2BertModel", "M2BertForMaskedLM", "M2BertForSequenceClassification"):
             return getattr(modeling_m2_bert, name)
     keys = (key for path in local_weight_files(source, weights) for key in checkpoint_keys(path))
@@ -104,7 +106,7 @@ def _config_from_argument(config):
         if Path(config).is_file():
             return M2BertConfig.from_json_file(config).to_dict()
     raise ConfigError(
-        f"config={config!r} is not an M2BertConfig, a dict, a JSON file or a preset name ({', '.join(PRESETS)})."
+        f"config={quote(config)} is not an M2BertConfig, a dict, a JSON file or a preset name ({', '.join(PRESETS)})."
     )
 
 
@@ -117,10 +119,7 @@ def _read_config_dict(folder, name_or_path, config):
             f"{name_or_path} has no config.json (Composer .pt checkpoints ship none). Pass config= with an "
             f"M2BertConfig, a JSON file, or a preset name: {', '.join(PRESETS)}."
         )
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ConfigError(f"{path} is not a readable JSON config ({e}); download it again.") from e
+    return read_config_file(path)
 
 
 def _check_overrides(where, function, overrides):
@@ -157,9 +156,14 @@ def read_weights(files):
 # Strict loading
 
 
+def _name(key):
+    """A tensor name as messages show it: plain when it looks like one, quoted (escapes visible, cut) otherwise."""
+    return key if re.fullmatch(r"[\w.\-]{1,200}", key) else quote(key)
+
+
 def _describe(keys, limit=12):
     keys = sorted(keys)
-    shown = ", ".join(keys[:limit])
+    shown = ", ".join(_name(k) for k in keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
@@ -181,15 +185,15 @@ def apply_weights(model, weights, *, strict=True, source="the checkpoint"):
     unexpected = set(weights) - set(expected) - other_heads
     missing = set(expected) - set(weights) - model.buffer_keys()
     mismatched = [
-        f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}"
+        _mismatch(k, weights[k], expected[k])
         for k in sorted(set(weights) & set(expected))
-        if weights[k].shape != expected[k].shape
+        if weights[k].shape != expected[k].shape or _is_float(weights[k]) != _is_float(expected[k])
     ]
     if strict and missing and not mismatched and not unexpected and all(is_head_weight(k) for k in missing):
         raise WeightsMismatchError(_missing_head_message(model, source, missing))
     problems = []
     if mismatched:
-        problems.append("shape mismatches: " + "; ".join(mismatched[:12]))
+        problems.append("shape or dtype mismatches: " + "; ".join(mismatched[:12]))
     if strict and missing:
         problems.append(f"missing from {source}: {_describe(missing)}")
     if strict and unexpected:
@@ -212,6 +216,16 @@ def apply_weights(model, weights, *, strict=True, source="the checkpoint"):
     if unexpected:
         logger.warning("strict=False: not loaded: %s", _describe(unexpected))
     model.load_weights([(k, v) for k, v in weights.items() if k in expected], strict=False)
+
+
+def _is_float(array):
+    return mx.issubdtype(array.dtype, mx.floating)
+
+
+def _mismatch(key, got, want):
+    """An integer tensor never loads into a float weight, nor the reverse (a quantized weight's packed words)."""
+    text = f"{_name(key)}: checkpoint {tuple(got.shape)} vs model {tuple(want.shape)}"
+    return text if _is_float(got) == _is_float(want) else f"{text}, {got.dtype} where the model has {want.dtype}"
 
 
 def load_weights(model, folder, *, strict=True):
@@ -289,6 +303,18 @@ def load_model(cls, name_or_path, *, config=None, revision=None, cache_dir=None,
 # Saving
 
 
+def _save_safetensors(path, arrays):
+    """mx.save_safetensors, then a check that the whole file reached the disk: MLX reports no write error (on a
+    full disk it leaves a truncated file and returns)."""
+    mx.save_safetensors(str(path), arrays, metadata={"format": "mlx"})
+    with open(path, "rb") as f:
+        head = f.read(8)
+    size = path.stat().st_size
+    expected = None if len(head) < 8 else 8 + int.from_bytes(head, "little") + sum(v.nbytes for v in arrays.values())
+    if size != expected:
+        raise OSError(errno.ENOSPC, f"{path} was not written completely ({size} bytes); is the disk full?")
+
+
 def save_model(model, save_directory, *, max_shard_size=None):
     save_directory = Path(save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)
@@ -313,7 +339,7 @@ def save_model(model, save_directory, *, max_shard_size=None):
         stale.unlink()
     weight_map = {}
     for name, shard in zip(names, shards):
-        mx.save_safetensors(str(save_directory / name), shard, metadata={"format": "mlx"})
+        _save_safetensors(save_directory / name, shard)
         weight_map.update({k: name for k in shard})
     index = {
         "metadata": {"total_size": sum(v.nbytes for v in weights.values()), "total_parameters": model.num_parameters()},

@@ -12,8 +12,8 @@ import numpy as np
 
 from .activations import ACT2FN, gelu, glu
 from .blockdiag_linear import BlockdiagLinear, from_blocks, to_blocks
-from .configuration_m2_bert import M2BertConfig
-from .errors import ConfigError, InputError, WeightsMismatchError
+from .configuration_m2_bert import M2BertConfig, validate_config
+from .errors import InputError, WeightsMismatchError, quote
 from .hyena_filter import HyenaFilter
 from .initialization import normal
 from .losses import classification_loss, masked_lm_loss
@@ -172,8 +172,6 @@ class M2BertPooler(nn.Module):
 class M2BertPredictionHeadTransform(nn.Module):
     def __init__(self, config):
         super().__init__()
-        if config.hidden_act not in ACT2FN:
-            raise ConfigError(f"Unsupported hidden_act {config.hidden_act!r}; supported: {', '.join(ACT2FN)}.")
         self.act = ACT2FN[config.hidden_act]
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=1e-12)  # hard-coded in the canonical head
@@ -223,6 +221,10 @@ class M2BertPreTrainedModel(PreTrainedModel):
     config_class = M2BertConfig
     base_model_prefix = "bert"
 
+    def __init__(self, config):
+        super().__init__(config)
+        validate_config(config)  # again: fields may have been changed since the config was built
+
     @property
     def dtype(self):
         """The float dtype of the weights (read from a LayerNorm: embeddings may be quantized)."""
@@ -258,6 +260,8 @@ class M2BertModel(M2BertPreTrainedModel):
         input_ids = _check_input_ids(input_ids, self.config)
         if token_type_ids is None:
             token_type_ids = mx.zeros_like(input_ids)
+        else:
+            token_type_ids = _check_token_type_ids(token_type_ids, input_ids, self.config)
         if attention_mask is None:
             attention_mask = mx.ones_like(input_ids)
         hidden_states = self.encoder(self.embeddings(input_ids, token_type_ids))
@@ -351,9 +355,45 @@ class M2BertForSequenceClassification(M2BertPreTrainedModel):
         return SequenceClassifierOutput(logits=logits, loss=loss)
 
 
+def check_token_ids(ids, size, what="input_ids"):
+    """Raise an InputError unless every id is in [0, size): MLX's gather does not check its indices, so an id
+    outside a table reads (or, in a scatter, writes) memory outside it. `ids` is an MLX or numpy array; every path
+    to an embedding lookup runs this first. Inside mx.compile or vmap nothing can be evaluated, so there the caller
+    checks its ids (the trainer checks its tokenizer against the model with `check_tokenizer_fits` and draws random
+    ids below its size)."""
+    integer = mx.issubdtype(ids.dtype, mx.integer) if isinstance(ids, mx.array) else ids.dtype.kind in "iu"
+    if not integer:
+        raise InputError(f"{what} must hold integer token ids, got {ids.dtype}.")
+    if ids.size == 0:
+        return
+    try:
+        low, high = ids.min().item(), ids.max().item()
+    except ValueError:  # a traced array: see above
+        return
+    if low < 0 or high >= size:
+        bad = low if low < 0 else high
+        raise InputError(
+            f"{what} holds the id {bad}, outside this model's table of {size} (valid ids: 0 to {size - 1}); check "
+            "that the tokenizer is the model's."
+        )
+
+
+def _as_ids(ids, size, what):
+    """`ids` as an MLX array, checked against a table of `size` rows; lists and numpy arrays are checked before
+    they become MLX arrays, which cannot hold every Python int."""
+    if not isinstance(ids, mx.array):
+        try:
+            checked = np.asarray(ids)
+        except (ValueError, TypeError) as e:
+            raise InputError(f"{what} must be a (batch, length) array of integer token ids.") from e
+        check_token_ids(checked, size, what)
+        return mx.array(checked)
+    check_token_ids(ids, size, what)
+    return ids
+
+
 def _check_input_ids(input_ids, config):
-    if not isinstance(input_ids, mx.array):
-        input_ids = mx.array(input_ids)
+    input_ids = _as_ids(input_ids, config.vocab_size, "input_ids")
     if input_ids.ndim != 2:
         raise InputError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}.")
     L = input_ids.shape[1]
@@ -365,6 +405,16 @@ def _check_input_ids(input_ids, config):
             "(max_position_embeddings / long_conv_l_max). Truncate the input (tokenizer truncation=True)."
         )
     return input_ids
+
+
+def _check_token_type_ids(token_type_ids, input_ids, config):
+    token_type_ids = _as_ids(token_type_ids, config.type_vocab_size, "token_type_ids")
+    if token_type_ids.shape != input_ids.shape:
+        raise InputError(
+            f"token_type_ids has shape {tuple(token_type_ids.shape)}, input_ids {tuple(input_ids.shape)}; "
+            "they must match."
+        )
+    return token_type_ids
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -393,7 +443,9 @@ def sanitize_weights(model, weights):
         elif not has_base_prefix and key.startswith("bert."):
             key = key[len("bert.") :]
         if key in out:
-            raise WeightsMismatchError(f"{original!r} and another tensor of the checkpoint both name the weight {key!r}.")
+            raise WeightsMismatchError(
+                f"{quote(original)} and another tensor of the checkpoint both name the weight {quote(key)}."
+            )
         out[key] = value
 
     for key in [k for k in out if k.endswith("embeddings.position_ids")]:

@@ -20,7 +20,8 @@ from pathlib import Path
 from tokenizers import normalizers
 from transformers import BertTokenizerFast
 
-from .errors import TokenizerError
+from .configuration_m2_bert import REMOTE_CODE_KEYS
+from .errors import TokenizerError, quote
 from .hub import hub_download, hub_kwargs
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"]
@@ -61,7 +62,8 @@ def load_tokenizer(
         try:
             tokenizer = BertTokenizerFast.from_pretrained(folder)
         except Exception as e:  # tokenizers reports malformed files with its own exception types
-            raise TokenizerError(f"The tokenizer files in {folder} cannot be read ({type(e).__name__}: {e}).") from e
+            detail = f"{type(e).__name__}: {quote(str(e), 200)}"
+            raise TokenizerError(f"The tokenizer files in {folder} cannot be read ({detail}).") from e
         _apply_canonical_rule(tokenizer, folder, model_max_length)
     if model_max_length is not None:
         tokenizer.model_max_length = model_max_length
@@ -91,11 +93,13 @@ def resolve_tokenizer(tokenizer=None, source=None, *, model_max_length=None, tok
 
 
 def check_tokenizer_fits(tokenizer, config):
-    """Refuse a tokenizer with more tokens than the model has embedding rows: its ids would index past them."""
-    if len(tokenizer) > config.vocab_size:
+    """Refuse a tokenizer whose ids do not all have a row in the model's embedding table: they would index past it.
+    Its largest id counts, not its number of tokens: a tokenizer.json may map a word to any id."""
+    largest = max(tokenizer.get_vocab().values(), default=-1)
+    if largest >= config.vocab_size:
         raise TokenizerError(
-            f"The tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size} embeddings: pass the "
-            "tokenizer this model was trained with (M2-BERT uses bert-base-uncased)."
+            f"The tokenizer has ids up to {largest} ({len(tokenizer)} tokens) but the model only {config.vocab_size} "
+            "embedding rows: pass the tokenizer this model was trained with (M2-BERT uses bert-base-uncased)."
         )
 
 
@@ -161,6 +165,11 @@ def save_tokenizer(tokenizer, folder: str | os.PathLike, *, model_max_length: in
     folder = Path(folder)
     tokenizer.model_max_length = model_max_length
     tokenizer.save_pretrained(folder)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if any(key in config for key in REMOTE_CODE_KEYS):
+        config = {k: v for k, v in config.items() if k not in REMOTE_CODE_KEYS}
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
     if [i for _, i in vocab] != list(range(len(vocab))):
         raise TokenizerError("The tokenizer's token ids are not 0..n-1 without gaps, so it cannot be written as a vocab.txt.")

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CheckpointError
+from .errors import CheckpointError, quote
 
 WEIGHT_EXTENSIONS = (".safetensors", ".bin", ".pt")
 STANDARD_NAMES = ("model.safetensors", "pytorch_model.bin", "model.bin")
@@ -48,7 +48,8 @@ class Candidate:
     def describe(self):
         shards = sum(1 for n in self.files if _SHARD.fullmatch(n))
         extra = f", {shards} shards" if shards else ""
-        return f"{self.name} ({format_size(self.size)}{extra})"
+        name = self.name if self.name.isprintable() else quote(self.name)
+        return f"{name} ({format_size(self.size)}{extra})"
 
 
 def format_size(nbytes: int | None) -> str:
@@ -123,15 +124,28 @@ def local_weight_files(folder: Path, weights: str | None = None) -> list[Path]:
         return [folder / n for n in candidate.files]
     index = folder / candidate.index
     try:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
-        raise CheckpointError(f"{index} is not a valid weight index ({e}); download it again.") from e
-    outside = [n for n in shards if not isinstance(n, str) or Path(n).name != n]
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise CheckpointError(f"{index} is not a valid weight index ({type(e).__name__}); download it again.") from e
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names; download it again.")
+    shards = sorted(set(weight_map.values()))
+    outside = [quote(n) for n in shards if not _is_file_name(n)]
     if outside:
-        raise CheckpointError(f"{index} names shards outside its folder ({outside[:3]}); this index cannot be used.")
-    missing = [n for n in shards if not (folder / n).is_file()]
+        raise CheckpointError(
+            f"{index} names shards outside its folder ({', '.join(outside[:3])}); this index cannot be used."
+        )
+    missing = [quote(n) for n in shards if not (folder / n).is_file()]
     if missing:
         raise CheckpointError(
-            f"{folder} is missing the weight shards {missing} that {index.name} names; download them again."
+            f"{folder} is missing the weight shards {', '.join(missing[:8])} that {index.name} names; download "
+            "them again."
         )
     return [folder / n for n in shards]
+
+
+def _is_file_name(name):
+    """Whether a name that a file of a model folder gives (an index's shard) names a file of that folder: no path
+    separator, no `..`, no absolute path, no NUL, so that no download can make loading (or an upload) read
+    elsewhere."""
+    return name not in ("", ".", "..") and Path(name).name == name and not any(c in name for c in "/\\\0")

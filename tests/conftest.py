@@ -54,3 +54,17 @@ def load_fixture(name):
 @pytest.fixture(params=["mlm_hta0", "mlm_hta1", "retrieval"])
 def fixture_name(request):
     return request.param
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="run the property-based tests with many more examples")
+
+
+def pytest_configure(config):
+    from hypothesis import HealthCheck, settings
+
+    # CI: a few seconds per property; --slow: a long fuzzing run. No example database is written into the checkout.
+    common = dict(database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("ci", max_examples=60, **common)
+    settings.register_profile("slow", max_examples=5000, **common)
+    settings.load_profile("slow" if config.getoption("--slow") else "ci")

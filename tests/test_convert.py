@@ -99,7 +99,7 @@ def test_composer_file_needs_a_config_and_converts_with_one(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(config))
     argv = ["--hf-path", tmp_path / "model.pt", "--mlx-path", tmp_path / "out", "--config", tmp_path / "config.json"]
     code, output = run(argv, capsys)
-    assert code == 1 and "The tokenizer has 30522 tokens but the model only 120 embeddings" in output
+    assert code == 1 and "The tokenizer has ids up to 30521 (30522 tokens) but the model only 120 embedding rows" in output
 
     code, output = run([*argv, "--tokenizer", write_vocab(tmp_path / "tokenizer")], capsys)
     assert code == 0, output
@@ -160,7 +160,7 @@ def test_safetensors_export_without_the_shared_tensors(tmp_path, capsys):
     assert np.abs(logits - expected).max() / np.abs(expected).max() < 0.05  # the weights went through bfloat16
 
 
-def test_output_folder_is_replaced_only_with_force_and_failures_leave_nothing(tmp_path, capsys):
+def test_output_folder_is_replaced_only_with_force_and_failures_leave_nothing(tmp_path, capsys, caplog):
     source = hf_retrieval_folder(tmp_path / "src")
     out = tmp_path / "out"
     out.mkdir()
@@ -169,15 +169,20 @@ def test_output_folder_is_replaced_only_with_force_and_failures_leave_nothing(tm
     assert code == 1 and "already exists and is not empty; pass --force" in output
     assert (out / "keep.txt").read_text() == "mine"
 
-    (source / "pytorch_model.bin").write_bytes((source / "pytorch_model.bin").read_bytes()[:5000])
     code, output = run(["--hf-path", source, "--mlx-path", out, "--force"], capsys)
+    assert code == 1 and "holds what this package does not write ('keep.txt')" in output and "--force-any-folder" in output
+    assert (out / "keep.txt").read_text() == "mine"
+
+    (source / "pytorch_model.bin").write_bytes((source / "pytorch_model.bin").read_bytes()[:5000])
+    code, output = run(["--hf-path", source, "--mlx-path", out, "--force", "--force-any-folder"], capsys)
     assert code == 1 and "pytorch_model.bin is truncated or corrupt" in output
     assert (out / "keep.txt").read_text() == "mine"  # untouched by the failed conversion
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no half-written sibling left behind
 
     hf_retrieval_folder(source)
-    code, output = run(["--hf-path", source, "--mlx-path", out, "--force"], capsys)
+    code, output = run(["--hf-path", source, "--mlx-path", out, "--force", "--force-any-folder"], capsys)
     assert code == 0, output
+    assert "--force: replacing" in caplog.text and "what it holds (1): 'keep.txt'" in caplog.text
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
