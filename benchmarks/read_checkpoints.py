@@ -2,16 +2,15 @@
 torch.load(weights_only=True) where torch can read the file.
 
 Run from the repository root (needs torch for the files torch writes): .venv/bin/python benchmarks/read_checkpoints.py
-With `--baseline FILE`, also times the reader in FILE (an older conversion/checkpoints.py, e.g. from
-`git show REV:conversion/checkpoints.py > FILE`) on the same files, in the same run.
+With `--baseline FILE`, also times the reader in FILE (an older, self-contained reader module, e.g.
+`git show 88f2a38:conversion/checkpoints.py > FILE`, the reader before issue 17) on the same files, in the same run.
+Times are medians of 5 calls.
 """
 
 import argparse
 import importlib.util
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,6 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from _timing import median_seconds  # noqa: E402
 from checkpoint_files import composer_checkpoint  # noqa: E402
 from random_checkpoint import random_state_dict  # noqa: E402
 
@@ -27,13 +27,8 @@ from m2bert_hf_mlx.checkpoint_reader import checkpoint_keys, load_state_dict  # 
 from torch_format import save_torch_object, save_torch_state_dict  # noqa: E402
 
 
-def median_of(fn, repeats=5):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def median_of(fn):
+    return median_seconds(fn, 5)
 
 
 def load_baseline(path):
@@ -63,18 +58,21 @@ def main():
 
         print(f"80M MLM state dict: {len(state)} tensors, {sum(v.nbytes for v in state.values()) / 1e6:.0f} MB")
         extra = f" {'baseline load s':>16s} {'baseline keys s':>16s}" if baseline else ""
-        print(f"  {'file':22s} {'MB':>6s} {'load_state_dict s':>18s} {'checkpoint_keys s':>18s} {'torch.load(weights_only) s':>27s}{extra}")
+        columns = f"{'load_state_dict s':>18s} {'checkpoint_keys s':>18s} {'torch.load(weights_only) s':>27s}"
+        print(f"  {'file':22s} {'MB':>6s} {columns}{extra}")
         for path in sorted(tmp.iterdir()):
             loaded = {k.removeprefix("model."): v for k, v in load_state_dict(path).items()}
             assert all(np.array_equal(loaded[k], v) for k, v in state.items())
-            ours = median_of(lambda: load_state_dict(path))
-            keys = median_of(lambda: checkpoint_keys(path))
+            ours = median_of(lambda path=path: load_state_dict(path))
+            keys = median_of(lambda path=path: checkpoint_keys(path))
             try:
-                theirs = f"{median_of(lambda: torch.load(path, weights_only=True)):27.2f}"
+                theirs = f"{median_of(lambda path=path: torch.load(path, weights_only=True)):27.2f}"
             except Exception as e:  # safetensors and Composer files are not torch.load(weights_only=True) material
                 theirs = f"{'refused: ' + type(e).__name__:>27s}"
             if baseline:
-                theirs += f" {median_of(lambda: baseline.load_state_dict(path)):16.2f} {median_of(lambda: baseline.checkpoint_keys(path)):16.3f}"
+                base_load = median_of(lambda path=path: baseline.load_state_dict(path))
+                base_keys = median_of(lambda path=path: baseline.checkpoint_keys(path))
+                theirs += f" {base_load:16.2f} {base_keys:16.3f}"
             print(f"  {path.name:22s} {path.stat().st_size / 1e6:6.0f} {ours:18.2f} {keys:18.3f} {theirs}")
 
 

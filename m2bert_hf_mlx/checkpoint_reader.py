@@ -169,7 +169,8 @@ def _count(value, what):
 
 
 def _dims(value, what):
-    if type(value) is not tuple or len(value) > _MAX_DIMS or not all(type(v) is int and 0 <= v <= _MAX_ELEMENTS for v in value):
+    valid = type(value) is tuple and len(value) <= _MAX_DIMS
+    if not valid or not all(type(v) is int and 0 <= v <= _MAX_ELEMENTS for v in value):
         raise _Corrupt(f"a tensor has an invalid {what} {quote(value)}")
     return value
 
@@ -303,7 +304,7 @@ _ATOMS = (str, bytes, int, float, complex, bool, type(None))
 
 
 def _hashable(item):
-    if isinstance(item, _ATOMS) or isinstance(item, (_Opaque, _StandIn)):
+    if isinstance(item, (*_ATOMS, _Opaque, _StandIn)):
         return item
     if type(item) is tuple and all(isinstance(i, _ATOMS) for i in item):
         return item
@@ -488,7 +489,8 @@ class _TorchZipArchive:
         info = self._record(name)
         if info.file_size != size:
             available = info.file_size // _numpy_dtype(storage.dtype, "<").itemsize
-            raise _Corrupt(f"storage {storage.key} holds {available} elements but its tensors need {storage.offset + storage.numel}")
+            needed = storage.offset + storage.numel
+            raise _Corrupt(f"storage {storage.key} holds {available} elements but its tensors need {needed}")
         return self.zip.read(info)
 
     def close(self):
@@ -592,9 +594,10 @@ class _SafetensorsArchive:
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or info["dtype"] not in _SAFETENSORS_DTYPES:
+            dtype_name = info.get("dtype") if isinstance(info, dict) else None
+            if not isinstance(dtype_name, str) or dtype_name not in _SAFETENSORS_DTYPES:
                 raise _Corrupt(f"tensor {quote(name)} has an invalid or unsupported header entry")
-            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            dtype = _SAFETENSORS_DTYPES[dtype_name]
             shape = _dims(_as_tuple(info.get("shape")), "shape")
             offsets = _dims(_as_tuple(info.get("data_offsets")), "data offsets")
             numel = math.prod(shape)

@@ -72,7 +72,7 @@ def hub_download(repo_id, allow_patterns, hub, *, dry_run=False):
             dry_run=dry_run,
             **hub,
         )
-    except HFValidationError as e:
+    except HFValidationError:
         raise HubError(f"{quote(repo_id)} is neither a local folder or file nor a valid Hub repo id.") from None
     except GatedRepoError as e:
         raise HubError(f"{repo_id} on {where} is gated: accept its terms on the Hub and pass token=... .") from None
@@ -95,7 +95,8 @@ def hub_download(repo_id, allow_patterns, hub, *, dry_run=False):
             "or give the path of a local folder."
         ) from None
     except HfHubHTTPError as e:
-        raise HubError(f"{where} refused the request for {repo_id} ({describe_http_error(e, hub.get('token'))}).") from None
+        said = describe_http_error(e, hub.get("token"))
+        raise HubError(f"{where} refused the request for {repo_id} ({said}).") from None
 
 
 def hub_kwargs(revision, cache_dir, local_files_only, token, force_download, endpoint):

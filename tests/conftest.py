@@ -31,6 +31,7 @@ def pytest_configure(config):
     stale = _stale_installed_file()
     if stale is not None:
         raise pytest.UsageError(f"the installed package is older than {stale}: run `make install` (or `make test`)")
+    _load_hypothesis_profile(config)
 
 import json  # noqa: E402
 
@@ -60,11 +61,12 @@ def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", help="run the property-based tests with many more examples")
 
 
-def pytest_configure(config):
+def _load_hypothesis_profile(config):
     from hypothesis import HealthCheck, settings
 
     # CI: a few seconds per property; --slow: a long fuzzing run. No example database is written into the checkout.
-    common = dict(database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    checks = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    common = dict(database=None, deadline=None, suppress_health_check=checks)
     settings.register_profile("ci", max_examples=60, **common)
     settings.register_profile("slow", max_examples=5000, **common)
     settings.load_profile("slow" if config.getoption("--slow") else "ci")

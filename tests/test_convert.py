@@ -99,7 +99,7 @@ def test_composer_file_needs_a_config_and_converts_with_one(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(config))
     argv = ["--hf-path", tmp_path / "model.pt", "--mlx-path", tmp_path / "out", "--config", tmp_path / "config.json"]
     code, output = run(argv, capsys)
-    assert code == 1 and "The tokenizer has ids up to 30521 (30522 tokens) but the model only 120 embedding rows" in output
+    assert code == 1 and "ids up to 30521 (30522 tokens) but the model only 120 embedding rows" in output
 
     code, output = run([*argv, "--tokenizer", write_vocab(tmp_path / "tokenizer")], capsys)
     assert code == 0, output
@@ -170,7 +170,8 @@ def test_output_folder_is_replaced_only_with_force_and_failures_leave_nothing(tm
     assert (out / "keep.txt").read_text() == "mine"
 
     code, output = run(["--hf-path", source, "--mlx-path", out, "--force"], capsys)
-    assert code == 1 and "holds what this package does not write ('keep.txt')" in output and "--force-any-folder" in output
+    assert code == 1 and "holds what this package does not write ('keep.txt')" in output
+    assert "--force-any-folder" in output
     assert (out / "keep.txt").read_text() == "mine"
 
     (source / "pytorch_model.bin").write_bytes((source / "pytorch_model.bin").read_bytes()[:5000])

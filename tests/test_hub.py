@@ -151,7 +151,10 @@ def test_unsupported_model_type_fails_before_the_weights_are_fetched(hub, tmp_pa
 
 @pytest.mark.parametrize(
     "token, message",
-    [("hf_not_a_real_token", r"rejected the token \(HTTP 401 Unauthorized"), (READ_TOKEN, r"may not write .* \(HTTP 403")],
+    [
+        ("hf_not_a_real_token", r"rejected the token \(HTTP 401 Unauthorized"),
+        (READ_TOKEN, r"may not write .* \(HTTP 403"),
+    ],
 )
 def test_refused_token_is_a_clear_error(hub, tmp_path, token, message):
     folder = model_folder(tmp_path / "m", {"model_type": "m2_bert"})
