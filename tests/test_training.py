@@ -213,6 +213,16 @@ def test_resume_refuses_other_settings(tmp_path, tokenizer):
         Trainer(new_model(), arguments(tmp_path, max_steps=4, batch_size=8), data).train(resume=True)
 
 
+@pytest.mark.parametrize("state", ["{", "[]", '{"args": {}, "step": "2", "runtime_s": 0, "log_history": []}'])
+def test_resume_from_a_damaged_trainer_state_is_a_training_error(tmp_path, tokenizer, state):
+    data = MaskedLMData(LINES, tokenizer, MAX_LENGTH)
+    Trainer(new_model(), arguments(tmp_path, max_steps=1, save_steps=1), data).train()
+    for path in tmp_path.glob("checkpoint-*/trainer_state.json"):
+        path.write_text(state)
+    with pytest.raises(TrainingError, match="Cannot resume: .*trainer_state.json"):
+        Trainer(new_model(), arguments(tmp_path, max_steps=2), data).train(resume=True)
+
+
 def test_classification_training_lowers_the_loss(tmp_path, tokenizer):
     texts = ["what a wonderful happy day", "i love this great film", "such a lovely kind person", "a fine good meal",
              "what a terrible sad day", "i hate this awful film", "such a rude cruel person", "a bad nasty meal"]

@@ -244,7 +244,7 @@ class Trainer:
 
     def load_checkpoint(self, folder):
         folder = Path(folder)
-        state = json.loads((folder / STATE_FILE).read_text())
+        state = _read_trainer_state(folder / STATE_FILE)
         changed = [k for k in _RESUME_INVARIANTS if state["args"].get(k) != getattr(self.args, k)]
         if changed:
             details = ", ".join(f"{k}: {state['args'].get(k)!r} then, {getattr(self.args, k)!r} now" for k in changed)
@@ -255,6 +255,25 @@ class Trainer:
         self._update = None
         self.step, self.runtime_s, self.history = state["step"], state["runtime_s"], state["log_history"]
         mx.eval(self.model.parameters(), self.optimizer.state)
+
+
+def _read_trainer_state(path):
+    """trainer_state.json of a checkpoint, checked to hold what resuming reads."""
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise TrainingError(f"Cannot resume: {path} cannot be read ({type(e).__name__}).") from e
+    valid = (
+        isinstance(state, dict)
+        and isinstance(state.get("args"), dict)
+        and type(state.get("step")) is int
+        and state["step"] >= 0
+        and type(state.get("runtime_s")) in (int, float)
+        and isinstance(state.get("log_history"), list)
+    )
+    if not valid:
+        raise TrainingError(f"Cannot resume: {path} is not a trainer state this package wrote (args, step, ...).")
+    return state
 
 
 def _due(step, every, last):
