@@ -250,3 +250,10 @@ def test_weight_names_from_the_file_are_quoted_in_mismatch_errors(tmp_path):
     with pytest.raises(WeightsMismatchError) as e:
         M2BertModel.from_pretrained(tmp_path)
     assert "\n" not in str(e.value) and "\x1b" not in str(e.value) and "'x\\nLoaded OK\\x1b[2K'" in str(e.value)
+
+
+def test_the_validator_accepts_exactly_the_activations_the_model_has():
+    from m2bert_hf_mlx.activations import ACT2FN
+    from m2bert_hf_mlx.configuration_m2_bert import ACTIVATIONS
+
+    assert set(ACTIVATIONS) == set(ACT2FN)
