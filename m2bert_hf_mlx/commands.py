@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten
 
 from ._package import DEMO_MODEL
 from .embedding_precision import PRECISIONS
-from .errors import InputError
+from .errors import InputError, quote
 from .hub import DEFAULT_COMMIT_MESSAGE, hub_kwargs, upload_model_folder
 from .loading import checkpoint_model_class, fetch_config_folder, fetch_weights
 from .modeling_m2_bert import M2BertModel
@@ -245,8 +245,10 @@ def run_info(args):
     print("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
     print("files")
     files = sorted(p for p in model.source_folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    name_width = max(len(p.name) for p in files)
-    print("\n".join(f"  {p.name:<{name_width}}  {format_size(p.stat().st_size):>9}" for p in files))
+    # A file name with a line break or an escape sequence must not look like more lines of the summary.
+    names = {p: p.name if p.name.isprintable() else quote(p.name) for p in files}
+    name_width = max(len(name) for name in names.values())
+    print("\n".join(f"  {names[p]:<{name_width}}  {format_size(p.stat().st_size):>9}" for p in files))
     return 0
 
 

@@ -278,3 +278,12 @@ def test_a_server_reply_echoing_headers_is_summarised_without_secrets():
     text = describe_http_error(error, token="my-own-token")
     assert text.startswith("HTTP 500")
     assert "hf_abcdefghijklmnop" not in text and "my-own-token" not in text and "\n" not in text
+
+
+def test_info_shows_odd_file_names_quoted(tmp_path, capsys):
+    save_tiny_model(tmp_path / "m", "pooler")
+    (tmp_path / "m" / "notes\nparameters  1").write_text("x")
+    code = main(["info", "--model", str(tmp_path / "m")])
+    out = capsys.readouterr().out
+    assert code == 0 and "'notes\\nparameters  1'" in out
+    assert not any(line.startswith("parameters  1") for line in out.splitlines())
