@@ -10,6 +10,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from m2bert_hf_mlx import DEMO_MODEL, M2BertConfig, M2BertForMaskedLM, M2BertModel
 from m2bert_hf_mlx.cli import main as cli_main
+from m2bert_hf_mlx.errors import CheckpointError
 from m2bert_hf_mlx.modeling_m2_bert import M2BertForSequenceClassification
 from m2bert_hf_mlx.tokenization import load_tokenizer
 from m2bert_hf_mlx.training import (
@@ -220,6 +221,18 @@ def test_resume_from_a_damaged_trainer_state_is_a_training_error(tmp_path, token
     for path in tmp_path.glob("checkpoint-*/trainer_state.json"):
         path.write_text(state)
     with pytest.raises(TrainingError, match="Cannot resume: .*trainer_state.json"):
+        Trainer(new_model(), arguments(tmp_path, max_steps=2), data).train(resume=True)
+
+
+def test_resume_checks_the_optimizer_file_before_mlx_reads_it(tmp_path, tokenizer):
+    data = MaskedLMData(LINES, tokenizer, MAX_LENGTH)
+    Trainer(new_model(), arguments(tmp_path, max_steps=1, save_steps=1), data).train()
+    for path in tmp_path.glob("checkpoint-*/optimizer.safetensors"):
+        raw = bytearray(path.read_bytes())
+        header = raw.index(b'"data_offsets":[') + len(b'"data_offsets":[')
+        raw[header : header + 1] = b"9"  # an offset past the data
+        path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="optimizer.safetensors cannot be read as a checkpoint"):
         Trainer(new_model(), arguments(tmp_path, max_steps=2), data).train(resume=True)
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm import tqdm
 
+from ..checkpoint_reader import checkpoint_keys
 from ..errors import TrainingError
 from ..loading import cast_model, load_weights
 from ..modeling_m2_bert import (
@@ -251,6 +252,9 @@ class Trainer:
             raise TrainingError(f"Cannot resume from {folder}: it was trained with other settings ({details}). "
                                 "Resume with the same settings, or train into a new output folder.")
         load_weights(self.model, folder)
+        # The header is checked by the package's reader first (offsets, shapes and dtypes against the file's size), so
+        # MLX's loader, which keeps the bfloat16 state as it is, reads only a well-formed file.
+        checkpoint_keys(folder / OPTIMIZER_FILE)
         self.optimizer.state = tree_unflatten(list(mx.load(str(folder / OPTIMIZER_FILE)).items()))
         self._update = None
         self.step, self.runtime_s, self.history = state["step"], state["runtime_s"], state["log_history"]
