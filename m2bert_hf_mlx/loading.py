@@ -303,7 +303,7 @@ def load_model(cls, name_or_path, *, config=None, revision=None, cache_dir=None,
 # Saving
 
 
-def _save_safetensors(path, arrays):
+def save_safetensors(path, arrays):
     """mx.save_safetensors, then a check that the whole file reached the disk: MLX reports no write error (on a
     full disk it leaves a truncated file and returns)."""
     mx.save_safetensors(str(path), arrays, metadata={"format": "mlx"})
@@ -339,7 +339,7 @@ def save_model(model, save_directory, *, max_shard_size=None):
         stale.unlink()
     weight_map = {}
     for name, shard in zip(names, shards):
-        _save_safetensors(save_directory / name, shard)
+        save_safetensors(save_directory / name, shard)
         weight_map.update({k: name for k in shard})
     index = {
         "metadata": {"total_size": sum(v.nbytes for v in weights.values()), "total_parameters": model.num_parameters()},

@@ -236,6 +236,14 @@ def test_resume_checks_the_optimizer_file_before_mlx_reads_it(tmp_path, tokenize
         Trainer(new_model(), arguments(tmp_path, max_steps=2), data).train(resume=True)
 
 
+def test_a_checkpoint_a_killed_run_was_writing_is_removed_by_the_next_run(tmp_path, tokenizer):
+    partial = tmp_path / ".checkpoint-3.partial-0badf00d"
+    partial.mkdir(parents=True)
+    (partial / "model.safetensors").write_bytes(bytes(100))
+    Trainer(new_model(), arguments(tmp_path, max_steps=1), MaskedLMData(LINES, tokenizer, MAX_LENGTH)).train()
+    assert not partial.exists() and not list(tmp_path.glob(".*partial*"))
+
+
 def test_classification_training_lowers_the_loss(tmp_path, tokenizer):
     texts = ["what a wonderful happy day", "i love this great film", "such a lovely kind person", "a fine good meal",
              "what a terrible sad day", "i hate this awful film", "such a rude cruel person", "a bad nasty meal"]

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from ..checkpoint_reader import checkpoint_keys
 from ..errors import TrainingError
-from ..loading import cast_model, load_weights
+from ..loading import cast_model, load_weights, save_safetensors
 from ..modeling_m2_bert import (
     M2BertForMaskedLM,
     M2BertForSequenceClassification,
@@ -181,6 +181,10 @@ class Trainer:
         """Run until `args.max_steps`; with `resume`, continue from the latest checkpoint in `args.output_dir`
         (weights, optimizer state, step). Returns the log history (a list of dicts)."""
         args = self.args
+        # Checkpoints a killed run was writing (see `save_checkpoint`); this run owns the output folder.
+        for partial in sorted(Path(args.output_dir).glob(f".{CHECKPOINT_PREFIX}*.partial-*")):
+            self.log(f"Removing {partial}, left by a run that did not finish saving it.")
+            shutil.rmtree(partial, ignore_errors=True)
         if resume:
             checkpoint = latest_checkpoint(args.output_dir)
             if checkpoint is None:
@@ -237,7 +241,7 @@ class Trainer:
 
         def write(folder):
             self.save_model(folder)
-            mx.save_safetensors(str(folder / OPTIMIZER_FILE), dict(tree_flatten(self.optimizer.state)))
+            save_safetensors(folder / OPTIMIZER_FILE, dict(tree_flatten(self.optimizer.state)))
 
         write_atomically(output / f"{CHECKPOINT_PREFIX}{self.step}", write)
         for old in complete_checkpoints(output)[: -self.args.save_total_limit]:
