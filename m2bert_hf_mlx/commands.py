@@ -9,7 +9,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ._package import DEMO_MODEL
-from .embedding_precision import PRECISIONS
+from .distributed import MANIFEST_FILE, add_distributed_arguments, embed_corpus, init_group
+from .embedding_precision import PRECISIONS, quantize_embeddings
 from .errors import InputError, quote
 from .hub import DEFAULT_COMMIT_MESSAGE, hub_kwargs, upload_model_folder
 from .loading import checkpoint_model_class, fetch_config_folder, fetch_weights
@@ -42,6 +43,12 @@ def register(subparsers):
     _add_model_arguments(embed)
     embed.add_argument("--input", metavar="FILE", help="a UTF-8 text file with one text per line ('-': standard input)")
     embed.add_argument("--output", metavar="FILE.npy", help="write the embeddings there (default: print them)")
+    embed.add_argument("--shard-size", type=_positive_int, metavar="N",
+                       help="--output is a folder of float32 .npy shards of N rows each and a manifest.json")
+    embed.add_argument(
+        "--resume", action="store_true", help="continue a sharded run in --output, skipping its finished shards"
+    )
+    add_distributed_arguments(embed)
     embed.add_argument("--normalize-embeddings", action="store_true", help="L2-normalize the embeddings")
     embed.add_argument(
         "--precision", choices=PRECISIONS, default="float32", help="quantize the embeddings (default: float32)"
@@ -158,11 +165,26 @@ def run_embed(args):
     texts += args.texts
     if not texts:
         args.parser.error("give texts to embed as arguments or with --input FILE")
+    if (args.shard_size or args.resume) and not args.output:
+        args.parser.error("--shard-size and --resume write to the folder given by --output")
+    if args.shard_size and args.precision != "float32":
+        args.parser.error("--precision quantizes the whole corpus at once: shards hold float32; quantize after reading")
+    group = init_group(args.backend)
     model = M2BertModel.from_pretrained(args.model, config=args.config, weights=args.weights)
-    embeddings = model.encode(
-        texts, batch_size=args.batch_size, normalize_embeddings=args.normalize_embeddings, precision=args.precision,
-        padding=args.padding, truncation=args.truncation,
+    # Under mlx.launch every rank runs this; rank 0 alone writes and prints.
+    sharded = args.shard_size is not None
+    embeddings = embed_corpus(
+        model, texts, group=group, output=args.output if sharded else None, shard_size=args.shard_size,
+        resume=args.resume, batch_size=args.batch_size, normalize=args.normalize_embeddings, padding=args.padding,
+        truncation=args.truncation, timeout=args.timeout,
     )
+    if group.rank() != 0:
+        return 0
+    if sharded:
+        print(f"Wrote {len(texts)} embeddings of dimension {model.config.hidden_size} to shards in {args.output} "
+              f"(listed in {MANIFEST_FILE})")
+        return 0
+    embeddings = quantize_embeddings(embeddings, args.precision)
     if args.output:
         with open(args.output, "wb") as f:
             np.save(f, embeddings)

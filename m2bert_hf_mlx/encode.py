@@ -152,3 +152,13 @@ def _resolve_prompt(config, prompt, prompt_name):
             )
         return config.prompts[prompt_name]
     return config.prompts.get(config.default_prompt_name) if config.default_prompt_name is not None else None
+
+
+def pooled_embeddings(model: M2BertModel, batch: dict, normalize: bool) -> mx.array:
+    """The float32 pooled output of one padded batch (L2-normalized with `normalize`), evaluated: what `encode`
+    gives per batch for the sentence embedding, for `m2bert_hf_mlx.distributed` to run batch by batch."""
+    pooled = model(**batch).pooler_output.astype(mx.float32)
+    if normalize:
+        pooled = l2_normalize(pooled)
+    mx.eval(pooled)
+    return pooled

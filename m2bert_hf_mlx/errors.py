@@ -55,6 +55,10 @@ class LongConvKernelError(M2BertError, RuntimeError):
     """A long-convolution kernel failed to build or computed a wrong result, and its back end was forced."""
 
 
+class DistributedError(M2BertError, RuntimeError):
+    """Ranks of a distributed run that cannot go on together: they differ, or one died or stopped answering."""
+
+
 class ArgumentError(M2BertError, TypeError):
     """A keyword argument that the function or pipeline does not take (a TypeError, as Python's own would be)."""
 

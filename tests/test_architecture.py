@@ -23,8 +23,8 @@ LAYERS = [
     ("model", ["modeling_utils", "modeling_m2_bert"]),
     ("files and Hub", ["checkpoint_reader", "hub", "tokenization", "quantization", "weight_files", "loading",
                        "model_card", "publishing"]),
-    ("applications", ["pipelines", "encode", "training", "conversion", "commands", "retrieval_evaluation", "cli",
-                      "__main__", ""]),
+    ("applications", ["pipelines", "encode", "distributed", "training", "conversion", "commands",
+                      "retrieval_evaluation", "cli", "__main__", ""]),
 ]
 
 

@@ -5,6 +5,7 @@ import argparse
 import mlx.core as mx
 
 from ..configuration_m2_bert import PRESETS, M2BertConfig
+from ..distributed import DEFAULT_TIMEOUT, add_distributed_arguments, init_group
 from ..errors import TrainingError
 from ..tokenization import check_tokenizer_fits, resolve_tokenizer
 from .arguments import TASKS, TrainingArguments
@@ -51,6 +52,7 @@ def register(subparsers):
     restart = parser.add_mutually_exclusive_group()
     restart.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     restart.add_argument("--force", action="store_true", help="start over in a used --output, removing its checkpoints")
+    add_distributed_arguments(parser)
     parser.set_defaults(func=run_train)
 
 
@@ -62,17 +64,23 @@ def run_train(args):
         bf16=args.bf16, eval_steps=args.eval_every, save_steps=args.save_every, logging_steps=args.log_every,
         mlm_probability=args.mlm_probability, temperature=args.temperature, compile=args.compile,
     )
-    claim_output_dir(training_args.output_dir, resume=args.resume, force=args.force)
+    group = init_group(args.backend)
+    # Under mlx.launch, rank 0 alone checks (and with --force clears) the folder it alone writes.
+    if group.rank() == 0:
+        claim_output_dir(training_args.output_dir, resume=args.resume, force=args.force)
     trainer = build_trainer(training_args, preset=args.preset, config=args.config, init=args.init,
-                            data=args.data, eval_data=args.eval_data, pack=args.pack)
+                            data=args.data, eval_data=args.eval_data, pack=args.pack, group=group, timeout=args.timeout)
     trainer.train(resume=args.resume)
-    print(f"Saved the model to {training_args.output_dir}")
+    if trainer.is_main:
+        print(f"Saved the model to {training_args.output_dir}")
     return 0
 
 
-def build_trainer(args, *, preset=None, config=None, init=None, data, eval_data=None, pack=False):
+def build_trainer(args, *, preset=None, config=None, init=None, data, eval_data=None, pack=False, group=None,
+                  timeout=DEFAULT_TIMEOUT):
     """A `Trainer` for `args.task` on the data files (MLM lines packed with `pack`), with a new model of a preset or
-    JSON config, or a model loaded from `init` (a folder or Hub repo; task heads it lacks are initialised)."""
+    JSON config, or a model loaded from `init` (a folder or Hub repo; task heads it lacks are initialised), over
+    the processes of `group` (see `Trainer`)."""
     if sum(x is not None for x in (preset, config, init)) != 1:
         raise TrainingError("Give exactly one of preset, config (a new model) or init (a model to start from).")
     mx.random.seed(args.seed)
@@ -101,4 +109,4 @@ def build_trainer(args, *, preset=None, config=None, init=None, data, eval_data=
         for key, value in overrides.items():
             setattr(model_config, key, value)
         model = cls(model_config)
-    return Trainer(model, args, train_data, eval_set, tokenizer=tokenizer)
+    return Trainer(model, args, train_data, eval_set, tokenizer=tokenizer, group=group, timeout=timeout)

@@ -92,7 +92,8 @@ class MaskedLMData:
     def __len__(self):
         return len(self.encoded["input_ids"])
 
-    def batch(self, indices, rng, mlm_probability):
+    def batch(self, indices, rng, mlm_probability, rows=slice(None)):
+        """The examples `indices`, masked; `rows` keeps a part of them (a rank's share), masked as in the whole."""
         input_ids = self.encoded["input_ids"][indices].copy()
         maskable = self.maskable[indices]
         chosen = maskable & (rng.random(input_ids.shape) < mlm_probability)
@@ -103,7 +104,10 @@ class MaskedLMData:
         action = rng.random(targets.shape)
         replaced = np.where(action < 0.8, self.mask_token_id, targets)
         random_tokens = rng.integers(0, self.vocab_size, targets.shape)
+        original = input_ids[rows].copy()
         input_ids[chosen] = np.where((action >= 0.8) & (action < 0.9), random_tokens, replaced)
+        input_ids, chosen = input_ids[rows], chosen[rows]
+        targets = original[chosen]
         # The number of masked tokens varies from batch to batch; padding it up to a few sizes (extra positions
         # weigh 0) lets the compiled training step be reused instead of traced again for every batch.
         padding = _padded_count(targets.size) - targets.size
@@ -131,7 +135,8 @@ class ClassificationData:
     def __len__(self):
         return len(self.labels)
 
-    def batch(self, indices, rng, mlm_probability):
+    def batch(self, indices, rng, mlm_probability, rows=slice(None)):
+        indices = indices[rows]
         batch = {key: mx.array(value[indices]) for key, value in self.encoded.items()}
         batch["labels"] = mx.array(self.labels[indices])
         return batch
@@ -153,7 +158,8 @@ class ContrastiveData:
     def __len__(self):
         return len(self.queries["input_ids"])
 
-    def batch(self, indices, rng, mlm_probability):
+    def batch(self, indices, rng, mlm_probability, rows=slice(None)):
+        indices = indices[rows]
         # Queries and passages go through the encoder as one batch: queries first, then their positives.
         return {
             key: mx.array(np.concatenate([self.queries[key][indices], self.positives[key][indices]]))

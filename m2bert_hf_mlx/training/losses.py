@@ -26,13 +26,26 @@ def classification_loss_sum(model, batch):
     return out.loss * n, correct
 
 
-def contrastive_loss_sum(model, batch, temperature):
+def contrastive_loss_sum(model, batch, temperature, group=None):
     """In-batch InfoNCE on the cosine similarity of the pooled embeddings: each query against every passage of the
-    micro-batch, its own positive being the right answer."""
+    micro-batch, its own positive being the right answer.
+
+    With a `group` of several ranks, each holding a slice of the micro-batch, every rank gathers all the queries and
+    passages and computes the loss of the whole micro-batch, so the other ranks' passages are negatives too.
+    `all_gather` passes back to a rank the gradient of its own slice only, so the ranks' gradients sum to the
+    whole micro-batch's; the value returned is a 1/size share, so that the ranks' values sum to the loss too."""
     pooled = model(batch["input_ids"], attention_mask=batch["attention_mask"]).pooler_output.astype(mx.float32)
     pooled = l2_normalize(pooled)
     queries, passages = mx.split(pooled, 2)
+    size = 1 if group is None else group.size()
+    if size > 1:
+        queries = mx.distributed.all_gather(queries, group=group)
+        passages = mx.distributed.all_gather(passages, group=group)
     scores = queries @ passages.T / temperature
     targets = mx.arange(scores.shape[0])
     loss = nn.losses.cross_entropy(scores, targets, reduction="sum")
-    return loss, (scores.argmax(axis=-1) == targets).sum()
+    correct = (scores.argmax(axis=-1) == targets).sum()
+    if size > 1:
+        loss = loss - mx.stop_gradient(loss) * (size - 1) / size
+        correct = correct / size
+    return loss, correct

@@ -31,6 +31,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm import tqdm
 
 from ..checkpoint_reader import checkpoint_keys
+from ..distributed import DEFAULT_TIMEOUT, Watchdog, check_same_everywhere, checksum, init_group, rank_rows
 from ..errors import TrainingError
 from ..loading import cast_model, load_weights, save_safetensors
 from ..modeling_m2_bert import (
@@ -60,9 +61,16 @@ _EVAL_STREAM = 2**32 - 1
 class Trainer:
     """Trains `model` (the class `TASK_MODELS[args.task]`) on `train_data` (a `MaskedLMData`, `ClassificationData`
     or `ContrastiveData`), evaluating on `eval_data` when given. `tokenizer`, when given, is saved with every
-    checkpoint. `log` receives the progress lines (`step=... loss=...`); the progress bar goes to stderr."""
+    checkpoint. `log` receives the progress lines (`step=... loss=...`); the progress bar goes to stderr.
 
-    def __init__(self, model, args, train_data, eval_data=None, tokenizer=None, log=tqdm.write):
+    With a `group` of several processes (`m2bert_hf_mlx.distributed.init_group()` under `mlx.launch`), each rank
+    runs its contiguous share of every micro-batch and the gradients are averaged across the ranks, weighted so that
+    they are those of the whole batch; losses and metrics count every rank's masked tokens or examples. Rank 0 alone
+    logs and writes checkpoints. Without dropout the run repeats a single process's to float32 rounding; dropout
+    masks are drawn by each rank for its own examples. `timeout` bounds a wait for the other ranks."""
+
+    def __init__(self, model, args, train_data, eval_data=None, tokenizer=None, log=tqdm.write, group=None,
+                 timeout=DEFAULT_TIMEOUT):
         expected = TASK_MODELS[args.task]
         if not isinstance(model, expected):
             raise TrainingError(f"Task {args.task!r} trains a {expected.__name__}, got a {type(model).__name__}.")
@@ -71,7 +79,16 @@ class Trainer:
                 f"The training data has {len(train_data)} examples, fewer than one micro-batch "
                 f"({args.micro_batch_size}); lower the batch size or give more data."
             )
-        self.model, self.args, self.tokenizer, self.log = model, args, tokenizer, log
+        self.group = init_group() if group is None else group
+        if args.micro_batch_size % self.group.size():
+            raise TrainingError(
+                f"Micro-batches of {args.micro_batch_size} examples (batch size / gradient accumulation) cannot be "
+                f"shared equally by {self.group.size()} processes; make them a multiple of {self.group.size()}."
+            )
+        self.is_main = self.group.rank() == 0
+        self._watchdog = Watchdog(self.group, timeout, "m2bert-mlx train")
+        self.model, self.args, self.tokenizer = model, args, tokenizer
+        self.log = log if self.is_main else lambda line: None
         self.train_data, self.eval_data = train_data, eval_data
         if args.bf16:
             cast_model(model, "bfloat16")
@@ -86,17 +103,18 @@ class Trainer:
         self._value_and_grad = None
         self._epoch_order = (None, None)
 
-    # The objective of the task, for one micro-batch: (loss sum / normalizer, number correct).
+    # The objective of the task, for one micro-batch (this rank's share): (loss sum / normalizer, number correct).
     def _loss(self, batch, normalizer):
-        loss, correct = self._loss_sum(batch)
+        loss, correct = self._loss_sum(batch, self.group)
         return loss / normalizer, correct
 
-    def _loss_sum(self, batch):
+    def _loss_sum(self, batch, group=None):
+        """`group`: the ranks sharing the micro-batch, for the contrastive negatives."""
         if self.args.task == "mlm":
             return masked_lm_loss_sum(self.model, batch)
         if self.args.task == "classification":
             return classification_loss_sum(self.model, batch)
-        return contrastive_loss_sum(self.model, batch, self.args.temperature)
+        return contrastive_loss_sum(self.model, batch, self.args.temperature, group)
 
     def _indices(self, step):
         """The examples of a step: consecutive slices of a permutation of the data drawn anew for each epoch."""
@@ -111,24 +129,41 @@ class Trainer:
         return indices
 
     def _train_step(self):
-        args = self.args
-        rng = np.random.default_rng([args.seed, self.step, 0])
-        indices = self._indices(self.step).reshape(args.gradient_accumulation_steps, args.micro_batch_size)
-        micro_batches = [self.train_data.batch(i, rng, args.mlm_probability) for i in indices]
-        # Normalizing each micro-batch by the step's total count makes the summed gradients those of one big batch.
-        total = mx.array(float(sum(self.train_data.count(b) for b in micro_batches)))
-        self.model.train()
-        grads, loss = None, mx.array(0.0)
-        for batch in micro_batches:
-            mx.random.seed(int(rng.integers(2**63)))
-            (micro_loss, _), micro_grads = self._loss_and_grads(batch, total)
-            grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
-            loss = loss + micro_loss
-            mx.eval(grads, loss)
+        loss, grads = self.step_gradients()
         grad_norm = self._clip_and_update(grads)
         mx.eval(self.model.parameters(), self.optimizer.state, grad_norm)
         self.step += 1
         return loss.item(), grad_norm.item()
+
+    def step_gradients(self):
+        """(mean loss, gradients) of the batch of the current step, over every rank of the group."""
+        args, group = self.args, self.group
+        size, rank = group.size(), group.rank()
+        rng = np.random.default_rng([args.seed, self.step, 0])
+        indices = self._indices(self.step).reshape(args.gradient_accumulation_steps, args.micro_batch_size)
+        rows = rank_rows(args.micro_batch_size, group)
+        micro_batches = [self.train_data.batch(i, rng, args.mlm_probability, rows) for i in indices]
+        self.model.train()
+        with self._watchdog.waiting(f"running step {self.step + 1}"):
+            total = mx.array(float(sum(self.train_data.count(b) for b in micro_batches)))
+            if size > 1:
+                total = mx.distributed.all_sum(total, group=group)
+            # Normalizing each micro-batch by the step's total count makes the summed gradients those of one big
+            # batch; across ranks, average_gradients divides their sum by the group size, so each counts size times.
+            normalizer = total / size
+            grads, loss = None, mx.array(0.0)
+            for batch in micro_batches:
+                seed = int(rng.integers(2**63))
+                mx.random.seed((seed + rank) % 2**63)
+                (micro_loss, _), micro_grads = self._loss_and_grads(batch, normalizer)
+                grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
+                loss = loss + micro_loss
+                mx.eval(grads, loss)
+            if size > 1:
+                grads = nn.utils.average_gradients(grads, group=group)
+                loss = mx.distributed.all_sum(loss, group=group) / size
+                mx.eval(grads, loss)
+        return loss, grads
 
     def _loss_and_grads(self, batch, normalizer):
         """((loss, number correct), gradients) of one micro-batch. When compiled, MLX fuses the many small
@@ -169,12 +204,17 @@ class Trainer:
                 self.eval_data.batch(order[i : i + size], rng, self.args.mlm_probability) for i in range(0, len(order), size)
             ]
         self.model.eval()
+        size, rank = self.group.size(), self.group.rank()
         loss, correct, count = 0.0, 0, 0
-        for batch in self._eval_batches:
+        # Ranks take whole evaluation batches in turn, so each batch's in-batch negatives are those of one process.
+        for batch in self._eval_batches[rank::size]:
             batch_loss, batch_correct = self._loss_sum(batch)
             loss += batch_loss.item()
             correct += batch_correct.item()
             count += self.eval_data.count(batch)
+        if size > 1:
+            with self._watchdog.waiting("summing the evaluation"):
+                loss, correct, count = mx.distributed.all_sum(mx.array([loss, correct, count]), group=self.group).tolist()
         return {"eval_loss": loss / count, "eval_accuracy": correct / count}
 
     def train(self, resume=False):
@@ -190,10 +230,14 @@ class Trainer:
             if checkpoint is None:
                 raise TrainingError(f"resume: {args.output_dir} holds no {CHECKPOINT_PREFIX}* folder to resume from.")
             self.load_checkpoint(checkpoint)
+        digest = checksum(dict(tree_flatten(self.model.parameters())), dict(tree_flatten(self.optimizer.state)),
+                          *(x for item in tree_flatten(vars(self.train_data)) for x in item), asdict(args), self.step)
+        check_same_everywhere(self.group, digest, "model, optimizer state, data or arguments", self._watchdog)
         if self.step >= args.max_steps:
             self.log(f"Already trained for {self.step} steps (max_steps={args.max_steps}); nothing to do.")
         started, window = time.perf_counter(), []
-        with tqdm(total=args.max_steps, initial=self.step, unit="step", dynamic_ncols=True, disable=None) as progress:
+        bar = {"disable": None if self.is_main else True}
+        with tqdm(total=args.max_steps, initial=self.step, unit="step", dynamic_ncols=True, **bar) as progress:
             while self.step < args.max_steps:
                 loss, grad_norm = self._train_step()
                 window.append(loss)
@@ -211,9 +255,11 @@ class Trainer:
                 if _due(self.step, args.save_steps, last):
                     self.runtime_s += time.perf_counter() - started
                     started = time.perf_counter()
-                    self.save_checkpoint()
+                    if self.is_main:
+                        self.save_checkpoint()
         self.runtime_s += time.perf_counter() - started
-        self.save_model(args.output_dir)
+        if self.is_main:
+            self.save_model(args.output_dir)
         return self.history
 
     def _record(self, entry):
