@@ -17,11 +17,13 @@ slow batches do not count as dead ranks), or a lost connection, stops the rank w
 """
 
 import hashlib
+import itertools
 import json
 import os
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -50,16 +52,23 @@ def init_group(backend="any"):
     try:
         return mx.distributed.init(strict=backend != "any", backend=backend)
     except RuntimeError as e:
-        raise DistributedError(f"The {backend} backend did not start ({e}); launch with mlx.launch --backend {backend}.") from None
+        raise DistributedError(
+            f"The {backend} backend did not start ({e}); launch with mlx.launch --backend {backend}."
+        ) from None
 
 
 def add_distributed_arguments(parser):
     parser.add_argument(
-        "--backend", choices=BACKENDS, default="any",
+        "--backend",
+        choices=BACKENDS,
+        default="any",
         help="mx.distributed back end when started by mlx.launch (default: any, the one the launcher set up)",
     )
     parser.add_argument(
-        "--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="S",
         help=f"under mlx.launch, stop when the other ranks do not answer for S seconds (default: {DEFAULT_TIMEOUT:g})",
     )
 
@@ -82,8 +91,10 @@ class Watchdog:
             threading.Thread(target=self._watch, daemon=True).start()
 
     def _message(self, problem):
-        return (f"rank {self.group.rank()} of {self.group.size()} {problem} while {self._what}: a rank died or its "
-                "host is unreachable. Finished output is kept; run the same command again with --resume.")
+        return (
+            f"rank {self.group.rank()} of {self.group.size()} {problem} while {self._what}: a rank died or its "
+            "host is unreachable. Finished output is kept; run the same command again with --resume."
+        )
 
     def _watch(self):
         while True:
@@ -91,8 +102,11 @@ class Watchdog:
             with self._lock:
                 expired = self._deadline is not None and time.monotonic() > self._deadline
             if expired:
-                print(f"{self.command}: error: {self._message(f'heard nothing for {self.timeout:g} s')}", file=sys.stderr,
-                      flush=True)
+                print(
+                    f"{self.command}: error: {self._message(f'heard nothing for {self.timeout:g} s')}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 os._exit(1)
 
     @contextmanager
@@ -130,8 +144,12 @@ def checksum(*parts):
     return digest.hexdigest()
 
 
-def model_checksum(model):
-    return checksum(dict(tree_flatten(model.parameters())))
+def _texts_digest(texts):
+    digest = hashlib.sha256()
+    for text in texts:
+        encoded = text.encode()
+        digest.update(len(encoded).to_bytes(8, "little") + encoded)
+    return digest.hexdigest()
 
 
 def check_same_everywhere(group, digest, what, watchdog):
@@ -144,17 +162,32 @@ def check_same_everywhere(group, digest, what, watchdog):
     differ = [r for r in range(group.size()) if not np.array_equal(everyone[r], everyone[0])]
     if differ:
         ranks = ", ".join(map(str, differ))
-        raise DistributedError(f"rank(s) {ranks} hold another {what} than rank 0 (checksums differ); launch every rank "
-                               "with the same files and arguments.")
+        raise DistributedError(
+            f"rank(s) {ranks} hold another {what} than rank 0 (checksums differ); launch every rank "
+            "with the same files and arguments."
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Corpus embedding
 
 
-def embed_corpus(model, texts, *, group=None, output=None, shard_size=None, resume=False, tokenizer=None,
-                 batch_size=None, normalize=False, padding="max_length", truncation=True, show_progress_bar=None,
-                 timeout=DEFAULT_TIMEOUT):
+def embed_corpus(
+    model,
+    texts,
+    *,
+    group=None,
+    output=None,
+    shard_size=None,
+    resume=False,
+    tokenizer=None,
+    batch_size=None,
+    normalize=False,
+    padding="max_length",
+    truncation=True,
+    show_progress_bar=None,
+    timeout=DEFAULT_TIMEOUT,
+):
     """Embed `texts` with `model` (an M2BertModel with a pooler) over the ranks of `group` (default: the one
     `mlx.launch` set up; alone, one process). Every rank must be given the same model, texts and options.
 
@@ -174,7 +207,8 @@ def embed_corpus(model, texts, *, group=None, output=None, shard_size=None, resu
         raise ValueError("shard_size and resume need an output folder.")
     if resume and shard_size is None:
         raise ValueError("resume continues a sharded output: give shard_size as in the run to continue.")
-    texts = list(texts)
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise TypeError(f"texts must be a list (or other sequence) of strings, got {type(texts).__name__}.")
     if not texts:
         raise ValueError("The list of texts is empty: give at least one text.")
     for i, text in enumerate(texts):
@@ -182,71 +216,91 @@ def embed_corpus(model, texts, *, group=None, output=None, shard_size=None, resu
     tokenizer = default_tokenizer(model) if tokenizer is None else tokenizer
     check_tokenizer_fits(tokenizer, model.config)
     watchdog = Watchdog(group, timeout, "m2bert-mlx embed")
-    options = {"rows": len(texts), "shard_size": shard_size, "batch_size": batch_size, "normalize": normalize,
-               "padding": padding, "truncation": truncation, "dimension": model.config.hidden_size}
-    digest = checksum(dict(tree_flatten(model.parameters())), texts, options)
+    options = {
+        "rows": len(texts),
+        "shard_size": shard_size,
+        "batch_size": batch_size,
+        "normalize": normalize,
+        "padding": padding,
+        "truncation": truncation,
+        "dimension": model.config.hidden_size,
+    }
+    digest = checksum(dict(tree_flatten(model.parameters())), _texts_digest(texts), options)
     check_same_everywhere(group, digest, "model, texts or options", watchdog)
 
-    rows = _tokenize(tokenizer, texts, [None] * len(texts), max_length=model.config.max_sequence_length,
-                     truncation=truncation)
-    bounds = [(0, len(texts))] if shard_size is None else [
-        (start, min(start + shard_size, len(texts))) for start in range(0, len(texts), shard_size)
-    ]
+    max_length = model.config.max_sequence_length
+
+    def tokenize(indices, truncation=truncation):
+        return _tokenize(
+            tokenizer, [texts[i] for i in indices], [None] * len(indices), max_length=max_length, truncation=truncation
+        )
+
+    bounds = (
+        [(0, len(texts))]
+        if shard_size is None
+        else [(start, min(start + shard_size, len(texts))) for start in range(0, len(texts), shard_size)]
+    )
     folder = None if shard_size is None else Path(output)
     done = [False] * len(bounds)
     if folder is not None:
         done = _prepare_folder(folder, digest, options, resume, len(bounds), group, watchdog)
 
-    # The work units: the batches one process would run, shard by shard, dealt to the ranks in turn.
-    units = []
-    for shard, (start, stop) in enumerate(bounds):
-        if done[shard]:
-            continue
-        shard_rows = rows[start:stop]
-        plan = _batches(shard_rows, padding=padding, max_length=model.config.max_sequence_length, batch_size=batch_size)
-        units += [(shard, [start + i for i in indices], length) for indices, length in plan]
-    capacity = max((len(indices) for _, indices, _ in units), default=0)
+    if not truncation:
+        # Refused before any work, on every rank alike, shard by shard to bound the memory.
+        for start, stop in bounds:
+            tokenize(range(start, stop), truncation=False)
+    units = _units(bounds, done, tokenize, padding, max_length, batch_size)
     dimension = model.config.hidden_size
     keep = rank == 0 or output is None
     embeddings = np.zeros((len(texts), dimension), np.float32) if keep and folder is None else None
     pending = {}  # shard -> (its rows, how many are still missing), on rank 0 in folder mode
-    total = sum(stop - start for (start, stop), d in zip(bounds, done) if not d)
+    total = sum(stop - start for (start, stop), d in zip(bounds, done, strict=True) if not d)
     # tqdm's disable=None: shown only on a terminal.
     disable = True if rank != 0 else (None if show_progress_bar is None else not show_progress_bar)
     progress = tqdm(total=len(texts), initial=len(texts) - total, desc="Embedding", unit="text", disable=disable)
     with progress:
-        for first in range(0, len(units), size):
-            round_units = units[first : first + size]
-            mine = round_units[rank] if rank < len(round_units) else None
+        for first in itertools.count(0, size):
+            round_units = list(itertools.islice(units, size))
+            if not round_units:
+                break
+            capacity = max(len(indices) for _, indices, _, _ in round_units)
             local = np.zeros((capacity, dimension), np.float32)
-            if mine is not None:
-                _, indices, length = mine
-                batch = _model_inputs(rows, indices, length, model.config.pad_token_id)
+            if rank < len(round_units):
+                _, indices, length, rows = round_units[rank]
+                rows = tokenize(indices) if rows is None else rows
+                batch = _model_inputs(rows, range(len(rows)), length, model.config.pad_token_id)
                 local[: len(indices)] = np.array(pooled_embeddings(model, batch, normalize))
             if size > 1:
                 with watchdog.waiting(f"gathering the embeddings of batches {first} to {first + len(round_units) - 1}"):
                     gathered = np.array(mx.distributed.all_gather(mx.array(local), group=group))
             else:
                 gathered = local
-            for r, (shard, indices, _) in enumerate(round_units):
+            for r, (shard, indices, _, _) in enumerate(round_units):
                 part = gathered[r * capacity : r * capacity + len(indices)]
                 progress.update(len(indices))
                 if embeddings is not None:
                     embeddings[indices] = part
                 elif rank == 0:
                     start, stop = bounds[shard]
-                    shard_embeddings, missing = pending.get(shard, (np.zeros((stop - start, dimension), np.float32), stop - start))
+                    shard_embeddings, missing = pending.get(
+                        shard, (np.zeros((stop - start, dimension), np.float32), stop - start)
+                    )
                     shard_embeddings[np.array(indices) - start] = part
                     missing -= len(indices)
                     pending[shard] = (shard_embeddings, missing)
                     if missing == 0:
-                        _write_atomically(folder / _SHARD_NAME.format(shard), lambda f: np.save(f, pending.pop(shard)[0]))
+                        finished = pending.pop(shard)[0]
+                        _write_atomically(folder / _SHARD_NAME.format(shard), lambda f, a=finished: np.save(f, a))
     if folder is not None:
         if rank == 0:
-            manifest = {**options, "checksum": digest, "shards": [
-                {"file": _SHARD_NAME.format(k), "first_row": start, "rows": stop - start}
-                for k, (start, stop) in enumerate(bounds)
-            ]}
+            manifest = {
+                **options,
+                "checksum": digest,
+                "shards": [
+                    {"file": _SHARD_NAME.format(k), "first_row": start, "rows": stop - start}
+                    for k, (start, stop) in enumerate(bounds)
+                ],
+            }
             _write_atomically(folder / MANIFEST_FILE, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
         return None
     if output is not None:
@@ -254,6 +308,20 @@ def embed_corpus(model, texts, *, group=None, output=None, shard_size=None, resu
             _write_atomically(Path(output), lambda f: np.save(f, embeddings))
         return None
     return embeddings
+
+
+def _units(bounds, done, tokenize, padding, max_length, batch_size):
+    """The work, dealt to the ranks in turn: (shard, input indices, padded length, their token rows or None) of each
+    batch one process would run, shard by shard. Padded to the maximum length, batches are runs of consecutive
+    inputs, which the rank that runs one tokenizes; padded to the longest, a shard's inputs are sorted by length,
+    so every rank tokenizes the shard (one at a time, to bound the memory)."""
+    for shard, (start, stop) in enumerate(bounds):
+        if done[shard]:
+            continue
+        rows = tokenize(range(start, stop)) if padding == "longest" else [None] * (stop - start)
+        for indices, length in _batches(rows, padding=padding, max_length=max_length, batch_size=batch_size):
+            batch_rows = [rows[i] for i in indices] if padding == "longest" else None
+            yield shard, [start + i for i in indices], length, batch_rows
 
 
 def _write_atomically(path, write):
@@ -293,7 +361,9 @@ def _finished_shards(folder, digest, options, resume, shards):
     run_file = folder / RUN_FILE
     if not resume:
         if folder.exists() and any(folder.iterdir()):
-            raise ValueError(f"--output {folder} is not empty; give a new folder, or --resume to continue the run in it.")
+            raise ValueError(
+                f"--output {folder} is not empty; give a new folder, or --resume to continue the run in it."
+            )
         folder.mkdir(parents=True, exist_ok=True)
         _write_atomically(run_file, lambda f: f.write(json.dumps({**options, "checksum": digest}, indent=1).encode()))
         return np.zeros(shards, np.int32)
@@ -304,8 +374,10 @@ def _finished_shards(folder, digest, options, resume, shards):
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"--resume: {run_file} is not valid JSON ({e}); start again in a new folder.") from None
     if not isinstance(started, dict) or started.get("checksum") != digest:
-        raise ValueError(f"--resume: {folder} was started with another model, input or options; resume with the "
-                         "same ones, or give a new folder.")
+        raise ValueError(
+            f"--resume: {folder} was started with another model, input or options; resume with the "
+            "same ones, or give a new folder."
+        )
     for stale in folder.glob(".*.partial"):
         stale.unlink()
     done = np.zeros(shards, np.int32)
@@ -324,8 +396,9 @@ def _check_shard(path, shape):
     except (ValueError, OSError) as e:
         raise ValueError(f"{path} is not an embedding shard ({e}); delete it and resume.") from None
     if array.shape != shape or array.dtype != np.float32:
-        raise ValueError(f"{path} holds a {array.dtype} array of shape {array.shape}, not float32 {shape}; delete it "
-                         "and resume.")
+        raise ValueError(
+            f"{path} holds a {array.dtype} array of shape {array.shape}, not float32 {shape}; delete it and resume."
+        )
 
 
 def load_embeddings(folder):
@@ -334,7 +407,9 @@ def load_embeddings(folder):
     try:
         manifest = json.loads((folder / MANIFEST_FILE).read_text())
     except FileNotFoundError:
-        raise ValueError(f"{folder} holds no {MANIFEST_FILE}: the run did not finish; continue it with --resume.") from None
+        raise ValueError(
+            f"{folder} holds no {MANIFEST_FILE}: the run did not finish; continue it with --resume."
+        ) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{folder / MANIFEST_FILE} is not valid JSON ({e}).") from None
     parts = []

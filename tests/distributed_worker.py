@@ -26,10 +26,14 @@ LINES = [
     "we walked",
 ]
 PAIRS = [
-    ("what do cats eat", "cats eat fish and meat"), ("where is paris", "paris is in france"),
-    ("how tall is a giraffe", "a giraffe is very tall"), ("when does the sun rise", "the sun rises at dawn"),
-    ("who wrote hamlet", "shakespeare wrote hamlet"), ("what is water", "water is a liquid"),
-    ("why is the sky blue", "light scatters in the air"), ("how do birds fly", "birds fly with their wings"),
+    ("what do cats eat", "cats eat fish and meat"),
+    ("where is paris", "paris is in france"),
+    ("how tall is a giraffe", "a giraffe is very tall"),
+    ("when does the sun rise", "the sun rises at dawn"),
+    ("who wrote hamlet", "shakespeare wrote hamlet"),
+    ("what is water", "water is a liquid"),
+    ("why is the sky blue", "light scatters in the air"),
+    ("how do birds fly", "birds fly with their wings"),
 ]
 
 
@@ -39,8 +43,14 @@ def main(task, out):
     mx.random.seed(0)
     # No dropout: each rank draws its own dropout masks, so only a run without it can equal one process.
     config = M2BertConfig.from_preset(
-        "tiny", hidden_size=32, intermediate_size=64, hyena_filter_order=8, hidden_dropout_prob=0.0,
-        hyena_filter_dropout=0.0, max_position_embeddings=MAX_LENGTH, long_conv_l_max=MAX_LENGTH,
+        "tiny",
+        hidden_size=32,
+        intermediate_size=64,
+        hyena_filter_order=8,
+        hidden_dropout_prob=0.0,
+        hyena_filter_dropout=0.0,
+        max_position_embeddings=MAX_LENGTH,
+        long_conv_l_max=MAX_LENGTH,
     )
     tokenizer = load_tokenizer(None, model_max_length=MAX_LENGTH)
     if task == "mlm":
@@ -48,9 +58,17 @@ def main(task, out):
     else:
         model = M2BertModel(config, add_pooling_layer=True)
         data = ContrastiveData([q for q, _ in PAIRS], [p for _, p in PAIRS], tokenizer, MAX_LENGTH)
-    args = TrainingArguments(output_dir=str(out / "model"), max_steps=3, task=task, batch_size=8,
-                             gradient_accumulation_steps=2, max_length=MAX_LENGTH, learning_rate=3e-3, logging_steps=1,
-                             compile=False)
+    args = TrainingArguments(
+        output_dir=str(out / "model"),
+        max_steps=3,
+        task=task,
+        batch_size=8,
+        gradient_accumulation_steps=2,
+        max_length=MAX_LENGTH,
+        learning_rate=3e-3,
+        logging_steps=1,
+        compile=False,
+    )
     trainer = Trainer(model, args, data, group=group)
     loss, grads = trainer.step_gradients()
     history = trainer.train()

@@ -50,7 +50,9 @@ def launch_command(*command, hosts=None):
 
 
 def launch(*command, hosts=None, timeout=300):
-    result = subprocess.run(launch_command(*command, hosts=hosts), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        launch_command(*command, hosts=hosts), check=False, capture_output=True, text=True, timeout=timeout
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0 and "[WARN]" not in output, output
     return output
@@ -81,8 +83,21 @@ def test_embedding_over_two_ranks_equals_one_process(pooler, encoder, tmp_path):
     texts = corpus(37)
     source = write_lines(tmp_path / "in.txt", texts)
     # Sorted by length, batches of 4 pad to different lengths: the ranks' shares cost about the same tokens.
-    output = launch(*cli("embed", "--model", str(pooler), "--input", source, "--output", str(tmp_path / "e.npy"),
-                         "--padding", "longest", "--batch-size", "4"))
+    output = launch(
+        *cli(
+            "embed",
+            "--model",
+            str(pooler),
+            "--input",
+            source,
+            "--output",
+            str(tmp_path / "e.npy"),
+            "--padding",
+            "longest",
+            "--batch-size",
+            "4",
+        )
+    )
     assert "Wrote 37 embeddings" in output and output.count("Wrote") == 1, "rank 0 alone reports"
     expected = encoder.encode(texts, padding="longest", batch_size=4)
     assert np.array_equal(np.load(tmp_path / "e.npy"), expected)
@@ -92,8 +107,23 @@ def test_embedding_over_two_ranks_equals_one_process(pooler, encoder, tmp_path):
 def test_sharded_embedding_over_hosts_equals_one_process(pooler, encoder, tmp_path):
     texts = corpus(45, seed=1)
     source = write_lines(tmp_path / "in.txt", texts)
-    launch(*cli("embed", "--model", str(pooler), "--input", source, "--output", str(tmp_path / "out"),
-                "--shard-size", "10", "--batch-size", "5", "--normalize"), hosts="127.0.0.1,127.0.0.1")
+    launch(
+        *cli(
+            "embed",
+            "--model",
+            str(pooler),
+            "--input",
+            source,
+            "--output",
+            str(tmp_path / "out"),
+            "--shard-size",
+            "10",
+            "--batch-size",
+            "5",
+            "--normalize",
+        ),
+        hosts="127.0.0.1,127.0.0.1",
+    )
     manifest = json.loads((tmp_path / "out" / MANIFEST_FILE).read_text())
     assert [(s["first_row"], s["rows"]) for s in manifest["shards"]] == [(0, 10), (10, 10), (20, 10), (30, 10), (40, 5)]
     # Padded to the maximum length, batches of 5 within shards of 10 are the batches one process runs.
@@ -124,7 +154,9 @@ def test_training_over_two_ranks_equals_the_whole_batch_on_one_process(task, tmp
         for key in a:
             # Three AdamW steps divide by the root of tiny second moments, which magnifies gradient rounding.
             atol = 1e-7 if name == "grads" else 1e-3
-            np.testing.assert_allclose(np.array(b[key]), np.array(a[key]), rtol=1e-5, atol=atol, err_msg=f"{name} {key}")
+            np.testing.assert_allclose(
+                np.array(b[key]), np.array(a[key]), rtol=1e-5, atol=atol, err_msg=f"{name} {key}"
+            )
     first, second = (json.loads((d / "losses.json").read_text()) for d in (one, two))
     assert first["step_loss"] == pytest.approx(second["step_loss"], rel=1e-6)
     curve = [[entry["loss"] for entry in run["history"]] for run in (first, second)]
@@ -177,8 +209,21 @@ def test_a_dead_rank_stops_the_run_and_resume_completes(fault, pooler, encoder, 
     rank's watchdog stops it after --timeout with a message saying what to do."""
     texts = corpus(1200, seed=3)
     source, out = write_lines(tmp_path / "in.txt", texts), tmp_path / "out"
-    argv = cli("embed", "--model", str(pooler), "--input", source, "--output", str(out), "--shard-size", "40",
-               "--batch-size", "2", "--timeout", "2")
+    argv = cli(
+        "embed",
+        "--model",
+        str(pooler),
+        "--input",
+        source,
+        "--output",
+        str(out),
+        "--shard-size",
+        "40",
+        "--batch-size",
+        "2",
+        "--timeout",
+        "2",
+    )
     started = time.monotonic()
     process = subprocess.Popen(launch_command(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -211,16 +256,41 @@ def test_bad_launches_are_refused_before_any_work(pooler, tmp_path):
     source = write_lines(tmp_path / "in.txt", corpus(6))
     script = (
         "import sys, os; from m2bert_hf_mlx.cli import main; rank = os.environ['MLX_RANK']; "
-        "sys.exit(main(['embed', '--model', sys.argv[1], '--output', sys.argv[2] + rank + '.npy', 'text of rank ' + rank]))"
+        "sys.exit(main(['embed', '--model', sys.argv[1], '--output', sys.argv[2] + rank + '.npy', 'rank ' + rank]))"
     )
-    result = subprocess.run(launch_command("-c", script, str(pooler), str(tmp_path / "e")), capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        launch_command("-c", script, str(pooler), str(tmp_path / "e")),
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert "hold another model, texts or options than rank 0 (checksums differ)" in result.stderr, result.stderr
     assert not list(tmp_path.glob("e*")), "nothing was written"
     result = subprocess.run(
-        launch_command(*cli("train", "--data", source, "--output", str(tmp_path / "t"), "--preset", "tiny",
-                            "--steps", "1", "--seed", "0", "--batch-size", "3", "--max-length", "16")),
-        capture_output=True, text=True, timeout=300,
+        launch_command(
+            *cli(
+                "train",
+                "--data",
+                source,
+                "--output",
+                str(tmp_path / "t"),
+                "--preset",
+                "tiny",
+                "--steps",
+                "1",
+                "--seed",
+                "0",
+                "--batch-size",
+                "3",
+                "--max-length",
+                "16",
+            )
+        ),
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert "cannot be shared equally by 2 processes; make them a multiple of 2" in result.stderr, result.stderr
     assert not (tmp_path / "t").exists()
