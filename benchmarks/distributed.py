@@ -10,8 +10,9 @@ job would run. Embedding: `embed_corpus` over the ranks of `--texts` synthetic t
 retrieval encoder's `--length` (random weights; batches of `--batch-size`), after one warm-up batch per rank;
 throughput in tokens/s, and whether the embeddings equal one process's bit for bit. Training: the data-parallel MLM
 step of the demo model's configuration (dropout off, so that runs compare) on a global batch of `--train-batch`
-packed examples of 128 tokens, median of `--steps` steps after one warm-up; and the largest difference of the loss
-curve from one process's. Scaling efficiency: the 1-process time divided by N times the N-process time.
+packed examples of 128 tokens, median of `--steps` steps after one warm-up, and of the gradient exchange alone
+(`nn.utils.average_gradients`); and the largest difference of the loss curve from one process's. Scaling
+efficiency: the 1-process time divided by N times the N-process time.
 """
 
 import argparse
@@ -29,7 +30,9 @@ from pathlib import Path
 
 import m2bert_hf_mlx  # noqa: F401  (before mlx.core: the CPU back end's BLAS, see m2bert_hf_mlx.cpu_blas)
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_map
 
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, M2BertModel
 from m2bert_hf_mlx.distributed import embed_corpus, init_group
@@ -101,8 +104,24 @@ def train_worker(group, batch_size, steps, out):
             loss, _ = trainer._train_step()
             seconds.append(time.perf_counter() - start)
             losses.append(loss)
+        # The exchange alone: averaging a step's gradients across the ranks.
+        grads = tree_map(mx.zeros_like, model.trainable_parameters())
+        exchange = []
+        for _ in range(steps):
+            barrier(group)
+            start = time.perf_counter()
+            mx.eval(nn.utils.average_gradients(grads, group=group))
+            exchange.append(time.perf_counter() - start)
     if group.rank() == 0:
-        out.write_text(json.dumps({"step_ms": statistics.median(seconds[1:]) * 1000, "losses": losses}))
+        out.write_text(
+            json.dumps(
+                {
+                    "step_ms": statistics.median(seconds[1:]) * 1000,
+                    "gradient_exchange_ms": statistics.median(exchange) * 1000,
+                    "losses": losses,
+                }
+            )
+        )
 
 
 def free_port_pair(count):
@@ -253,7 +272,8 @@ def main():
                 **json.loads(result.read_text()),
             }
             single = single or record
-            record["max_loss_difference"] = max(abs(a - b) for a, b in zip(record["losses"], single["losses"], strict=True))
+            pairs = zip(record["losses"], single["losses"], strict=True)
+            record["max_loss_difference"] = max(abs(a - b) for a, b in pairs)
             record["efficiency"] = single["step_ms"] / (ranks * record["step_ms"])
             report["training"].append(record)
             print(json.dumps(record))
