@@ -21,11 +21,9 @@ import os
 import platform
 import random
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import m2bert_hf_mlx  # noqa: F401  (before mlx.core: the CPU back end's BLAS, see m2bert_hf_mlx.cpu_blas)
@@ -38,8 +36,9 @@ from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, M2BertModel
 from m2bert_hf_mlx.distributed import embed_corpus, init_group
 from m2bert_hf_mlx.tokenization import load_tokenizer
 from m2bert_hf_mlx.training import MaskedLMData, Trainer, TrainingArguments
+from _timing import median_seconds
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "training"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes" / "demo_model"))
 from train_demo_model import BASE_PRESET, DEMO_CONFIG, MAX_LENGTH  # noqa: E402
 
 RETRIEVAL_PRESET = "m2-bert-80m-2k-retrieval"
@@ -71,10 +70,14 @@ def embed_worker(group, length, texts, batch_size, out):
         batch_size=batch_size,
         show_progress_bar=False,
     )
-    barrier(group)
-    start = time.perf_counter()
-    embeddings = embed_corpus(model, corpus, group=group, batch_size=batch_size, show_progress_bar=False)
-    seconds = time.perf_counter() - start
+    results = []
+
+    def embed():
+        barrier(group)
+        results.append(embed_corpus(model, corpus, group=group, batch_size=batch_size, show_progress_bar=False))
+
+    seconds = median_seconds(embed, 1)
+    embeddings = results[0]
     if group.rank() == 0:
         np.save(out.with_suffix(".npy"), embeddings)
         out.write_text(json.dumps({"seconds": seconds, "tokens_per_s": texts * length / seconds}))
@@ -97,27 +100,27 @@ def train_worker(group, batch_size, steps, out):
             compile=False,
         )
         trainer = Trainer(model, args, data, log=lambda line: None, group=group)
-        losses, seconds = [], []
-        for _ in range(steps + 1):
+        losses = []
+
+        def step():
             barrier(group)
-            start = time.perf_counter()
-            loss, _ = trainer._train_step()
-            seconds.append(time.perf_counter() - start)
-            losses.append(loss)
+            losses.append(trainer._train_step()[0])
+
+        step_seconds = median_seconds(step, steps, warmup=1)
         # The exchange alone: averaging a step's gradients across the ranks.
         grads = tree_map(mx.zeros_like, model.trainable_parameters())
-        exchange = []
-        for _ in range(steps):
+
+        def exchange():
             barrier(group)
-            start = time.perf_counter()
             mx.eval(nn.utils.average_gradients(grads, group=group))
-            exchange.append(time.perf_counter() - start)
+
+        exchange_seconds = median_seconds(exchange, steps)
     if group.rank() == 0:
         out.write_text(
             json.dumps(
                 {
-                    "step_ms": statistics.median(seconds[1:]) * 1000,
-                    "gradient_exchange_ms": statistics.median(exchange) * 1000,
+                    "step_ms": step_seconds * 1000,
+                    "gradient_exchange_ms": exchange_seconds * 1000,
                     "losses": losses,
                 }
             )

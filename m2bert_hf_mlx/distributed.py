@@ -48,7 +48,7 @@ def init_group(backend="any"):
     """The group of the processes `mlx.launch` started (a group of one when not launched). A named `backend` must
     come up, or this raises; "any" takes the one the launcher's environment sets up."""
     if backend not in BACKENDS:
-        raise ValueError(f"Unknown distributed backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+        raise InputError(f"Unknown distributed backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
     try:
         return mx.distributed.init(strict=backend != "any", backend=backend)
     except RuntimeError as e:
@@ -199,18 +199,18 @@ def embed_corpus(
     group = init_group() if group is None else group
     rank, size = group.rank(), group.size()
     if "pooler" not in model:
-        raise ValueError("This model has no pooler, so it has no sentence embedding: use a retrieval checkpoint.")
+        raise InputError("This model has no pooler, so it has no sentence embedding: use a retrieval checkpoint.")
     _check_options(padding, truncation, batch_size)
     if shard_size is not None and (isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1):
-        raise ValueError(f"shard_size={shard_size!r}: give a positive integer.")
+        raise InputError(f"shard_size={shard_size!r}: give a positive integer.")
     if (shard_size is not None or resume) and output is None:
-        raise ValueError("shard_size and resume need an output folder.")
+        raise InputError("shard_size and resume need an output folder.")
     if resume and shard_size is None:
-        raise ValueError("resume continues a sharded output: give shard_size as in the run to continue.")
+        raise InputError("resume continues a sharded output: give shard_size as in the run to continue.")
     if isinstance(texts, str) or not isinstance(texts, Sequence):
         raise TypeError(f"texts must be a list (or other sequence) of strings, got {type(texts).__name__}.")
     if not texts:
-        raise ValueError("The list of texts is empty: give at least one text.")
+        raise InputError("The list of texts is empty: give at least one text.")
     for i, text in enumerate(texts):
         _check_text(text, f"Input {i}")
     tokenizer = default_tokenizer(model) if tokenizer is None else tokenizer
@@ -290,7 +290,7 @@ def embed_corpus(
                     pending[shard] = (shard_embeddings, missing)
                     if missing == 0:
                         finished = pending.pop(shard)[0]
-                        _write_atomically(folder / _SHARD_NAME.format(shard), lambda f, a=finished: np.save(f, a))
+                        _write_file_atomically(folder / _SHARD_NAME.format(shard), lambda f, a=finished: np.save(f, a))
     if folder is not None:
         if rank == 0:
             manifest = {
@@ -301,11 +301,11 @@ def embed_corpus(
                     for k, (start, stop) in enumerate(bounds)
                 ],
             }
-            _write_atomically(folder / MANIFEST_FILE, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+            _write_file_atomically(folder / MANIFEST_FILE, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
         return None
     if output is not None:
         if rank == 0:
-            _write_atomically(Path(output), lambda f: np.save(f, embeddings))
+            _write_file_atomically(Path(output), lambda f: np.save(f, embeddings))
         return None
     return embeddings
 
@@ -324,7 +324,7 @@ def _units(bounds, done, tokenize, padding, max_length, batch_size):
             yield shard, [start + i for i in indices], length, batch_rows
 
 
-def _write_atomically(path, write):
+def _write_file_atomically(path, write):
     """Write through `write(file)` to a hidden temporary file beside `path`, then rename it into place, so that a
     killed process never leaves a file under the final name that is not complete."""
     partial = path.with_name(f".{path.name}.partial")
@@ -342,7 +342,7 @@ def _prepare_folder(folder, digest, options, resume, shards, group, watchdog):
     if group.rank() == 0:
         try:
             done = _finished_shards(folder, digest, options, resume, shards)
-        except (ValueError, OSError) as e:
+        except (InputError, OSError) as e:
             error = str(e)
     if group.size() > 1:
         # A failure on rank 0 must stop every rank, not leave them waiting: it travels as a flag with the shards.
@@ -353,7 +353,7 @@ def _prepare_folder(folder, digest, options, resume, shards, group, watchdog):
         if failed and not error:
             error = "rank 0 could not use the output folder (its message says why)"
     if error:
-        raise ValueError(error)
+        raise InputError(error)
     return [bool(d) for d in done]
 
 
@@ -361,20 +361,21 @@ def _finished_shards(folder, digest, options, resume, shards):
     run_file = folder / RUN_FILE
     if not resume:
         if folder.exists() and any(folder.iterdir()):
-            raise ValueError(
+            raise InputError(
                 f"--output {folder} is not empty; give a new folder, or --resume to continue the run in it."
             )
         folder.mkdir(parents=True, exist_ok=True)
-        _write_atomically(run_file, lambda f: f.write(json.dumps({**options, "checksum": digest}, indent=1).encode()))
+        started = json.dumps({**options, "checksum": digest}, indent=1).encode()
+        _write_file_atomically(run_file, lambda f: f.write(started))
         return np.zeros(shards, np.int32)
     if not run_file.is_file():
-        raise ValueError(f"--resume: {folder} holds no {RUN_FILE}, so no run to continue; run without --resume.")
+        raise InputError(f"--resume: {folder} holds no {RUN_FILE}, so no run to continue; run without --resume.")
     try:
         started = json.loads(run_file.read_text())
     except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"--resume: {run_file} is not valid JSON ({e}); start again in a new folder.") from None
+        raise InputError(f"--resume: {run_file} is not valid JSON ({e}); start again in a new folder.") from None
     if not isinstance(started, dict) or started.get("checksum") != digest:
-        raise ValueError(
+        raise InputError(
             f"--resume: {folder} was started with another model, input or options; resume with the "
             "same ones, or give a new folder."
         )
@@ -394,9 +395,9 @@ def _check_shard(path, shape):
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as e:
-        raise ValueError(f"{path} is not an embedding shard ({e}); delete it and resume.") from None
+        raise InputError(f"{path} is not an embedding shard ({e}); delete it and resume.") from None
     if array.shape != shape or array.dtype != np.float32:
-        raise ValueError(
+        raise InputError(
             f"{path} holds a {array.dtype} array of shape {array.shape}, not float32 {shape}; delete it and resume."
         )
 
@@ -407,11 +408,11 @@ def load_embeddings(folder):
     try:
         manifest = json.loads((folder / MANIFEST_FILE).read_text())
     except FileNotFoundError:
-        raise ValueError(
+        raise InputError(
             f"{folder} holds no {MANIFEST_FILE}: the run did not finish; continue it with --resume."
         ) from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{folder / MANIFEST_FILE} is not valid JSON ({e}).") from None
+        raise InputError(f"{folder / MANIFEST_FILE} is not valid JSON ({e}).") from None
     parts = []
     for entry in manifest["shards"]:
         path = folder / Path(entry["file"]).name

@@ -304,14 +304,40 @@ def test_training_command_over_two_ranks_resumes_alone(tmp_path):
 
     data = write_lines(tmp_path / "train.txt", corpus(16, seed=4))
     config = tmp_path / "config.json"
-    tiny = M2BertConfig.from_preset("tiny", hidden_size=32, intermediate_size=64, hyena_filter_order=8,
-                                    hidden_dropout_prob=0.0, hyena_filter_dropout=0.0)
+    tiny = M2BertConfig.from_preset(
+        "tiny",
+        hidden_size=32,
+        intermediate_size=64,
+        hyena_filter_order=8,
+        hidden_dropout_prob=0.0,
+        hyena_filter_dropout=0.0,
+    )
     config.write_text(json.dumps(tiny.to_dict()))
 
     def train(output, steps, *extra):
-        return ["train", "--data", data, "--output", str(output), "--config", str(config), "--seed", "0",
-                "--batch-size", "4", "--max-length", "24", "--log-every", "1", "--eval-data", data,
-                "--no-compile", "--steps", str(steps), *extra]
+        return [
+            "train",
+            "--data",
+            data,
+            "--output",
+            str(output),
+            "--config",
+            str(config),
+            "--seed",
+            "0",
+            "--batch-size",
+            "4",
+            "--max-length",
+            "24",
+            "--log-every",
+            "1",
+            "--eval-data",
+            data,
+            "--no-compile",
+            "--steps",
+            str(steps),
+            *extra,
+        ]
 
     output = launch(*cli(*train(tmp_path / "two", 2, "--save-every", "2")))
     assert output.count("Saved the model") == 1, "rank 0 alone reports"
@@ -319,7 +345,9 @@ def test_training_command_over_two_ranks_resumes_alone(tmp_path):
     # The learning-rate schedule follows --steps, so the reference stops at step 2 and resumes too.
     assert main(train(tmp_path / "one", 2, "--save-every", "2")) == 0
     assert main(train(tmp_path / "one", 4, "--resume")) == 0
-    resumed, alone = (json.loads((tmp_path / d / "trainer_state.json").read_text())["log_history"] for d in ("two", "one"))
+    resumed, alone = (
+        json.loads((tmp_path / d / "trainer_state.json").read_text())["log_history"] for d in ["two", "one"]
+    )
     assert [sorted(e) for e in resumed] == [sorted(e) for e in alone]
     for a, b in zip(resumed, alone, strict=True):
         assert a["step"] == b["step"]

@@ -214,7 +214,8 @@ class Trainer:
             count += self.eval_data.count(batch)
         if size > 1:
             with self._watchdog.waiting("summing the evaluation"):
-                loss, correct, count = mx.distributed.all_sum(mx.array([loss, correct, count]), group=self.group).tolist()
+                sums = mx.distributed.all_sum(mx.array([loss, correct, count]), group=self.group)
+                loss, correct, count = sums.tolist()
         return {"eval_loss": loss / count, "eval_accuracy": correct / count}
 
     def train(self, resume=False):
