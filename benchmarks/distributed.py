@@ -1,7 +1,7 @@
 """Embedding throughput and training step time of 1 and N processes started by `mlx.launch`, and their scaling.
 
-    python benchmarks/distributed.py --length 256 --texts 4 --batch-size 1 --train-batch 8 --steps 3 --direct \
-        --out benchmarks/results/distributed-cpu.json
+    python benchmarks/distributed.py --length 512 --texts 8 --batch-size 2 --train-batch 16 --steps 3 --direct \
+        --threads-per-rank 1 --out benchmarks/results/distributed-cpu.json
     python benchmarks/distributed.py --backend nccl --length 2048 8192 --texts 64 --train-batch 256 \
         --out benchmarks/results/distributed-h200x2.json      # one process per GPU
 
@@ -142,10 +142,14 @@ def free_port_pair(count):
                 s.close()
 
 
-def run_worker(ranks, backend, argv, scratch, direct=False):
+def run_worker(ranks, backend, argv, scratch, direct=False, threads=None):
     """Run the worker on `ranks` processes: under mlx.launch, or with `direct` started here with the environment
-    the launcher gives the ring back end (MLX_RANK, MLX_HOSTFILE), to tell the launcher's own cost apart."""
+    the launcher gives the ring back end (MLX_RANK, MLX_HOSTFILE), to tell the launcher's own cost apart. `threads`
+    caps each process's BLAS threads."""
     command = [sys.executable, __file__, "--worker", *argv]
+    env = dict(os.environ)
+    if threads:
+        env.update({name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
     if direct:
         port = free_port_pair(ranks)
         hostfile = scratch / "hosts.json"
@@ -153,7 +157,7 @@ def run_worker(ranks, backend, argv, scratch, direct=False):
         processes = [
             subprocess.Popen(
                 command,
-                env={**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile)},
+                env={**env, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile)},
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
@@ -177,7 +181,7 @@ def run_worker(ranks, backend, argv, scratch, direct=False):
             "--",
             *command,
         ]
-    result = subprocess.run(command, check=False, capture_output=True, text=True)
+    result = subprocess.run(command, check=False, capture_output=True, text=True, env=env)
     if result.returncode != 0 or "[WARN]" in result.stderr:
         sys.exit(f"{' '.join(command)} failed:\n{result.stdout}{result.stderr}")
 
@@ -195,6 +199,11 @@ def main():
         "--direct",
         action="store_true",
         help="also start the ring ranks without mlx.launch, to measure what the launcher costs",
+    )
+    parser.add_argument(
+        "--threads-per-rank",
+        type=int,
+        help="also run the ranks under mlx.launch with this many BLAS threads each (OMP/MKL/OPENBLAS_NUM_THREADS)",
     )
     parser.add_argument("--out", type=Path, help="write the results there as JSON")
     parser.add_argument("--worker", choices=["embed", "train"], help=argparse.SUPPRESS)
@@ -218,14 +227,16 @@ def main():
         "embedding": [],
         "training": [],
     }
-    runs = [(ranks, False) for ranks in args.ranks]
-    runs += [(ranks, True) for ranks in args.ranks if args.direct and ranks > 1]
+    # (ranks, started without mlx.launch, BLAS threads per rank or None for the library's default)
+    runs = [(ranks, False, None) for ranks in args.ranks]
+    runs += [(ranks, True, None) for ranks in args.ranks if args.direct and ranks > 1]
+    runs += [(ranks, False, args.threads_per_rank) for ranks in args.ranks if args.threads_per_rank and ranks > 1]
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         for length in args.length:
             single = None
-            for ranks, direct in runs:
-                result = scratch / f"embed-{length}-{ranks}-{direct}.json"
+            for ranks, direct, threads in runs:
+                result = scratch / f"embed-{length}-{ranks}-{direct}-{threads}.json"
                 run_worker(
                     ranks,
                     args.backend,
@@ -242,11 +253,13 @@ def main():
                     ],
                     scratch,
                     direct,
+                    threads,
                 )
                 record = {
                     "length": length,
                     "ranks": ranks,
                     "launcher": "direct" if direct else "mlx.launch",
+                    "blas_threads": threads or "default",
                     **json.loads(result.read_text()),
                 }
                 embeddings = np.load(result.with_suffix(".npy"))
@@ -258,20 +271,22 @@ def main():
                 report["embedding"].append(record)
                 print(json.dumps(record))
         single = None
-        for ranks, direct in runs:
-            result = scratch / f"train-{ranks}-{direct}.json"
+        for ranks, direct, threads in runs:
+            result = scratch / f"train-{ranks}-{direct}-{threads}.json"
             run_worker(
                 ranks,
                 args.backend,
                 ["train", "--train-batch", str(args.train_batch), "--steps", str(args.steps), "--result", str(result)],
                 scratch,
                 direct,
+                threads,
             )
             record = {
                 "batch_size": args.train_batch,
                 "max_length": MAX_LENGTH,
                 "ranks": ranks,
                 "launcher": "direct" if direct else "mlx.launch",
+                "blas_threads": threads or "default",
                 **json.loads(result.read_text()),
             }
             single = single or record
