@@ -175,8 +175,8 @@ def run_embed(args):
     sharded = args.shard_size is not None
     embeddings = embed_corpus(
         model, texts, group=group, output=args.output if sharded else None, shard_size=args.shard_size,
-        resume=args.resume, batch_size=args.batch_size, normalize=args.normalize_embeddings, padding=args.padding,
-        truncation=args.truncation, timeout=args.timeout,
+        resume=args.resume, batch_size=args.batch_size, normalize_embeddings=args.normalize_embeddings,
+        padding=args.padding, truncation=args.truncation, timeout=args.timeout,
     )
     if group.rank() != 0:
         return 0

@@ -32,7 +32,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from .encode import pooled_embeddings
+from .encode import _resolve_prompt, pooled_embeddings
 from .errors import DistributedError, InputError
 from .pipelines.base import _batches, _check_options, _check_text, _model_inputs, _tokenize, default_tokenizer
 from .tokenization import check_tokenizer_fits
@@ -182,7 +182,9 @@ def embed_corpus(
     resume=False,
     tokenizer=None,
     batch_size=None,
-    normalize=False,
+    normalize_embeddings=False,
+    prompt=None,
+    prompt_name=None,
     padding="max_length",
     truncation=True,
     show_progress_bar=None,
@@ -213,6 +215,7 @@ def embed_corpus(
         raise InputError("The list of texts is empty: give at least one text.")
     for i, text in enumerate(texts):
         _check_text(text, f"Input {i}")
+    prompt = _resolve_prompt(model.config, prompt, prompt_name) or ""
     tokenizer = default_tokenizer(model) if tokenizer is None else tokenizer
     check_tokenizer_fits(tokenizer, model.config)
     watchdog = Watchdog(group, timeout, "m2bert-mlx embed")
@@ -220,7 +223,8 @@ def embed_corpus(
         "rows": len(texts),
         "shard_size": shard_size,
         "batch_size": batch_size,
-        "normalize": normalize,
+        "normalize_embeddings": normalize_embeddings,
+        "prompt": prompt,
         "padding": padding,
         "truncation": truncation,
         "dimension": model.config.hidden_size,
@@ -232,7 +236,11 @@ def embed_corpus(
 
     def tokenize(indices, truncation=truncation):
         return _tokenize(
-            tokenizer, [texts[i] for i in indices], [None] * len(indices), max_length=max_length, truncation=truncation
+            tokenizer,
+            [prompt + texts[i] for i in indices],
+            [None] * len(indices),
+            max_length=max_length,
+            truncation=truncation,
         )
 
     bounds = (
@@ -269,7 +277,7 @@ def embed_corpus(
                 _, indices, length, rows = round_units[rank]
                 rows = tokenize(indices) if rows is None else rows
                 batch = _model_inputs(rows, range(len(rows)), length, model.config.pad_token_id)
-                local[: len(indices)] = np.array(pooled_embeddings(model, batch, normalize))
+                local[: len(indices)] = np.array(pooled_embeddings(model, batch, normalize_embeddings))
             if size > 1:
                 with watchdog.waiting(f"gathering the embeddings of batches {first} to {first + len(round_units) - 1}"):
                     gathered = np.array(mx.distributed.all_gather(mx.array(local), group=group))

@@ -120,14 +120,16 @@ def test_sharded_embedding_over_hosts_equals_one_process(pooler, encoder, tmp_pa
             "10",
             "--batch-size",
             "5",
-            "--normalize",
+            "--normalize-embeddings",
         ),
         hosts="127.0.0.1,127.0.0.1",
     )
     manifest = json.loads((tmp_path / "out" / MANIFEST_FILE).read_text())
     assert [(s["first_row"], s["rows"]) for s in manifest["shards"]] == [(0, 10), (10, 10), (20, 10), (30, 10), (40, 5)]
     # Padded to the maximum length, batches of 5 within shards of 10 are the batches one process runs.
-    assert np.array_equal(load_embeddings(tmp_path / "out"), encoder.encode(texts, batch_size=5, normalize=True))
+    assert np.array_equal(
+        load_embeddings(tmp_path / "out"), encoder.encode(texts, batch_size=5, normalize_embeddings=True)
+    )
 
 
 def test_embed_corpus_alone_is_encode_and_refuses_to_mix_runs(encoder, tmp_path):
