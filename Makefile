@@ -12,7 +12,7 @@ else
 EXTRAS := cpu,test
 endif
 
-.PHONY: install test test-lowest demo
+.PHONY: install test test-lowest lint demo
 
 # The package is installed as a wheel, not in editable mode: setuptools warns on every editable install of a layout
 # that maps conversion/, metal/ and model_cards/ into m2bert_hf_mlx. Any change to the package's files installs it
@@ -54,6 +54,13 @@ test: install
 test-lowest: $(LOWEST)/.installed
 	$(LOWEST)/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)"
 	$(LOWEST)/bin/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
+# ruff's lint and format rules (pyproject.toml), and a wheel build without setuptools' warnings.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	log=$$(mktemp) && $(PY) -m pip wheel -q --no-deps -w build/wheel . > $$log 2>&1; rc=$$?; rm -rf build; \
+	if grep -q "Setuptools.*Warning\|BuildBackendWarning" $$log; then cat $$log; rc=1; fi; rm -f $$log; exit $$rc
 
 demo: install
 	$(VENV)/bin/m2bert-mlx demo

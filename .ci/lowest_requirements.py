@@ -1,12 +1,13 @@
 """Print the lowest versions pyproject.toml declares, pinned, for the install that proves the floors are true.
 
-    python .ci/lowest_requirements.py cpu test > lowest.txt    # the dependencies and those extras, each at its minimum
+python .ci/lowest_requirements.py cpu test > lowest.txt    # the dependencies and those extras, each at its minimum
 """
 
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9_.-]+)(\[[^\]]*\])?\s*>=\s*([^,;\s]+)\s*(;.*)?$")
 

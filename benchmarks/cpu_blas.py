@@ -19,7 +19,8 @@ mx.eval(a, b)
 times = []
 for _ in range(7):
     start = time.perf_counter(); mx.eval(a @ b); times.append(time.perf_counter() - start)
-print(json.dumps({"blas": m2bert_hf_mlx.cpu_blas.loaded, "gflops": 2 * 2048 * 768 * 2304 / statistics.median(times[2:]) / 1e9}))
+gflops = 2 * 2048 * 768 * 2304 / statistics.median(times[2:]) / 1e9
+print(json.dumps({"blas": m2bert_hf_mlx.cpu_blas.loaded, "gflops": gflops}))
 """
 
 
@@ -50,7 +51,10 @@ def reference_gflops():
 
 
 if __name__ == "__main__":
-    rows = {"mlx (reference BLAS)": mlx_gflops("off"), "mlx (M2BERT_BLAS)": mlx_gflops(os.environ.get("M2BERT_BLAS", "auto"))}
+    rows = {
+        "mlx (reference BLAS)": mlx_gflops("off"),
+        "mlx (M2BERT_BLAS)": mlx_gflops(os.environ.get("M2BERT_BLAS", "auto")),
+    }
     rows.update({k: {"gflops": v} for k, v in reference_gflops().items()})
     for name, row in rows.items():
         print(f"{name:22s} {row['gflops']:8.1f} GFLOP/s  {row.get('blas') or ''}")

@@ -26,17 +26,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-import m2bert_hf_mlx  # noqa: F401  (before mlx.core: the CPU back end's BLAS, see m2bert_hf_mlx.cpu_blas)
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from _timing import median_seconds
 from mlx.utils import tree_map
 
+import m2bert_hf_mlx  # noqa: F401  (before mlx.core: the CPU back end's BLAS, see m2bert_hf_mlx.cpu_blas)
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, M2BertModel
 from m2bert_hf_mlx.distributed import embed_corpus, init_group
 from m2bert_hf_mlx.tokenization import load_tokenizer
 from m2bert_hf_mlx.training import MaskedLMData, Trainer, TrainingArguments
-from _timing import median_seconds
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes" / "demo_model"))
 from train_demo_model import BASE_PRESET, DEMO_CONFIG, MAX_LENGTH  # noqa: E402

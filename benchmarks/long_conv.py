@@ -29,9 +29,9 @@ import platform
 
 import mlx.core as mx
 import numpy as np
+from _timing import median_seconds
 
 from m2bert_hf_mlx import kernels, ops
-from _timing import median_seconds
 
 
 def _cuda_variant(single_pass=None, four_step=None):
@@ -169,7 +169,8 @@ def sweep(args, lengths, channels, save):
                 y = kernels.run_plan(plan, u, packed, launch_fn)
                 ref = ops.long_conv(u, k_fwd, k_rev, skip, backend="mlx")
                 error = float(mx.linalg.norm(y - ref) / mx.linalg.norm(ref))
-                def call():
+
+                def call(plan=plan, u=u, packed=packed):
                     mx.async_eval(kernels.run_plan(plan, u, packed, launch_fn))
 
                 ms = median_ms(call, mlx_sync, args.calls, args.repeats)

@@ -42,10 +42,10 @@ SETTINGS = {
 
 def measure(args):
     """One setting, in this process: prints one JSON record per dtype."""
+    import mlx.core as mx
     import numpy as np
 
     import m2bert_hf_mlx  # noqa: F401  (before mlx.core: the CPU back end's BLAS)
-    import mlx.core as mx
     from m2bert_hf_mlx import M2BertConfig, M2BertModel, __version__, hyena_filter
     from m2bert_hf_mlx.loading import cast_model
     from m2bert_hf_mlx.ops import resolve_backend
@@ -73,10 +73,17 @@ def measure(args):
             mx.eval(model(ids).pooler_output)
             seconds.append(time.perf_counter() - start)
         record = dict(
-            model=args.model, L=args.length, B=args.batch, dtype=dtype, framework="mlx", setting=args.setting,
-            env=env, memory_limit_gb=mx.get_memory_limit() / 1e9,
+            model=args.model,
+            L=args.length,
+            B=args.batch,
+            dtype=dtype,
+            framework="mlx",
+            setting=args.setting,
+            env=env,
+            memory_limit_gb=mx.get_memory_limit() / 1e9,
             filter_cache_cap_gb=hyena_filter.max_cached_filter_bytes() / 1e9,
-            peak_mem_gb=mx.get_peak_memory() / 1e9, tokens_per_s=args.batch * args.length / statistics.median(seconds),
+            peak_mem_gb=mx.get_peak_memory() / 1e9,
+            tokens_per_s=args.batch * args.length / statistics.median(seconds),
             machine=mx.device_info().get("device_name") or platform.processor() or platform.machine(),
             long_conv_backend=resolve_backend(),
             versions=dict(mlx=mx.__version__, m2bert_hf_mlx=__version__, python=platform.python_version()),
@@ -103,16 +110,34 @@ def main():
         return measure(args)
     records = []
     for setting in args.settings:
-        command = [sys.executable, __file__, "--setting", setting, "--model", args.model, "--length", str(args.length),
-                   "--batch", str(args.batch), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
-                   "--dtypes", *args.dtypes] + (["--gpu"] if args.gpu else [])
+        command = [
+            sys.executable,
+            __file__,
+            "--setting",
+            setting,
+            "--model",
+            args.model,
+            "--length",
+            str(args.length),
+            "--batch",
+            str(args.batch),
+            "--warmup",
+            str(args.warmup),
+            "--repeats",
+            str(args.repeats),
+            "--dtypes",
+            *args.dtypes,
+        ] + (["--gpu"] if args.gpu else [])
         env = dict(os.environ, **SETTINGS[setting][0])
         out = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
         for line in out.splitlines():
             record = json.loads(line)
             records.append(record)
-            print(f"{setting:14s} {record['dtype']:9s} peak {record['peak_mem_gb']:6.2f} GB  "
-                  f"{record['tokens_per_s']:10.0f} tokens/s", flush=True)
+            print(
+                f"{setting:14s} {record['dtype']:9s} peak {record['peak_mem_gb']:6.2f} GB  "
+                f"{record['tokens_per_s']:10.0f} tokens/s",
+                flush=True,
+            )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(records, f, indent=1)

@@ -1,7 +1,9 @@
-"""Whole-model forward throughput and peak memory: MLX (this package) vs the PyTorch baseline, same weights, one process.
+"""Whole-model forward throughput and peak memory: MLX (this package) vs the PyTorch baseline, same weights, one
+process.
 
     python benchmarks/model.py --out benchmarks/results/model-cpu.json                 # CPU, MLX CPU back end
-    python benchmarks/model.py --gpu --precision tf32 strict --out benchmarks/results/model-h200.json  # MLX vs torch CUDA
+    # MLX vs torch CUDA, in both matmul precisions:
+    python benchmarks/model.py --gpu --precision tf32 strict --out benchmarks/results/model-h200.json
     python benchmarks/model.py --gpu --canonical-src m2/bert --out ...   # also the canonical HazyResearch/m2 code
 
 float32 matrix products run in one of two modes on a GPU, on both sides alike: `--precision tf32` (MLX's CUDA default;
@@ -113,7 +115,11 @@ def canonical_model(src, name, config, reference, device):
         sys.path.insert(0, str(src))
     from src import bert_layers, configuration_bert
 
-    fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version", "dtype", "use_flash_fft")}
+    fields = {
+        k: v
+        for k, v in config.to_dict().items()
+        if k not in ("model_type", "transformers_version", "dtype", "use_flash_fft")
+    }
     canonical_config = configuration_bert.BertConfig(
         **fields, use_flash_fft=False, use_cls_token=False, sequence_token_planting=False
     )
@@ -175,24 +181,42 @@ def main():
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--canonical-src", type=Path, help="HazyResearch/m2's bert folder: also time the canonical code")
-    parser.add_argument("--precision", nargs="+", default=["tf32"], choices=["tf32", "strict"],
-                        help="float32 matrix-product mode of both sides on a GPU (two values: both, one after the other)")
+    parser.add_argument(
+        "--canonical-src", type=Path, help="HazyResearch/m2's bert folder: also time the canonical code"
+    )
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        default=["tf32"],
+        choices=["tf32", "strict"],
+        help="float32 matrix-product mode of both sides on a GPU (two values: both, one after the other)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.gpu and len(args.precision) > 1:
         return run_modes(args)
     precision = args.precision[0] if args.gpu else "strict"
     if args.gpu and (os.environ.get("MLX_ENABLE_TF32", "1") != "0") != (precision == "tf32"):
-        raise SystemExit(f"--precision {precision} needs MLX_ENABLE_TF32={int(precision == 'tf32')} in the environment.")
+        raise SystemExit(
+            f"--precision {precision} needs MLX_ENABLE_TF32={int(precision == 'tf32')} in the environment."
+        )
 
     device = "cuda" if args.gpu else "cpu"
     if args.gpu:
         os.environ[ops.BACKEND_ENV] = "cuda"  # a kernel that fails its self-check raises rather than time mx.fft
     mx.set_default_device(mx.gpu if args.gpu else mx.cpu)
-    machine = torch.cuda.get_device_name() if args.gpu else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    versions = {"mlx": mx.__version__, "torch": torch.__version__, "m2bert_hf_mlx": __version__, "python": platform.python_version(),
-                "mlx_cpu_blas": cpu_blas.loaded}
+    machine = (
+        torch.cuda.get_device_name()
+        if args.gpu
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
+    versions = {
+        "mlx": mx.__version__,
+        "torch": torch.__version__,
+        "m2bert_hf_mlx": __version__,
+        "python": platform.python_version(),
+        "mlx_cpu_blas": cpu_blas.loaded,
+    }
     records = []
     args.dtypes = sorted(set(args.dtypes), key=["float32", "bfloat16"].index)  # fp32 first: the cast is one-way
     for name in args.models:
@@ -211,28 +235,54 @@ def main():
                     a, b = canonical_output(canonical, probe).float(), torch_output(reference, probe).float()
                     canonical_err = float((a - b).abs().max() / b.abs().max())
             for dtype in args.dtypes:
-                row = dict(model=name, L=L, B=B, dtype=dtype, machine=machine, versions=versions,
-                           matmul_precision=matmul_precision(args.gpu))
+                row = dict(
+                    model=name,
+                    L=L,
+                    B=B,
+                    dtype=dtype,
+                    machine=machine,
+                    versions=versions,
+                    matmul_precision=matmul_precision(args.gpu),
+                )
                 mlx_s, mlx_mem = bench_mlx(model, mx.array(ids_np), dtype, args.warmup, args.repeats)
-                mlx_rec = dict(row, framework="mlx", tokens_per_s=B * L / mlx_s, peak_mem_gb=mlx_mem, max_rel_err_vs_torch_fp32=err)
+                mlx_rec = dict(
+                    row, framework="mlx", tokens_per_s=B * L / mlx_s, peak_mem_gb=mlx_mem, max_rel_err_vs_torch_fp32=err
+                )
                 if dtype == "bfloat16" and device == "cpu":
                     # torch.fft rejects bf16 and CPU autocast breaks the canonical bmm (architecture doc §4):
                     # the canonical code has no CPU bf16 path to compare with.
                     torch_rec = None
                 else:
-                    torch_s, torch_mem = bench_torch(reference, torch.from_numpy(ids_np).to(device), dtype, args.warmup, args.repeats, device)
+                    torch_s, torch_mem = bench_torch(
+                        reference, torch.from_numpy(ids_np).to(device), dtype, args.warmup, args.repeats, device
+                    )
                     torch_rec = dict(row, framework="torch", tokens_per_s=B * L / torch_s, peak_mem_gb=torch_mem)
                     mlx_rec["speedup_vs_torch"] = mlx_rec["tokens_per_s"] / torch_rec["tokens_per_s"]
                 canonical_rec = None
                 if canonical is not None and torch_rec is not None:
-                    canon_s, canon_mem = bench_torch(canonical, torch.from_numpy(ids_np).to(device), dtype, args.warmup, args.repeats, device, canonical_output)
-                    canonical_rec = dict(row, framework="torch-canonical", tokens_per_s=B * L / canon_s, peak_mem_gb=canon_mem,
-                                         max_rel_err_vs_baseline_fp32=canonical_err,
-                                         baseline_over_canonical=torch_rec["tokens_per_s"] / (B * L / canon_s))
+                    canon_s, canon_mem = bench_torch(
+                        canonical,
+                        torch.from_numpy(ids_np).to(device),
+                        dtype,
+                        args.warmup,
+                        args.repeats,
+                        device,
+                        canonical_output,
+                    )
+                    canonical_rec = dict(
+                        row,
+                        framework="torch-canonical",
+                        tokens_per_s=B * L / canon_s,
+                        peak_mem_gb=canon_mem,
+                        max_rel_err_vs_baseline_fp32=canonical_err,
+                        baseline_over_canonical=torch_rec["tokens_per_s"] / (B * L / canon_s),
+                    )
                 for rec in (mlx_rec, torch_rec, canonical_rec):
                     if rec is not None:
                         records.append(rec)
-                        print(json.dumps({k: v for k, v in rec.items() if k not in ("versions", "machine")}), flush=True)
+                        print(
+                            json.dumps({k: v for k, v in rec.items() if k not in ("versions", "machine")}), flush=True
+                        )
             del model, reference, canonical
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(records, indent=1) + "\n")

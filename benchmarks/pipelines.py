@@ -20,10 +20,10 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from _timing import median_seconds
 
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, M2BertModel, __version__, pipeline
 from m2bert_hf_mlx.pipelines import default_tokenizer
-from _timing import median_seconds
 
 
 def corpus(tokenizer, count, max_length, seed=0):
@@ -35,7 +35,9 @@ def corpus(tokenizer, count, max_length, seed=0):
 
 
 def padded_batches(tokenizer, texts, max_length, batch_size):
-    ids = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="np")["input_ids"]
+    ids = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="np")[
+        "input_ids"
+    ]
     return [mx.array(ids[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
 
 
@@ -80,7 +82,8 @@ def main():
             lambda: encoder.encode(texts, batch_size=B, show_progress_bar=False), args.repeats, warmup=1
         ),
         "encode_longest": median_seconds(
-            lambda: encoder.encode(texts, batch_size=B, padding="longest", show_progress_bar=False), args.repeats,
+            lambda: encoder.encode(texts, batch_size=B, padding="longest", show_progress_bar=False),
+            args.repeats,
             warmup=1,
         ),
         "bare_forward_full_logits": median_seconds(bare_logits, args.repeats, warmup=1),

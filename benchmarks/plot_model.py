@@ -1,11 +1,12 @@
 """Plot and tabulate the records of benchmarks/model.py (needs matplotlib, which the package itself does not).
 
-    python benchmarks/plot_model.py benchmarks/results/model-h100.json benchmarks/results/model-h100.png
+python benchmarks/plot_model.py benchmarks/results/model-h100.json benchmarks/results/model-h100.png
 """
 
 import json
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import matplotlib
 
@@ -16,7 +17,7 @@ STYLES = {"mlx": "-o", "torch": "--s", "torch-canonical": ":^"}
 
 
 def main(results_path, png_path):
-    records = json.loads(open(results_path).read())
+    records = json.loads(Path(results_path).read_text())
     series = defaultdict(list)
     for r in records:
         series[(r["model"], r["dtype"], r["framework"])].append((r["L"], r["tokens_per_s"]))
@@ -36,7 +37,9 @@ def main(results_path, png_path):
             ax.set_ylabel("thousand tokens / s")
             ax.grid(alpha=0.3)
             ax.legend()
-    fig.suptitle(f"{records[0]['machine']} — " + ", ".join(f"{k} {v}" for k, v in records[0]["versions"].items()), fontsize=8)
+    fig.suptitle(
+        f"{records[0]['machine']} — " + ", ".join(f"{k} {v}" for k, v in records[0]["versions"].items()), fontsize=8
+    )
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     print("| model | L | B | dtype | MLX tokens/s | torch tokens/s | MLX / torch | MLX peak GB | torch peak GB |")
@@ -49,8 +52,10 @@ def main(results_path, png_path):
         torch_tps = f"{t['tokens_per_s']:,.0f}" if t else "—"
         torch_mem = f"{t['peak_mem_gb']:.1f}" if t and t["peak_mem_gb"] is not None else "—"
         ratio = f"{r['speedup_vs_torch']:.2f}×" if "speedup_vs_torch" in r else "—"
-        print(f"| {r['model']} | {r['L']} | {r['B']} | {r['dtype']} | {r['tokens_per_s']:,.0f} | {torch_tps} | {ratio} | "
-              f"{r['peak_mem_gb']:.1f} | {torch_mem} |")
+        print(
+            f"| {r['model']} | {r['L']} | {r['B']} | {r['dtype']} | {r['tokens_per_s']:,.0f} | {torch_tps} | {ratio} | "
+            f"{r['peak_mem_gb']:.1f} | {torch_mem} |"
+        )
 
 
 if __name__ == "__main__":

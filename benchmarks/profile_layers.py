@@ -10,10 +10,10 @@ Python side of one whole forward alone (building MLX's graph, which runs before 
 import argparse
 import time
 
-import m2bert_hf_mlx  # noqa: F401  (before mlx.core: the CPU back end's BLAS, see m2bert_hf_mlx.cpu_blas)
 import mlx.core as mx
 import numpy as np
 
+import m2bert_hf_mlx  # noqa: F401  (before mlx.core: the CPU back end's BLAS, see m2bert_hf_mlx.cpu_blas)
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, ops
 from m2bert_hf_mlx.activations import glu
 from m2bert_hf_mlx.blockdiag_linear import to_blocks
@@ -74,6 +74,7 @@ def main():
     activations = to_blocks(_glu(mlp.gated_layers(h)), nblocks)
     mx.eval(activations)
     timed("    wo", lambda: mlp.wo.block_matmul(activations))
+
 
 if __name__ == "__main__":
     main()

@@ -17,8 +17,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM
-from m2bert_hf_mlx.loading import cast_model
 from m2bert_hf_mlx.blockdiag_linear import BlockdiagLinear
+from m2bert_hf_mlx.loading import cast_model
 from m2bert_hf_mlx.quantization import QuantizedBlockdiagLinear, quantize_model
 
 SETTINGS = [("bfloat16", None), ("q8 g64", (8, 64)), ("q4 g64", (4, 64)), ("q4 g32", (4, 32))]
@@ -64,7 +64,7 @@ def per_layer():
         x = mx.random.normal((256, in_features))
         y = layer_output(layer, x)
         errors = []
-        for setting, quantization in SETTINGS:
+        for _setting, quantization in SETTINGS:
             if quantization is None:
                 layer_b = make()
                 layer_b.update(layer.parameters())
@@ -95,7 +95,9 @@ def end_to_end():
         logits = np.array(model(input_ids).logits.astype(mx.float32), dtype=np.float64)[0]
         if reference is None:
             reference = logits
-        cos = np.mean(np.sum(logits * reference, -1) / (np.linalg.norm(logits, axis=-1) * np.linalg.norm(reference, axis=-1)))
+        cos = np.mean(
+            np.sum(logits * reference, -1) / (np.linalg.norm(logits, axis=-1) * np.linalg.norm(reference, axis=-1))
+        )
         top1 = np.mean(logits.argmax(-1) == reference.argmax(-1))
         rel = np.abs(logits - reference).max() / np.abs(reference).max()
         megabytes = sum(v.nbytes for _, v in tree_flatten(model.parameters())) / 1e6

@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _timing import median_seconds  # noqa: E402
 from checkpoint_files import composer_checkpoint  # noqa: E402
 from random_checkpoint import random_state_dict  # noqa: E402
-
-from m2bert_hf_mlx.configuration_m2_bert import PRESETS  # noqa: E402
-from m2bert_hf_mlx.checkpoint_reader import checkpoint_keys, load_state_dict  # noqa: E402
 from torch_format import save_torch_object, save_torch_state_dict  # noqa: E402
+
+from m2bert_hf_mlx.checkpoint_reader import checkpoint_keys, load_state_dict  # noqa: E402
+from m2bert_hf_mlx.configuration_m2_bert import PRESETS  # noqa: E402
 
 
 def median_of(fn):

@@ -64,8 +64,15 @@ class HyenaFilter(nn.Module):
         self.pos_emb = PositionalEmbedding(emb, config.long_conv_l_max)
 
         def mlp():
-            return nn.Sequential(nn.Linear(emb, order), act, nn.Linear(order, order), act, nn.Linear(order, order), act,
-                                 nn.Linear(order, d, bias=False))
+            return nn.Sequential(
+                nn.Linear(emb, order),
+                act,
+                nn.Linear(order, order),
+                act,
+                nn.Linear(order, order),
+                act,
+                nn.Linear(order, d, bias=False),
+            )
 
         self.implicit_filter = mlp()
         self.bidirectional = config.bidirectional
@@ -117,7 +124,9 @@ class MonarchMixerSequenceMixing(nn.Module):
 class BlockdiagLinear(nn.Module):
     def __init__(self, in_features, out_features, nblocks, bias=True):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(nblocks, out_features // nblocks, in_features // nblocks) / math.sqrt(in_features // nblocks))
+        self.weight = nn.Parameter(
+            torch.randn(nblocks, out_features // nblocks, in_features // nblocks) / math.sqrt(in_features // nblocks)
+        )
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x):

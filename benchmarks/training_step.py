@@ -2,8 +2,8 @@
 
     python benchmarks/training_step.py --out benchmarks/results/training-step-h100.json
 
-The model is recipes/demo_model/train_demo_model.py's (hidden size 192, 5 layers, maximum length 128, dropout 0.1), trained
-with the package's Trainer on packed MLM examples (batch 256 x 128 tokens, AdamW, clipping). Each record is the
+The model is recipes/demo_model/train_demo_model.py's (hidden size 192, 5 layers, maximum length 128, dropout 0.1),
+trained with the package's Trainer on packed MLM examples (batch 256 x 128 tokens, AdamW, clipping). Each record is the
 median wall time of `--steps` steps after `--warmup` (the warm-up includes compiling), for a whole step and for
 its two parts: the forward and backward passes of the batch, and the clipped AdamW update.
 """
@@ -15,14 +15,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-import m2bert_hf_mlx  # noqa: F401  (before mlx.core: the CPU back end's BLAS, see m2bert_hf_mlx.cpu_blas)
 import mlx.core as mx
 import numpy as np
+from _timing import median_seconds
 
+import m2bert_hf_mlx  # noqa: F401  (before mlx.core: the CPU back end's BLAS, see m2bert_hf_mlx.cpu_blas)
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM
 from m2bert_hf_mlx.tokenization import load_tokenizer
 from m2bert_hf_mlx.training import MaskedLMData, Trainer, TrainingArguments
-from _timing import median_seconds
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes" / "demo_model"))
 from train_demo_model import BASE_PRESET, DEMO_CONFIG, MAX_LENGTH  # noqa: E402
@@ -32,8 +32,15 @@ def measure(data, batch_size, compile_, warmup, steps):
     mx.random.seed(0)
     model = M2BertForMaskedLM(M2BertConfig.from_preset(BASE_PRESET, **DEMO_CONFIG))
     with tempfile.TemporaryDirectory() as scratch:
-        args = TrainingArguments(output_dir=scratch, max_steps=10**6, batch_size=batch_size, max_length=MAX_LENGTH,
-                                 learning_rate=1e-3, warmup_steps=100, compile=compile_)
+        args = TrainingArguments(
+            output_dir=scratch,
+            max_steps=10**6,
+            batch_size=batch_size,
+            max_length=MAX_LENGTH,
+            learning_rate=1e-3,
+            warmup_steps=100,
+            compile=compile_,
+        )
         trainer = Trainer(model, args, data, log=lambda line: None)
         record = {"compile": compile_, "step_ms": median_seconds(trainer._train_step, steps, warmup=warmup) * 1000}
         batch = data.batch(np.arange(batch_size), np.random.default_rng(0), args.mlm_probability)

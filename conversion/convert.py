@@ -82,14 +82,44 @@ def convert(
     mlx_path = Path(mlx_path)
     with _Destination(hf_path, Path(os.path.abspath(mlx_path)), force, force_any_folder) as destination:
         return _convert(
-            hf_path, mlx_path, destination, config=config, preset=preset, weights=weights, tokenizer=tokenizer,
-            dtype=dtype, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size, q_skip=q_skip,
-            revision=revision, upload_repo=upload_repo, hf_endpoint=hf_endpoint, token=token,
+            hf_path,
+            mlx_path,
+            destination,
+            config=config,
+            preset=preset,
+            weights=weights,
+            tokenizer=tokenizer,
+            dtype=dtype,
+            quantize=quantize,
+            q_bits=q_bits,
+            q_group_size=q_group_size,
+            q_skip=q_skip,
+            revision=revision,
+            upload_repo=upload_repo,
+            hf_endpoint=hf_endpoint,
+            token=token,
         )
 
 
-def _convert(hf_path, mlx_path, destination, *, config, preset, weights, tokenizer, dtype, quantize, q_bits,
-             q_group_size, q_skip, revision, upload_repo, hf_endpoint, token):
+def _convert(
+    hf_path,
+    mlx_path,
+    destination,
+    *,
+    config,
+    preset,
+    weights,
+    tokenizer,
+    dtype,
+    quantize,
+    q_bits,
+    q_group_size,
+    q_skip,
+    revision,
+    upload_repo,
+    hf_endpoint,
+    token,
+):
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
     if quantize:
@@ -112,7 +142,10 @@ def _convert(hf_path, mlx_path, destination, *, config, preset, weights, tokeniz
     pooler = has_pooler(k for path in files for k in checkpoint_keys(path))
 
     tok, tokenizer_origin = resolve_tokenizer(
-        tokenizer, source_folder, model_max_length=config_obj.max_sequence_length, token=hub["token"],
+        tokenizer,
+        source_folder,
+        model_max_length=config_obj.max_sequence_length,
+        token=hub["token"],
         endpoint=hub["endpoint"],
     )
     check_tokenizer_fits(tok, config_obj)
@@ -248,7 +281,8 @@ class _Destination:
         for old in sorted(self.path.parent.glob(f".{self.path.name}.old-*")):
             logger.warning(
                 "%s holds what %s held before a --force conversion that was interrupted; move it back or remove it.",
-                old, self.path,
+                old,
+                self.path,
             )
 
     def _inspect(self):
@@ -363,7 +397,9 @@ def register(subparsers):
     parser.add_argument("--mlx-path", default=DEFAULT_MLX_PATH, help=f"output folder (default: {DEFAULT_MLX_PATH})")
     source_config = parser.add_mutually_exclusive_group()
     source_config.add_argument(
-        "--config", metavar="FILE", help="JSON config with the canonical field names, for checkpoints without config.json"
+        "--config",
+        metavar="FILE",
+        help="JSON config with the canonical field names, for checkpoints without config.json",
     )
     source_config.add_argument(
         "--preset", choices=list(PRESETS), metavar="NAME", help=f"a published configuration: {', '.join(PRESETS)}"

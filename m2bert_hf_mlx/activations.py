@@ -9,9 +9,23 @@ import mlx.nn as nn
 # erf(z)/z as a polynomial in u = z²/8 - 1 for |z| <= 4 (the power form of a degree-16 Chebyshev least-squares fit
 # in float64; beyond 4, erf is ±1 in float32). Evaluated in float32 its error is below 2e-7, as small as MLX's erf.
 _ERF_POLYNOMIAL = (
-    3.535309975e-01, -1.765761846e-01, 1.316748394e-01, -1.077128408e-01, 9.021568369e-02, -7.469362173e-02,
-    5.982504406e-02, -4.598314809e-02, 3.334546893e-02, -2.174387527e-02, 1.361992458e-02, -9.972879060e-03,
-    5.934167638e-03, -1.156541089e-03, 3.873904270e-04, -1.350484223e-03, 6.560723874e-04,
+    3.535309975e-01,
+    -1.765761846e-01,
+    1.316748394e-01,
+    -1.077128408e-01,
+    9.021568369e-02,
+    -7.469362173e-02,
+    5.982504406e-02,
+    -4.598314809e-02,
+    3.334546893e-02,
+    -2.174387527e-02,
+    1.361992458e-02,
+    -9.972879060e-03,
+    5.934167638e-03,
+    -1.156541089e-03,
+    3.873904270e-04,
+    -1.350484223e-03,
+    6.560723874e-04,
 )
 
 
@@ -42,7 +56,13 @@ _glu_polynomial = mx.compile(lambda gated, non_gated: _polynomial_gelu(gated) * 
 _glu_erf = mx.compile(lambda gated, non_gated: nn.gelu(gated) * non_gated)
 
 
-ACT2FN = {"gelu": gelu, "gelu_new": nn.gelu_approx, "gelu_pytorch_tanh": nn.gelu_approx, "relu": nn.relu, "silu": nn.silu}
+ACT2FN = {
+    "gelu": gelu,
+    "gelu_new": nn.gelu_approx,
+    "gelu_pytorch_tanh": nn.gelu_approx,
+    "relu": nn.relu,
+    "silu": nn.silu,
+}
 
 
 def l2_normalize(x):

@@ -19,7 +19,8 @@ def from_blocks(y, lead):
 
 
 class BlockdiagLinear(nn.Module):
-    """Block-diagonal linear map: weight (nblocks, out/nblocks, in/nblocks), block k maps input slice k to output slice k."""
+    """Block-diagonal linear map: weight (nblocks, out/nblocks, in/nblocks); block k maps input slice k to output
+    slice k."""
 
     def __init__(self, in_features, out_features, nblocks, bias=True):
         super().__init__()

@@ -29,7 +29,7 @@ import sys
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +142,9 @@ def _materialize(tensor, raw, byteorder):
     dtype = _numpy_dtype(storage.dtype, byteorder)
     available = len(raw) // dtype.itemsize
     if storage.offset + storage.numel > available:
-        raise _Corrupt(f"storage {storage.key} holds {available} elements but its tensors need {storage.offset + storage.numel}")
+        raise _Corrupt(
+            f"storage {storage.key} holds {available} elements but its tensors need {storage.offset + storage.numel}"
+        )
     shape, stride, offset = tensor.shape, tensor.stride, tensor.offset
     if len(shape) != len(stride):
         raise _Corrupt(f"a tensor has a shape {shape} and a stride {stride} of different lengths")
@@ -234,7 +236,7 @@ class _StandIn(type):
         raise _Refused(cls.qualname)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _stand_in(qualname):
     return _StandIn(qualname.rsplit(".", 1)[-1], (_Opaque,), {"qualname": qualname})
 
@@ -631,7 +633,9 @@ def _open_archive(path):
     if len(head) == 9 and head[8:9] == b"{":
         return _SafetensorsArchive(path)
     if head[:2] == b"\x1f\x8b":
-        raise CheckpointError(f"{path} is gzip-compressed (a Composer .tar.gz?); extract the checkpoint inside it first.")
+        raise CheckpointError(
+            f"{path} is gzip-compressed (a Composer .tar.gz?); extract the checkpoint inside it first."
+        )
     raise CheckpointError(
         f"{path} is not a checkpoint this package reads: expected safetensors or a torch.save file "
         "(pytorch_model.bin, model.bin, Composer .pt)" + (" but the file is empty" if not head else "") + "."
@@ -681,7 +685,13 @@ def _reading(path):
     except _Corrupt as e:
         raise CheckpointError(f"{path} cannot be read as a checkpoint: {e}. Download or export it again.") from e
     except (
-        zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, struct.error, OSError, KeyError, NotImplementedError,
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        EOFError,
+        struct.error,
+        OSError,
+        KeyError,
+        NotImplementedError,
         OverflowError,
     ) as e:  # NotImplementedError: zipfile's answer to a version or feature it does not read
         detail = f"{type(e).__name__}: {quote(str(e))}"

@@ -43,8 +43,12 @@ def register(subparsers):
     _add_model_arguments(embed)
     embed.add_argument("--input", metavar="FILE", help="a UTF-8 text file with one text per line ('-': standard input)")
     embed.add_argument("--output", metavar="FILE.npy", help="write the embeddings there (default: print them)")
-    embed.add_argument("--shard-size", type=_positive_int, metavar="N",
-                       help="--output is a folder of float32 .npy shards of N rows each and a manifest.json")
+    embed.add_argument(
+        "--shard-size",
+        type=_positive_int,
+        metavar="N",
+        help="--output is a folder of float32 .npy shards of N rows each and a manifest.json",
+    )
     embed.add_argument(
         "--resume", action="store_true", help="continue a sharded run in --output, skipping its finished shards"
     )
@@ -174,15 +178,25 @@ def run_embed(args):
     # Under mlx.launch every rank runs this; rank 0 alone writes and prints.
     sharded = args.shard_size is not None
     embeddings = embed_corpus(
-        model, texts, group=group, output=args.output if sharded else None, shard_size=args.shard_size,
-        resume=args.resume, batch_size=args.batch_size, normalize_embeddings=args.normalize_embeddings,
-        padding=args.padding, truncation=args.truncation, timeout=args.timeout,
+        model,
+        texts,
+        group=group,
+        output=args.output if sharded else None,
+        shard_size=args.shard_size,
+        resume=args.resume,
+        batch_size=args.batch_size,
+        normalize_embeddings=args.normalize_embeddings,
+        padding=args.padding,
+        truncation=args.truncation,
+        timeout=args.timeout,
     )
     if group.rank() != 0:
         return 0
     if sharded:
-        print(f"Wrote {len(texts)} embeddings of dimension {model.config.hidden_size} to shards in {args.output} "
-              f"(listed in {MANIFEST_FILE})")
+        print(
+            f"Wrote {len(texts)} embeddings of dimension {model.config.hidden_size} to shards in {args.output} "
+            f"(listed in {MANIFEST_FILE})"
+        )
         return 0
     embeddings = quantize_embeddings(embeddings, args.precision)
     if args.output:
@@ -251,15 +265,22 @@ def run_info(args):
         ("max sequence length", config.max_sequence_length),
         ("vocabulary", f"{config.vocab_size} embedding rows, {len(tokenizer)} tokens in the tokenizer"),
         ("pooler", pooler),
-        ("mixer", f"filter order {config.hyena_filter_order}, "
-                  f"{'bidirectional' if config.bidirectional else 'causal'}, "
-                  f"residual long conv {'on' if config.residual_long_conv else 'off'}, "
-                  f"legacy hyena_training_additions {'on' if config.hyena_training_additions else 'off'}"),
+        (
+            "mixer",
+            f"filter order {config.hyena_filter_order}, "
+            f"{'bidirectional' if config.bidirectional else 'causal'}, "
+            f"residual long conv {'on' if config.residual_long_conv else 'off'}, "
+            f"legacy hyena_training_additions {'on' if config.hyena_training_additions else 'off'}",
+        ),
         ("parameters", f"{_parameter_count(model):,}"),
         # LayerNorms are never quantized, so theirs is the float dtype of the model.
         ("dtype", DTYPE_NAMES[model.dtype]),
-        ("quantization", f"{quantization['bits']}-bit {quantization.get('mode', 'affine')}, group size "
-                         f"{quantization['group_size']}" if quantization else "none"),
+        (
+            "quantization",
+            f"{quantization['bits']}-bit {quantization.get('mode', 'affine')}, group size {quantization['group_size']}"
+            if quantization
+            else "none",
+        ),
         ("tokenizer", tokenizer_origin),
         ("folder", model.source_folder),
     ]
@@ -328,8 +349,13 @@ def _register_upload(subparsers):
 
 def run_upload(args):
     info = upload_model_folder(
-        args.path, args.upload_repo, token=args.token, endpoint=args.hf_endpoint, private=args.private,
-        revision=args.revision, commit_message=args.commit_message,
+        args.path,
+        args.upload_repo,
+        token=args.token,
+        endpoint=args.hf_endpoint,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message,
     )
     print(f"Uploaded {args.path} to {info.commit_url}")
     return 0

@@ -197,7 +197,10 @@ class M2BertConfig(PretrainedConfig):
             )
         for flag, what in _UNSUPPORTED_FLAGS.items():
             if kwargs.get(flag):
-                raise ConfigError(f"{flag}=True asks for {what}, which no published M2-BERT uses and m2bert_hf_mlx does not implement.")
+                raise ConfigError(
+                    f"{flag}=True asks for {what}, which no published M2-BERT uses and m2bert_hf_mlx does not "
+                    "implement."
+                )
         for key in REMOTE_CODE_KEYS:  # pointers at remote code, which this package replaces and never runs
             kwargs.pop(key, None)
         self.vocab_size = vocab_size
@@ -272,7 +275,15 @@ class M2BertConfig(PretrainedConfig):
                 f"Unsupported model type {quote(model_type)}: m2bert_hf_mlx loads M2-BERT checkpoints (model_type "
                 "'m2_bert', or 'bert' with the Monarch Mixer fields). Use the library made for that model type."
             )
-        rest = set(d) - {"model_type", "auto_map", "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path"}
+        rest = set(d) - {
+            "model_type",
+            "auto_map",
+            "architectures",
+            "transformers_version",
+            "torch_dtype",
+            "dtype",
+            "_name_or_path",
+        }
         if model_type == "bert" and rest and not rest.intersection(_M2_ONLY_KEYS):
             raise ConfigError(
                 "This config.json describes a plain BERT (model_type 'bert' without any Monarch Mixer field such as "
@@ -332,8 +343,11 @@ def _check_field_names(fields):
     with a "to_dict" field would otherwise break saving)."""
     for name in fields:
         attribute = inspect.getattr_static(M2BertConfig, name, None)
-        if name.startswith("__") or callable(attribute) or isinstance(attribute, (classmethod, staticmethod)) or (
-            isinstance(attribute, property) and attribute.fset is None
+        if (
+            name.startswith("__")
+            or callable(attribute)
+            or isinstance(attribute, (classmethod, staticmethod))
+            or (isinstance(attribute, property) and attribute.fset is None)
         ):
             raise ConfigError(f"The config field {quote(name)} names a method or property of the config, not a field.")
 

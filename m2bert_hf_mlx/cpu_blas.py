@@ -90,7 +90,9 @@ def preload():
         try:
             loaded = _load(choice)
         except OSError as e:
-            raise ImportError(f"{ENV}={choice!r} cannot be loaded ({e}); give the path of a CBLAS library or 'off'.") from None
+            raise ImportError(
+                f"{ENV}={choice!r} cannot be loaded ({e}); give the path of a CBLAS library or 'off'."
+            ) from None
         return
     for library in candidates():
         try:

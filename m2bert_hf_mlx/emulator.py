@@ -134,7 +134,7 @@ def launch_fn(limit_bytes):
         dtype_name = str(io_dtype).split(".")[-1]
         arrays = [_numpy_view(a) for a in inputs]
         results = []
-        for (shape, dtype), (_, kind) in zip(outputs, launch.spec.outputs):
+        for (shape, _dtype), (_, kind) in zip(outputs, launch.spec.outputs):
             np_dtype = _NUMPY_TYPES[dtype_name] if kind == "io" else np.float32
             # NaN (or all ones for bfloat16 bits, also a NaN) marks every value the kernel fails to write.
             results.append(np.full(shape, np.nan if np_dtype != np.uint16 else 0xFFFF, dtype=np_dtype))

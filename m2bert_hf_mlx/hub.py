@@ -74,21 +74,21 @@ def hub_download(repo_id, allow_patterns, hub, *, dry_run=False):
         )
     except HFValidationError:
         raise HubError(f"{quote(repo_id)} is neither a local folder or file nor a valid Hub repo id.") from None
-    except GatedRepoError as e:
+    except GatedRepoError:
         raise HubError(f"{repo_id} on {where} is gated: accept its terms on the Hub and pass token=... .") from None
-    except RepositoryNotFoundError as e:
+    except RepositoryNotFoundError:
         raise HubError(
             f"Repository {repo_id!r} was not found on {where}. Check the name, pass token=... if it is private, "
             "or give the path of a local folder."
         ) from None
-    except RevisionNotFoundError as e:
+    except RevisionNotFoundError:
         raise HubError(f"Revision {hub.get('revision')!r} does not exist in {repo_id}.") from None
-    except IncompleteSnapshotError as e:
+    except IncompleteSnapshotError:
         raise HubError(
             f"The cached copy of {repo_id} is incomplete and {where} cannot be reached; go online once to finish "
             "the download."
         ) from None
-    except LocalEntryNotFoundError as e:
+    except LocalEntryNotFoundError:
         raise HubError(
             f"{repo_id!r} is not a local folder, is not in the Hugging Face cache, and {where} cannot be reached "
             "(offline mode, local_files_only=True, or no network). Download it once online, unset HF_HUB_OFFLINE, "

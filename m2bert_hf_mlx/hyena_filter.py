@@ -65,7 +65,15 @@ class Sin(nn.Module):
 
 def _implicit_filter(emb_dim, order, d_model):
     # Indices match the canonical nn.Sequential, so keys read implicit_filter.{0,2,4,6}.*
-    return [nn.Linear(emb_dim, order), Sin(), nn.Linear(order, order), Sin(), nn.Linear(order, order), Sin(), nn.Linear(order, d_model, bias=False)]
+    return [
+        nn.Linear(emb_dim, order),
+        Sin(),
+        nn.Linear(order, order),
+        Sin(),
+        nn.Linear(order, order),
+        Sin(),
+        nn.Linear(order, d_model, bias=False),
+    ]
 
 
 @functools.cache
@@ -75,7 +83,9 @@ def max_cached_filter_bytes():
     at every length (4.8 GB at 32768); beyond that they are recomputed on each call (what that costs is measured in
     docs/benchmarks.md)."""
     info = mx.device_info()
-    memory = info.get("memory_size") or info.get("total_memory") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    memory = (
+        info.get("memory_size") or info.get("total_memory") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    )
     return memory // 256
 
 
@@ -142,7 +152,11 @@ class HyenaFilter(nn.Module):
         backend = ops.resolve_backend()
         names, weights = zip(*tree_flatten(self.parameters()))
         cache = self._filter_cache
-        if cache.key == (L, backend) and len(cache.weights) == len(weights) and all(map(operator.is_, cache.weights, weights)):
+        if (
+            cache.key == (L, backend)
+            and len(cache.weights) == len(weights)
+            and all(map(operator.is_, cache.weights, weights))
+        ):
             return cache.conv, weights
         # The filters do not depend on the input, so MLX could compute those of every layer first and hold all
         # their spectra at once (about 5 GB at L = 32768): tying them to this layer's input keeps one at a time.

@@ -11,7 +11,7 @@ beyond that, the four-step decomposition N = N1 * N2 splits it into three passes
 """
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 
 import mlx.core as mx
@@ -66,7 +66,7 @@ KERNELS = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _read_source(filename):
     return resources.files("m2bert_hf_mlx.metal").joinpath(filename).read_text()
 
@@ -312,7 +312,7 @@ def twiddles(plan_):
     return _twiddle_arrays[key]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _four_step_bins(n, n1):
     """Bin k = k1 + n1 k2 for k1 < n1, k2 <= n2 / 2, as (index into the half spectrum, whether to conjugate)."""
     n2 = n // n1
@@ -418,4 +418,3 @@ def gpu_launch(backend):
         )
 
     return launch_fn
-

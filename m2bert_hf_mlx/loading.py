@@ -128,8 +128,18 @@ def _check_overrides(where, function, overrides):
     check_keywords(where, overrides, M2BertConfig.field_names() | set(loader_arguments))
 
 
-def load_config(name_or_path, *, revision=None, cache_dir=None, local_files_only=False, token=None,
-                force_download=False, endpoint=None, subfolder="", **overrides):
+def load_config(
+    name_or_path,
+    *,
+    revision=None,
+    cache_dir=None,
+    local_files_only=False,
+    token=None,
+    force_download=False,
+    endpoint=None,
+    subfolder="",
+    **overrides,
+):
     _check_overrides("M2BertConfig.from_pretrained()", load_config, overrides)
     hub = hub_kwargs(revision, cache_dir, local_files_only, token, force_download, endpoint)
     folder = fetch_config_folder(name_or_path, hub, subfolder)
@@ -201,7 +211,8 @@ def apply_weights(model, weights, *, strict=True, source="the checkpoint"):
     if problems:
         raise WeightsMismatchError(
             f"{source} does not fit {type(model).__name__} ({model.config.num_hidden_layers} layers, hidden size "
-            f"{model.config.hidden_size}): " + " | ".join(problems)
+            f"{model.config.hidden_size}): "
+            + " | ".join(problems)
             + ". Check that the config matches the checkpoint (config= or a preset) and that the model class fits "
             "it (M2BertForMaskedLM for MLM checkpoints, M2BertModel for retrieval ones)."
             + ("" if mismatched else " strict=False loads what fits and keeps the rest initialised.")
@@ -209,7 +220,9 @@ def apply_weights(model, weights, *, strict=True, source="the checkpoint"):
     if other_heads:
         logger.warning(
             "%s has task-head weights that %s does not have; they are not loaded: %s",
-            source, type(model).__name__, _describe(other_heads),
+            source,
+            type(model).__name__,
+            _describe(other_heads),
         )
     if missing:
         logger.warning("strict=False: left at their initial values: %s", _describe(missing))
@@ -268,9 +281,23 @@ def _declared_dtype(config_dict):
     return declared if declared in DTYPES else None
 
 
-def load_model(cls, name_or_path, *, config=None, revision=None, cache_dir=None, local_files_only=False, token=None,
-               force_download=False, dtype=None, strict=True, endpoint=None, subfolder="", weights=None,
-               **config_overrides):
+def load_model(
+    cls,
+    name_or_path,
+    *,
+    config=None,
+    revision=None,
+    cache_dir=None,
+    local_files_only=False,
+    token=None,
+    force_download=False,
+    dtype=None,
+    strict=True,
+    endpoint=None,
+    subfolder="",
+    weights=None,
+    **config_overrides,
+):
     _check_overrides(f"{cls.__name__}.from_pretrained()", load_model, config_overrides)
     hub = hub_kwargs(revision, cache_dir, local_files_only, token, force_download, endpoint)
     folder = fetch_config_folder(name_or_path, hub, subfolder)

@@ -29,8 +29,9 @@ def _describe_quantization(quantization, skip):
     )
 
 
-def render_model_card(*, repo_id, architecture, config, source, base_model, revision, dtype, quantization, q_skip,
-                      tokenizer):
+def render_model_card(
+    *, repo_id, architecture, config, source, base_model, revision, dtype, quantization, q_skip, tokenizer
+):
     """The model card text. `base_model` is the source's Hub repo id, or None for a local source; `quantization` is
     the config entry (None when not quantized) and `q_skip` the groups left in float."""
     fill_mask = architecture == "M2BertForMaskedLM"

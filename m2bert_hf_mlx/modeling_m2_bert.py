@@ -5,7 +5,6 @@ its parameter names, so a checkpoint key such as `bert.encoder.layer.0.attention
 array here. Hidden states are channels-last (B, L, D) throughout; the canonical (B, D, L) transposes are not needed.
 """
 
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -451,7 +450,9 @@ def sanitize_weights(model, weights):
     for key in [k for k in out if k.endswith("embeddings.position_ids")]:
         ids = np.asarray(out.pop(key)).reshape(-1)
         if not np.array_equal(ids, np.arange(ids.size)):
-            raise WeightsMismatchError(f"{key} is not arange({ids.size}); this checkpoint's positions are not canonical.")
+            raise WeightsMismatchError(
+                f"{key} is not arange({ids.size}); this checkpoint's positions are not canonical."
+            )
 
     for key in [k for k in out if k.endswith("short_filter.weight")]:
         w = out[key]

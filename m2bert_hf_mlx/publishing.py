@@ -86,6 +86,11 @@ def push_to_hub(
     with tempfile.TemporaryDirectory(prefix="m2bert-push-") as tmp:
         write_model_folder(tmp, model, tokenizer, card)
         return upload_model_folder(
-            tmp, repo_id, token=token, endpoint=endpoint, private=private, revision=revision,
+            tmp,
+            repo_id,
+            token=token,
+            endpoint=endpoint,
+            private=private,
+            revision=revision,
             commit_message=commit_message,
         )

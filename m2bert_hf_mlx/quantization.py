@@ -108,7 +108,9 @@ def _quantize_layers(model, predicate, group_size, bits):
 def check_quantization_settings(bits, group_size, skip):
     """Raise a ValueError that says what to change for settings `quantize_model` cannot apply."""
     if bits not in SUPPORTED_BITS:
-        raise QuantizationError(f"bits={bits} is not supported by MLX affine quantization; use one of {SUPPORTED_BITS}.")
+        raise QuantizationError(
+            f"bits={bits} is not supported by MLX affine quantization; use one of {SUPPORTED_BITS}."
+        )
     if group_size not in SUPPORTED_GROUP_SIZES:
         raise QuantizationError(f"group_size={group_size} is not supported; use one of {SUPPORTED_GROUP_SIZES}.")
     unknown = set(skip) - set(SKIPPABLE_GROUPS)
@@ -150,7 +152,10 @@ def apply_quantization(model, quantization, weights):
             "not written by this package. Convert it again with `m2bert-mlx convert -q`."
         ) from e
     if quantization.get("mode", "affine") != "affine":
-        raise QuantizationError(f"Quantization mode {quantization['mode']!r} is not supported; this package writes affine.")
+        raise QuantizationError(
+            f"Quantization mode {quantization['mode']!r} is not supported; this package writes affine."
+        )
+
     def stored_quantized(path, module):
         return _group(path, module) is not None and f"{path}.scales" in weights
 

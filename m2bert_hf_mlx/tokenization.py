@@ -58,7 +58,9 @@ def load_tokenizer(
     if name_or_path is None:
         tokenizer = BertTokenizerFast(vocab=str(VOCAB_FILE))
     else:
-        folder = _tokenizer_folder(name_or_path, hub_kwargs(revision, cache_dir, local_files_only, token, False, endpoint))
+        folder = _tokenizer_folder(
+            name_or_path, hub_kwargs(revision, cache_dir, local_files_only, token, False, endpoint)
+        )
         try:
             tokenizer = BertTokenizerFast.from_pretrained(folder)
         except Exception as e:  # tokenizers reports malformed files with its own exception types
@@ -172,5 +174,7 @@ def save_tokenizer(tokenizer, folder: str | os.PathLike, *, model_max_length: in
         config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
     if [i for _, i in vocab] != list(range(len(vocab))):
-        raise TokenizerError("The tokenizer's token ids are not 0..n-1 without gaps, so it cannot be written as a vocab.txt.")
+        raise TokenizerError(
+            "The tokenizer's token ids are not 0..n-1 without gaps, so it cannot be written as a vocab.txt."
+        )
     (folder / "vocab.txt").write_text("".join(f"{token}\n" for token, _ in vocab), encoding="utf-8")

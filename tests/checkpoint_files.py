@@ -4,7 +4,6 @@ import random
 
 import numpy as np
 from conftest import load_fixture
-
 from torch_format import Build, Call, Global, NewObject
 
 
@@ -25,7 +24,9 @@ def canonical_state_dict(name):
 def numpy_array(array):
     """An ndarray spelled as numpy 1.x pickles it (Composer checkpoints of 2023 were written that way)."""
     array = np.ascontiguousarray(array)
-    dtype = Build(Call(Global("numpy", "dtype"), (array.dtype.str[1:], False, True)), (3, "<", None, None, None, -1, -1, 0))
+    dtype = Build(
+        Call(Global("numpy", "dtype"), (array.dtype.str[1:], False, True)), (3, "<", None, None, None, -1, -1, 0)
+    )
     empty = Call(Global("numpy.core.multiarray", "_reconstruct"), (Global("numpy", "ndarray"), (0,), b"b"))
     return Build(empty, (1, array.shape, dtype, False, array.tobytes()))
 
@@ -35,13 +36,21 @@ def composer_checkpoint(state_dict, *, extra_state=None):
     beside optimizer, scheduler, timestamp, metric and RNG state, plus an object of a class that is not installed."""
     weights = {f"model.{k}": v for k, v in state_dict.items()}
     first = next(iter(state_dict.values()))
-    missing_class = Build(NewObject(Global("composer.algorithms.gone", "RetiredAlgorithm")), {"applied": True, "_hparams": {"p": 0.5}})
+    missing_class = Build(
+        NewObject(Global("composer.algorithms.gone", "RetiredAlgorithm")), {"applied": True, "_hparams": {"p": 0.5}}
+    )
     rng = random.Random(0)
     state = {
         "model": weights,
         "optimizers": {
             "DecoupledAdamW": {
-                "state": {0: {"step": np.array(10.0, np.float32), "exp_avg": np.zeros_like(first), "exp_avg_sq": np.ones_like(first)}},
+                "state": {
+                    0: {
+                        "step": np.array(10.0, np.float32),
+                        "exp_avg": np.zeros_like(first),
+                        "exp_avg_sq": np.ones_like(first),
+                    }
+                },
                 "param_groups": [{"lr": 5e-4, "betas": (0.9, 0.98), "eps": 1e-6, "weight_decay": 1e-5, "params": [0]}],
             }
         },
@@ -56,7 +65,9 @@ def composer_checkpoint(state_dict, *, extra_state=None):
             "epoch_wct": Call(Global("datetime", "timedelta"), (0, 42, 0)),
         },
         "rank_zero_seed": 17,
-        "train_metrics": {"LanguageCrossEntropy": {"state_dict": {"sum_loss": np.array(1.5, np.float32)}, "_computed": None}},
+        "train_metrics": {
+            "LanguageCrossEntropy": {"state_dict": {"sum_loss": np.array(1.5, np.float32)}, "_computed": None}
+        },
         "eval_metrics": {},
         "run_name": "m2-bert-test",
         "dataset_state": {"train": None},
@@ -75,4 +86,3 @@ def composer_checkpoint(state_dict, *, extra_state=None):
             }
         ],
     }
-

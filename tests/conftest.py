@@ -1,6 +1,10 @@
+import json
 import os
 import sys
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 # The tests import the installed package: in the source tree m2bert_hf_mlx has no conversion/metal/model_cards
 # sub-packages (the install maps them in), and `python -m pytest` puts the source tree first on the path.
@@ -8,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 os.environ["PYTHONSAFEPATH"] = "1"  # likewise for the Python processes the tests start from the repository's root
 
-# Imported before anything imports mlx.core, so that MLX's CPU back end gets the optimized BLAS (m2bert_hf_mlx.cpu_blas).
+# Imported before anything imports mlx.core, so that MLX's CPU back end gets the optimized BLAS (see cpu_blas).
 import m2bert_hf_mlx  # noqa: E402, F401, I001
 
 # Where each source folder is installed, as pyproject.toml maps them.
@@ -33,10 +37,6 @@ def pytest_configure(config):
         raise pytest.UsageError(f"the installed package is older than {stale}: run `make install` (or `make test`)")
     _load_hypothesis_profile(config)
 
-import json  # noqa: E402
-
-import numpy as np
-import pytest
 
 # Golden outputs of the canonical PyTorch code (HazyResearch/m2) on tiny configurations, kept in the repository.
 FIXTURES = ROOT / "tests" / "fixtures"

@@ -329,19 +329,22 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         with self.state.lock:
             stored = self._repo(repo)
             commit = self._commit(stored, rev)
-        return self._send_json(200, {
-            "_id": hashlib.sha1(repo.encode()).hexdigest()[:24],
-            "id": repo,
-            "modelId": repo,
-            "author": stored.namespace,
-            "sha": commit.sha,
-            "lastModified": commit.date,
-            "private": stored.private,
-            "gated": False,
-            "disabled": False,
-            "tags": [],
-            "siblings": [{"rfilename": path} for path in sorted(commit.files)],
-        })
+        return self._send_json(
+            200,
+            {
+                "_id": hashlib.sha1(repo.encode()).hexdigest()[:24],
+                "id": repo,
+                "modelId": repo,
+                "author": stored.namespace,
+                "sha": commit.sha,
+                "lastModified": commit.date,
+                "private": stored.private,
+                "gated": False,
+                "disabled": False,
+                "tags": [],
+                "siblings": [{"rfilename": path} for path in sorted(commit.files)],
+            },
+        )
 
     def list_tree(self, repo, rev, path=""):
         with self.state.lock:
@@ -352,7 +355,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         for file_path in sorted(commit.files):
             if not file_path.startswith(prefix):
                 continue
-            parts = file_path[len(prefix):].split("/")
+            parts = file_path[len(prefix) :].split("/")
             for depth in range(1, len(parts) if recursive else min(len(parts), 2)):
                 folders.add(prefix + "/".join(parts[:depth]))
             if recursive or len(parts) == 1:
@@ -455,12 +458,15 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 self._apply_operation(files, line["key"], line["value"])
             commit = self.state.new_commit(stored, files, header.get("summary", ""))
             stored.branches[rev] = commit.sha
-        return self._send_json(200, {
-            "success": True,
-            "commitOid": commit.sha,
-            "commitUrl": f"{self.base_url}/{repo}/commit/{commit.sha}",
-            "pullRequestUrl": None,
-        })
+        return self._send_json(
+            200,
+            {
+                "success": True,
+                "commitOid": commit.sha,
+                "commitUrl": f"{self.base_url}/{repo}/commit/{commit.sha}",
+                "pullRequestUrl": None,
+            },
+        )
 
     def _apply_operation(self, files, key, value):
         path = value["path"]

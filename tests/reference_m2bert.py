@@ -72,8 +72,7 @@ def check_sequence_length(config, length):
     """The filters' positional tables (and the position embeddings) have a fixed number of rows."""
     if length > config["long_conv_l_max"]:
         raise ValueError(
-            f"sequence length {length} exceeds long_conv_l_max={config['long_conv_l_max']}: "
-            "truncate or split the input"
+            f"sequence length {length} exceeds long_conv_l_max={config['long_conv_l_max']}: truncate or split the input"
         )
     if config["use_positional_encodings"] and length > config["max_position_embeddings"]:
         raise ValueError(

@@ -11,20 +11,63 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "m2bert_hf_mlx"
 # The folders pyproject.toml installs as sub-packages of m2bert_hf_mlx.
-FOLDERS = {PACKAGE: ROOT / PACKAGE, f"{PACKAGE}.conversion": ROOT / "conversion", f"{PACKAGE}.metal": ROOT / "metal",
-           f"{PACKAGE}.model_cards": ROOT / "model_cards"}
+FOLDERS = {
+    PACKAGE: ROOT / PACKAGE,
+    f"{PACKAGE}.conversion": ROOT / "conversion",
+    f"{PACKAGE}.metal": ROOT / "metal",
+    f"{PACKAGE}.model_cards": ROOT / "model_cards",
+}
 HAND_OFFS = {"from_pretrained", "save_pretrained", "push_to_hub", "encode"}
 
 # Bottom to top; a module may import modules of its own layer and of the layers below it.
 LAYERS = [
     ("foundation", ["_package", "cpu_blas", "errors", "configuration_m2_bert", "metal", "model_cards"]),
-    ("layers", ["activations", "modeling_outputs", "initialization", "losses", "blockdiag_linear", "short_conv",
-                "hyena_filter", "ops", "kernels", "emulator", "similarity", "embedding_precision"]),
+    (
+        "layers",
+        [
+            "activations",
+            "modeling_outputs",
+            "initialization",
+            "losses",
+            "blockdiag_linear",
+            "short_conv",
+            "hyena_filter",
+            "ops",
+            "kernels",
+            "emulator",
+            "similarity",
+            "embedding_precision",
+        ],
+    ),
     ("model", ["modeling_utils", "modeling_m2_bert"]),
-    ("files and Hub", ["checkpoint_reader", "hub", "tokenization", "quantization", "weight_files", "loading",
-                       "model_card", "publishing"]),
-    ("applications", ["pipelines", "encode", "distributed", "training", "conversion", "commands",
-                      "retrieval_evaluation", "cli", "__main__", ""]),
+    (
+        "files and Hub",
+        [
+            "checkpoint_reader",
+            "hub",
+            "tokenization",
+            "quantization",
+            "weight_files",
+            "loading",
+            "model_card",
+            "publishing",
+        ],
+    ),
+    (
+        "applications",
+        [
+            "pipelines",
+            "encode",
+            "distributed",
+            "training",
+            "conversion",
+            "commands",
+            "retrieval_evaluation",
+            "cli",
+            "__main__",
+            "",
+        ],
+    ),
 ]
 
 
@@ -118,8 +161,13 @@ def _cycle(graph):
 
 
 def test_the_modules_are_found():
-    assert {f"{PACKAGE}.modeling_m2_bert", f"{PACKAGE}.loading", f"{PACKAGE}.conversion.convert",
-            f"{PACKAGE}.pipelines.fill_mask", f"{PACKAGE}.training.trainer"} <= set(MODULES)
+    assert {
+        f"{PACKAGE}.modeling_m2_bert",
+        f"{PACKAGE}.loading",
+        f"{PACKAGE}.conversion.convert",
+        f"{PACKAGE}.pipelines.fill_mask",
+        f"{PACKAGE}.training.trainer",
+    } <= set(MODULES)
     assert f"{PACKAGE}.loading" in {t for t, _, _ in _imports(f"{PACKAGE}.conversion.convert")}
 
 
@@ -141,8 +189,10 @@ def test_the_hand_offs_are_thin():
     for name in MODULES:
         tree = ast.parse(MODULES[name].read_text(encoding="utf-8"))
         for node in ast.walk(tree):
-            if isinstance(node, ast.FunctionDef) and node.name in HAND_OFFS and any(
-                isinstance(n, ast.ImportFrom) for n in node.body
+            if (
+                isinstance(node, ast.FunctionDef)
+                and node.name in HAND_OFFS
+                and any(isinstance(n, ast.ImportFrom) for n in node.body)
             ):
                 code = [n for n in node.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
                 assert len(code) == 2 and isinstance(code[0], ast.ImportFrom), f"{name}.{node.name}"

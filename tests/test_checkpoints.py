@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 from checkpoint_files import canonical_state_dict, composer_checkpoint
 from conftest import load_fixture
+from torch_format import BFloat16, Build, Call, Global, NewObject, save_torch_object, save_torch_state_dict
 
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, M2BertModel
 from m2bert_hf_mlx.checkpoint_reader import checkpoint_keys, load_state_dict
-from m2bert_hf_mlx.errors import CheckpointError
-from torch_format import BFloat16, Build, Call, Global, NewObject, save_torch_object, save_torch_state_dict
-from m2bert_hf_mlx.errors import WeightsMismatchError
+from m2bert_hf_mlx.errors import CheckpointError, WeightsMismatchError
 
 
 def assert_same_arrays(got, expected):
@@ -64,7 +63,10 @@ def test_torch_reads_the_writers_files(tmp_path):
     loaded = torch.load(tmp_path / "model.bin", weights_only=True)
     assert isinstance(loaded, collections.OrderedDict)
     assert loaded["bf16"].dtype == torch.bfloat16 and loaded["half"].dtype == torch.float16
-    assert_same_arrays({k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in loaded.items()}, expected_arrays(state_dict))
+    assert_same_arrays(
+        {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in loaded.items()},
+        expected_arrays(state_dict),
+    )
     # Views keep sharing one storage, with torch's strides.
     assert loaded["transposed"].stride() == (1, 6)
     assert loaded["strided"].storage_offset() == 6 and loaded["strided"].stride() == (6, 2)
@@ -92,7 +94,9 @@ def test_reader_matches_torch_load_on_files_torch_wrote(tmp_path, zip_format):
     torch.save(state_dict, path, _use_new_zipfile_serialization=zip_format)
     reference = torch.load(path, weights_only=True)
     got = load_state_dict(path)
-    assert_same_arrays(got, {k: (v.float() if v.dtype == torch.bfloat16 else v).detach().numpy() for k, v in reference.items()})
+    assert_same_arrays(
+        got, {k: (v.float() if v.dtype == torch.bfloat16 else v).detach().numpy() for k, v in reference.items()}
+    )
 
 
 def test_safetensors_with_bfloat16(tmp_path):
@@ -103,7 +107,9 @@ def test_safetensors_with_bfloat16(tmp_path):
     }
     mx.save_safetensors(str(tmp_path / "model.safetensors"), arrays, metadata={"format": "mlx"})
     got = load_state_dict(tmp_path / "model.safetensors")
-    assert_same_arrays(got, {"a": np.array(arrays["a"].astype(mx.float32)), "b": np.array(arrays["b"]), "c": np.array(arrays["c"])})
+    assert_same_arrays(
+        got, {"a": np.array(arrays["a"].astype(mx.float32)), "b": np.array(arrays["b"]), "c": np.array(arrays["c"])}
+    )
 
 
 def test_composer_checkpoint_yields_the_model_weights(tmp_path):
@@ -150,7 +156,9 @@ class _OsSystem:
         return os.system, (self.command,)
 
 
-@pytest.mark.parametrize("kind", ["zip-os.system", "plain-pickle", "eval", "nested-in-composer", "nested-torch-load", "getattr"])
+@pytest.mark.parametrize(
+    "kind", ["zip-os.system", "plain-pickle", "eval", "nested-in-composer", "nested-torch-load", "getattr"]
+)
 def test_pickles_that_ask_to_run_code_are_refused_and_nothing_runs(tmp_path, kind):
     marker = tmp_path / "pwned"
     command = f"touch {marker}"
@@ -163,8 +171,14 @@ def test_pickles_that_ask_to_run_code_are_refused_and_nothing_runs(tmp_path, kin
             "zip-os.system": (Call(Global("os", "system"), (command,)), "os.system"),
             "eval": (Call(Global("builtins", "eval"), (f"__import__('os').system('{command}')",)), "builtins.eval"),
             "nested-in-composer": (None, "subprocess.check_call"),
-            "nested-torch-load": (Call(Global("torch.storage", "_load_from_bytes"), (b"\x80\x02N.",)), "torch.storage._load_from_bytes"),
-            "getattr": (Call(Call(Global("builtins", "getattr"), (Global("os", "path"), "exists")), ("/",)), "builtins.getattr"),
+            "nested-torch-load": (
+                Call(Global("torch.storage", "_load_from_bytes"), (b"\x80\x02N.",)),
+                "torch.storage._load_from_bytes",
+            ),
+            "getattr": (
+                Call(Call(Global("builtins", "getattr"), (Global("os", "path"), "exists")), ("/",)),
+                "builtins.getattr",
+            ),
         }[kind]
         if kind == "nested-in-composer":
             _, state_dict = canonical_state_dict("retrieval")
@@ -180,8 +194,15 @@ def test_pickles_that_ask_to_run_code_are_refused_and_nothing_runs(tmp_path, kin
 
 
 def test_pickles_cannot_modify_the_readers_functions_or_classes(tmp_path, valid_bin):
-    for target in (Global("torch._utils", "_rebuild_tensor_v2"), Global("collections", "OrderedDict"), Global("x", "Y")):
-        save_torch_object({"w": np.zeros(2, np.float32), "x": Build(target, {"__call__": None, "qualname": "os.system"})}, tmp_path / "p.bin")
+    for target in (
+        Global("torch._utils", "_rebuild_tensor_v2"),
+        Global("collections", "OrderedDict"),
+        Global("x", "Y"),
+    ):
+        save_torch_object(
+            {"w": np.zeros(2, np.float32), "x": Build(target, {"__call__": None, "qualname": "os.system"})},
+            tmp_path / "p.bin",
+        )
         with pytest.raises(CheckpointError, match="cannot be read as a checkpoint"):
             load_state_dict(tmp_path / "p.bin")
     assert sorted(load_state_dict(valid_bin)) == ["b", "w"]
@@ -190,7 +211,9 @@ def test_pickles_cannot_modify_the_readers_functions_or_classes(tmp_path, valid_
 def test_objects_of_unknown_classes_are_inert_and_not_a_state_dict(tmp_path):
     whole_model = Build(NewObject(Global("src.bert_layers", "BertForMaskedLM")), {"training": False, "_modules": {}})
     save_torch_object(whole_model, tmp_path / "model.pt")
-    with pytest.raises(CheckpointError, match=r"src\.bert_layers\.BertForMaskedLM instead of a state dict.*model\.state_dict\(\)"):
+    with pytest.raises(
+        CheckpointError, match=r"src\.bert_layers\.BertForMaskedLM instead of a state dict.*model\.state_dict\(\)"
+    ):
         load_state_dict(tmp_path / "model.pt")
 
 
@@ -249,7 +272,11 @@ def test_missing_and_short_storage_records(tmp_path, valid_bin):
 def test_tensor_reaching_outside_its_storage_is_rejected(tmp_path, valid_bin):
     shape_3_4 = b"(J\x03\x00\x00\x00J\x04\x00\x00\x00t"
     shape_3_40 = b"(J\x03\x00\x00\x00J\x28\x00\x00\x00t"
-    rewrite_zip(valid_bin, tmp_path / "big.bin", lambda name, data: data.replace(shape_3_4, shape_3_40) if name.endswith("data.pkl") else data)
+    rewrite_zip(
+        valid_bin,
+        tmp_path / "big.bin",
+        lambda name, data: data.replace(shape_3_4, shape_3_40) if name.endswith("data.pkl") else data,
+    )
     with pytest.raises(CheckpointError, match=r"tensor of shape \(3, 40\) has more elements than its storage of 12"):
         load_state_dict(tmp_path / "big.bin")
 
@@ -300,7 +327,11 @@ def test_missing_file(tmp_path):
 
 def fixture_outputs(model, data):
     prefix = "input/L32/" if "input/L32/input_ids" in data.files else "input/"
-    inputs = {name: mx.array(data[prefix + name]) for name in ("input_ids", "token_type_ids", "attention_mask") if prefix + name in data.files}
+    inputs = {
+        name: mx.array(data[prefix + name])
+        for name in ("input_ids", "token_type_ids", "attention_mask")
+        if prefix + name in data.files
+    }
     return model(**inputs)
 
 
@@ -308,9 +339,17 @@ def test_from_pretrained_reads_an_hf_style_bin_folder(tmp_path):
     config, state_dict = canonical_state_dict("retrieval")
     folder = tmp_path / "m2-bert-retrieval"
     folder.mkdir()
-    config_json = {**config, "model_type": "bert", "auto_map": {"AutoModel": "bert_layers.BertModel"}, "architectures": ["BertForTextEncoding"]}
+    config_json = {
+        **config,
+        "model_type": "bert",
+        "auto_map": {"AutoModel": "bert_layers.BertModel"},
+        "architectures": ["BertForTextEncoding"],
+    }
     (folder / "config.json").write_text(json.dumps(config_json))
-    save_torch_state_dict({k: BFloat16(v) if k.endswith("pooler.dense.bias") else v for k, v in state_dict.items()}, folder / "pytorch_model.bin")
+    save_torch_state_dict(
+        {k: BFloat16(v) if k.endswith("pooler.dense.bias") else v for k, v in state_dict.items()},
+        folder / "pytorch_model.bin",
+    )
     model = M2BertModel.from_pretrained(folder)
     _, _, data = load_fixture("retrieval")
     out = fixture_outputs(model, data)
@@ -326,4 +365,6 @@ def test_from_pretrained_reads_a_composer_file_given_a_config(tmp_path):
         M2BertForMaskedLM.from_pretrained(tmp_path / "model.pt")
     model = M2BertForMaskedLM.from_pretrained(tmp_path / "model.pt", config=M2BertConfig.from_upstream_dict(config))
     _, _, data = load_fixture("mlm_hta1")
-    np.testing.assert_allclose(np.array(fixture_outputs(model, data).logits), data["expected/L32/mlm_logits"], atol=1e-4)
+    np.testing.assert_allclose(
+        np.array(fixture_outputs(model, data).logits), data["expected/L32/mlm_logits"], atol=1e-4
+    )

@@ -55,10 +55,16 @@ def test_fill_mask_prints_a_table_of_tokens_and_scores(folders, capsys):
 
 
 def test_fill_mask_several_texts_and_masks(folders, capsys):
-    code, out, _ = run(capsys, "fill-mask", "--model", folders["mlm"], "--padding", "longest", "a [MASK] b [MASK]", "c [MASK]")
+    code, out, _ = run(
+        capsys, "fill-mask", "--model", folders["mlm"], "--padding", "longest", "a [MASK] b [MASK]", "c [MASK]"
+    )
     assert code == 0
     blocks = out.split("\n\n")
-    assert [block.splitlines()[0] for block in blocks] == ["a [MASK] b [MASK]  (mask 1 of 2)", "a [MASK] b [MASK]  (mask 2 of 2)", "c [MASK]"]
+    assert [block.splitlines()[0] for block in blocks] == [
+        "a [MASK] b [MASK]  (mask 1 of 2)",
+        "a [MASK] b [MASK]  (mask 2 of 2)",
+        "c [MASK]",
+    ]
     assert all(len(block.splitlines()) == 2 + 5 for block in blocks)
     expected = pipeline("fill-mask", model=folders["mlm"])("c [MASK]", padding="longest")
     assert blocks[2].splitlines()[2].split()[0] == expected[0]["token_str"]
@@ -85,7 +91,9 @@ def test_embed_writes_npy_in_input_order(folders, encoder, capsys, tmp_path):
     lines = tmp_path / "texts.txt"
     lines.write_text("\n".join(TEXTS[:2]) + "\n", encoding="utf-8")
     output = tmp_path / "vectors.npy"
-    code, out, err = run(capsys, "embed", "--model", folders["pooler"], "--input", str(lines), "--output", str(output), TEXTS[2])
+    code, out, err = run(
+        capsys, "embed", "--model", folders["pooler"], "--input", str(lines), "--output", str(output), TEXTS[2]
+    )
     assert code == 0 and out == f"Wrote 3 embeddings of dimension 32 to {output}\n"
     saved = np.load(output)
     assert saved.dtype == np.float32
@@ -106,7 +114,18 @@ def test_embed_quantizes_with_precision(folders, encoder, capsys, tmp_path):
 
 
 def test_embed_prints_one_vector_per_line(folders, encoder, capsys):
-    code, out, _ = run(capsys, "embed", "--model", folders["pooler"], "--normalize-embeddings", "--padding", "longest", "--batch-size", "1", *TEXTS)
+    code, out, _ = run(
+        capsys,
+        "embed",
+        "--model",
+        folders["pooler"],
+        "--normalize-embeddings",
+        "--padding",
+        "longest",
+        "--batch-size",
+        "1",
+        *TEXTS,
+    )
     assert code == 0
     printed = np.loadtxt(out.splitlines())
     expected = encoder.encode(TEXTS, normalize_embeddings=True, padding="longest", batch_size=1)
@@ -175,7 +194,9 @@ def test_info(folders, capsys, tmp_path):
     assert fields["architecture"] == "M2BertModel" and fields["pooler"] == "[CLS], tanh(dense(h[:, 0]))"
     # A classifier this package saved (fine-tuned with `m2bert-mlx train`) is summarized as one.
     save_tiny_model(tmp_path / "classifier-src", "classifier")
-    M2BertForSequenceClassification.from_pretrained(tmp_path / "classifier-src").save_pretrained(tmp_path / "classifier")
+    M2BertForSequenceClassification.from_pretrained(tmp_path / "classifier-src").save_pretrained(
+        tmp_path / "classifier"
+    )
     code, out, _ = run(capsys, "info", "--model", str(tmp_path / "classifier"))
     assert code == 0 and info_fields(out)["architecture"] == "M2BertForSequenceClassification"
     code, _, err = run(capsys, "info", "--model", str(tmp_path / "nothing"))
@@ -187,7 +208,8 @@ def test_python_dash_m_end_to_end(folders):
     text = "x [MASK] y" + " word" * MAX_LENGTH
     ok = subprocess.run(
         [sys.executable, "-m", "m2bert_hf_mlx", "fill-mask", "--model", folders["mlm"], "--top-k", "2", text],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     lines = ok.stdout.splitlines()
     assert ok.returncode == 0
@@ -195,7 +217,9 @@ def test_python_dash_m_end_to_end(folders):
     # The truncation warning reaches the terminal as one plain line.
     assert ok.stderr.count("\n") == 1 and ok.stderr.startswith("The input has") and "truncated" in ok.stderr
     failed = subprocess.run(
-        [sys.executable, "-m", "m2bert_hf_mlx", "fill-mask", "--model", folders["mlm"], "x y"], capture_output=True, text=True
+        [sys.executable, "-m", "m2bert_hf_mlx", "fill-mask", "--model", folders["mlm"], "x y"],
+        capture_output=True,
+        text=True,
     )
     assert failed.returncode == 1 and "Traceback" not in failed.stderr
     assert failed.stderr.startswith("m2bert-mlx fill-mask: error: No mask_token ([MASK])")

@@ -10,13 +10,13 @@ import pytest
 import yaml
 from checkpoint_files import canonical_state_dict, composer_checkpoint
 from conftest import load_fixture
-from huggingface_hub import HfApi, constants
 from hub_server import USER, WRITE_TOKEN, HubServer
+from huggingface_hub import HfApi, constants
+from torch_format import BFloat16, save_torch_object, save_torch_state_dict
 
 from m2bert_hf_mlx import M2BertForMaskedLM, M2BertModel
 from m2bert_hf_mlx.cli import main
 from m2bert_hf_mlx.conversion.convert import convert
-from torch_format import BFloat16, save_torch_object, save_torch_state_dict
 from m2bert_hf_mlx.tokenization import VOCAB_SHA256, load_tokenizer
 
 # The fixtures' vocabulary has 120 entries, so the tokenizer that goes with them has 120 tokens too.
@@ -34,15 +34,26 @@ def hf_retrieval_folder(path, *, bf16_keys=()):
     """A folder laid out like togethercomputer/m2-bert-80M-*-retrieval: remote-code config.json, pytorch_model.bin."""
     config, state_dict = canonical_state_dict("retrieval")
     write_vocab(path)
-    config = {**config, "model_type": "bert", "auto_map": {"AutoModel": "bert_layers.BertModel"}, "architectures": ["BertForTextEncoding"]}
+    config = {
+        **config,
+        "model_type": "bert",
+        "auto_map": {"AutoModel": "bert_layers.BertModel"},
+        "architectures": ["BertForTextEncoding"],
+    }
     (path / "config.json").write_text(json.dumps(config))
-    save_torch_state_dict({k: BFloat16(v) if k in bf16_keys else v for k, v in state_dict.items()}, path / "pytorch_model.bin")
+    save_torch_state_dict(
+        {k: BFloat16(v) if k in bf16_keys else v for k, v in state_dict.items()}, path / "pytorch_model.bin"
+    )
     return path
 
 
 def fixture_inputs(data):
     prefix = "input/L32/" if "input/L32/input_ids" in data.files else "input/"
-    return {name: mx.array(data[prefix + name]) for name in ("input_ids", "token_type_ids", "attention_mask") if prefix + name in data.files}
+    return {
+        name: mx.array(data[prefix + name])
+        for name in ("input_ids", "token_type_ids", "attention_mask")
+        if prefix + name in data.files
+    }
 
 
 def card_metadata(folder):
@@ -64,14 +75,22 @@ def test_hf_folder_becomes_the_mlx_folder_contract(tmp_path, capsys):
     assert code == 0, output
 
     assert {p.name for p in out.iterdir()} == {
-        "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
-        "vocab.txt", "README.md",
+        "config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+        "README.md",
     }
     config_text = (out / "config.json").read_text()
     config = json.loads(config_text)
     assert config["model_type"] == "m2_bert" and config["architectures"] == ["M2BertModel"] and "auto_map" not in config
     assert list(config) == sorted(config)
-    assert mx.load(str(out / "model.safetensors")) and json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert (
+        mx.load(str(out / "model.safetensors"))
+        and json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    )
     tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
     assert tokenizer_config["tokenizer_class"] == "BertTokenizer" and tokenizer_config["model_max_length"] == 32
     assert (out / "vocab.txt").read_text().splitlines() == VOCAB
@@ -106,27 +125,41 @@ def test_composer_file_needs_a_config_and_converts_with_one(tmp_path, capsys):
     assert card_metadata(tmp_path / "out")[0]["pipeline_tag"] == "fill-mask"
     model = M2BertForMaskedLM.from_pretrained(tmp_path / "out")
     _, _, data = load_fixture("mlm_hta1")
-    np.testing.assert_allclose(np.array(model(**fixture_inputs(data)).logits), data["expected/L32/mlm_logits"], atol=1e-4)
+    np.testing.assert_allclose(
+        np.array(model(**fixture_inputs(data)).logits), data["expected/L32/mlm_logits"], atol=1e-4
+    )
 
 
 def test_composer_retrieval_file_keeps_its_pooler(tmp_path, capsys):
     config, state_dict = canonical_state_dict("retrieval")
     save_torch_object(composer_checkpoint(state_dict), tmp_path / "model.pt")
     (tmp_path / "config.json").write_text(json.dumps(config))
-    argv = ["--hf-path", tmp_path / "model.pt", "--mlx-path", tmp_path / "out", "--config", tmp_path / "config.json",
-            "--tokenizer", write_vocab(tmp_path / "tokenizer")]
+    argv = [
+        "--hf-path",
+        tmp_path / "model.pt",
+        "--mlx-path",
+        tmp_path / "out",
+        "--config",
+        tmp_path / "config.json",
+        "--tokenizer",
+        write_vocab(tmp_path / "tokenizer"),
+    ]
     code, output = run(argv, capsys)
     assert code == 0, output
     model = M2BertModel.from_pretrained(tmp_path / "out")
     _, _, data = load_fixture("retrieval")
-    np.testing.assert_allclose(np.array(model(**fixture_inputs(data)).pooler_output), data["expected/pooled_output"], atol=1e-4)
+    np.testing.assert_allclose(
+        np.array(model(**fixture_inputs(data)).pooler_output), data["expected/pooled_output"], atol=1e-4
+    )
 
 
 def test_without_tokenizer_files_the_shipped_bert_base_uncased_goes_along(tmp_path, capsys):
     config, state_dict = canonical_state_dict("retrieval")
     words = state_dict["bert.embeddings.word_embeddings.weight"]
     # The published vocabulary size, so that bert-base-uncased's 30522 tokens fit.
-    state_dict["bert.embeddings.word_embeddings.weight"] = np.concatenate([words, np.zeros((30528 - 120, 64), np.float32)])
+    state_dict["bert.embeddings.word_embeddings.weight"] = np.concatenate(
+        [words, np.zeros((30528 - 120, 64), np.float32)]
+    )
     source = tmp_path / "src"
     source.mkdir()
     (source / "config.json").write_text(json.dumps({**config, "vocab_size": 30528}))
@@ -134,7 +167,10 @@ def test_without_tokenizer_files_the_shipped_bert_base_uncased_goes_along(tmp_pa
     code, output = run(["--hf-path", source, "--mlx-path", tmp_path / "out"], capsys)
     assert code == 0, output
     assert hashlib.sha256((tmp_path / "out" / "vocab.txt").read_bytes()).hexdigest() == VOCAB_SHA256
-    assert "| tokenizer | bert-base-uncased (the vocab.txt shipped with m2bert-hf-mlx) |" in card_metadata(tmp_path / "out")[1]
+    assert (
+        "| tokenizer | bert-base-uncased (the vocab.txt shipped with m2bert-hf-mlx) |"
+        in card_metadata(tmp_path / "out")[1]
+    )
     assert load_tokenizer(tmp_path / "out")("Hello world")["input_ids"] == [101, 7592, 2088, 102]
 
     code, output = run(["--hf-path", source, "--mlx-path", tmp_path / "other", "--preset", "m2-bert-80m"], capsys)
@@ -151,7 +187,10 @@ def test_safetensors_export_without_the_shared_tensors(tmp_path, capsys):
     }
     source = write_vocab(tmp_path / "src")
     (source / "config.json").write_text(json.dumps({**config, "architectures": ["BertForMaskedLM"]}))
-    mx.save_safetensors(str(source / "model.safetensors"), {k: v.astype(mx.bfloat16) if v.dtype == mx.float32 else v for k, v in kept.items()})
+    mx.save_safetensors(
+        str(source / "model.safetensors"),
+        {k: v.astype(mx.bfloat16) if v.dtype == mx.float32 else v for k, v in kept.items()},
+    )
     code, output = run(["--hf-path", source, "--mlx-path", tmp_path / "out", "--dtype", "float32"], capsys)
     assert code == 0, output
     model = M2BertForMaskedLM.from_pretrained(tmp_path / "out")
@@ -193,7 +232,22 @@ def test_output_folder_is_replaced_only_with_force_and_failures_leave_nothing(tm
 
 def test_quantized_conversion_loads_quantized(tmp_path, capsys):
     source = hf_retrieval_folder(tmp_path / "src")
-    code, output = run(["--hf-path", source, "--mlx-path", tmp_path / "out", "-q", "--q-bits", "8", "--q-group-size", "32", "--q-skip", "heads"], capsys)
+    code, output = run(
+        [
+            "--hf-path",
+            source,
+            "--mlx-path",
+            tmp_path / "out",
+            "-q",
+            "--q-bits",
+            "8",
+            "--q-group-size",
+            "32",
+            "--q-skip",
+            "heads",
+        ],
+        capsys,
+    )
     assert code == 0, output
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["quantization"] == config["quantization_config"] == {"group_size": 32, "bits": 8, "mode": "affine"}
@@ -268,7 +322,18 @@ def test_hub_repo_to_uploaded_mlx_repo(hub, tmp_path, capsys):
     api.create_repo(source_repo)
     commit = api.upload_folder(repo_id=source_repo, folder_path=hf_retrieval_folder(tmp_path / "src")).oid
 
-    argv = ["--hf-path", source_repo, "--mlx-path", tmp_path / "out", "--hf-endpoint", hub.url, "--upload-repo", target_repo, "--token", WRITE_TOKEN]
+    argv = [
+        "--hf-path",
+        source_repo,
+        "--mlx-path",
+        tmp_path / "out",
+        "--hf-endpoint",
+        hub.url,
+        "--upload-repo",
+        target_repo,
+        "--token",
+        WRITE_TOKEN,
+    ]
     code, output = run(argv, capsys)
     assert code == 0, output
     assert WRITE_TOKEN not in output
@@ -283,8 +348,12 @@ def test_hub_repo_to_uploaded_mlx_repo(hub, tmp_path, capsys):
 
     model = M2BertModel.from_pretrained(target_repo, endpoint=hub.url, cache_dir=tmp_path / "pull")
     _, _, data = load_fixture("retrieval")
-    np.testing.assert_allclose(np.array(model(**fixture_inputs(data)).pooler_output), data["expected/pooled_output"], atol=1e-4)
-    assert load_tokenizer(target_repo, endpoint=hub.url, cache_dir=tmp_path / "pull").convert_ids_to_tokens(5) == "paris"
+    np.testing.assert_allclose(
+        np.array(model(**fixture_inputs(data)).pooler_output), data["expected/pooled_output"], atol=1e-4
+    )
+    assert (
+        load_tokenizer(target_repo, endpoint=hub.url, cache_dir=tmp_path / "pull").convert_ids_to_tokens(5) == "paris"
+    )
 
 
 def test_composer_repo_without_config(hub, tmp_path, capsys):
@@ -311,7 +380,9 @@ def test_composer_repo_without_config(hub, tmp_path, capsys):
     assert meta["base_model"] == repo_id and meta["pipeline_tag"] == "fill-mask"
     model = M2BertForMaskedLM.from_pretrained(tmp_path / "out")
     _, _, data = load_fixture("mlm_hta1")
-    np.testing.assert_allclose(np.array(model(**fixture_inputs(data)).logits), data["expected/L32/mlm_logits"], atol=1e-4)
+    np.testing.assert_allclose(
+        np.array(model(**fixture_inputs(data)).logits), data["expected/L32/mlm_logits"], atol=1e-4
+    )
 
 
 def test_unsupported_repo_fails_before_the_weights_are_fetched(hub, tmp_path, capsys):
@@ -329,7 +400,16 @@ def test_unsupported_repo_fails_before_the_weights_are_fetched(hub, tmp_path, ca
 
 
 def test_failed_upload_keeps_the_folder_and_says_how_to_retry(hub, tmp_path, capsys):
-    argv = ["--hf-path", hf_retrieval_folder(tmp_path / "src"), "--mlx-path", tmp_path / "out", "--hf-endpoint", hub.url, "--upload-repo", f"{USER}/x"]
+    argv = [
+        "--hf-path",
+        hf_retrieval_folder(tmp_path / "src"),
+        "--mlx-path",
+        tmp_path / "out",
+        "--hf-endpoint",
+        hub.url,
+        "--upload-repo",
+        f"{USER}/x",
+    ]
     code, output = run(argv, capsys)
     assert code == 1 and "was written, but the upload failed: No Hugging Face token found" in output
     assert f"m2bert-mlx upload --path {tmp_path / 'out'} --upload-repo {USER}/x" in output

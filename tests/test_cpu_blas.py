@@ -46,14 +46,18 @@ PROBE = textwrap.dedent(
 
 
 def run_python(code, **env):
-    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.fixture(scope="module")
 def fake_cblas(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cblas")
     (folder / "fake.c").write_text(FAKE_CBLAS)
-    subprocess.run(["gcc", "-O1", "-shared", "-fPIC", "-o", str(folder / "libfake.so"), str(folder / "fake.c")], check=True)
+    subprocess.run(
+        ["gcc", "-O1", "-shared", "-fPIC", "-o", str(folder / "libfake.so"), str(folder / "fake.c")], check=True
+    )
     return str(folder / "libfake.so")
 
 
@@ -104,7 +108,10 @@ def test_without_an_optimized_cblas_one_warning_says_how_to_fix_it():
 
     result = subprocess.run(
         [sys.executable, "-c", WITHOUT_ANY_CBLAS, m2bert_hf_mlx.cpu_blas.__file__],
-        env={**os.environ, "M2BERT_BLAS": "auto"}, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "M2BERT_BLAS": "auto"},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("None\nSlowCPUWarning: No optimized CBLAS library was found")

@@ -15,8 +15,8 @@ from safetensors.numpy import save_file
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, M2BertModel
 from m2bert_hf_mlx.configuration_m2_bert import validate_config
 from m2bert_hf_mlx.errors import CheckpointError, ConfigError, InputError, TokenizerError, WeightsMismatchError
-from m2bert_hf_mlx.weight_files import local_weight_files
 from m2bert_hf_mlx.tokenization import check_tokenizer_fits, load_tokenizer
+from m2bert_hf_mlx.weight_files import local_weight_files
 
 TINY = dict(M2BertConfig.from_preset("tiny").to_dict(), vocab_size=120)
 

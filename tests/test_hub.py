@@ -9,14 +9,14 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from huggingface_hub import CommitOperationAdd, HfApi, constants, hf_hub_download
 from hub_server import READ_TOKEN, USER, WRITE_TOKEN, HubServer
+from huggingface_hub import CommitOperationAdd, HfApi, constants, hf_hub_download
 from transformers import BertTokenizer
 
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM
 from m2bert_hf_mlx.cli import main
-from m2bert_hf_mlx.hub import upload_model_folder
 from m2bert_hf_mlx.errors import HubError
+from m2bert_hf_mlx.hub import upload_model_folder
 
 INPUT_IDS = [[101, 2023, 103, 2003, 1037, 3231, 102, 0]]
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world"]
@@ -91,8 +91,15 @@ def test_push_pull_round_trip_then_offline(hub, tmp_path):
     info = model.push_to_hub(repo_id, tokenizer=tokenizer, token=WRITE_TOKEN, endpoint=hub.url, commit_message="tiny")
 
     files = hub.files(repo_id)
-    assert {"config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
-            "vocab.txt", "README.md"} <= set(files)
+    assert {
+        "config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+        "README.md",
+    } <= set(files)
     card = files["README.md"].content.decode()
     assert "library_name: mlx" in card and "pipeline_tag: fill-mask" in card and repo_id in card
     assert {r.status for r in hub.requests("POST", "/api/validate-yaml")} == {200}
@@ -216,8 +223,20 @@ def test_upload_command_end_to_end(hub, tmp_path, monkeypatch, capsys):
     (tmp_path / "model" / "README.md").write_text("---\nlibrary_name: mlx\ntags: [mlx, m2-bert]\n---\n# Tiny\n")
     monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
 
-    argv = ["upload", "--path", str(tmp_path / "model"), "--upload-repo", repo_id, "--hf-endpoint", hub.url,
-            "--private", "--revision", "dev", "--commit-message", "from the command line"]
+    argv = [
+        "upload",
+        "--path",
+        str(tmp_path / "model"),
+        "--upload-repo",
+        repo_id,
+        "--hf-endpoint",
+        hub.url,
+        "--private",
+        "--revision",
+        "dev",
+        "--commit-message",
+        "from the command line",
+    ]
     assert main(argv) == 0
 
     commit = hub.state.repos[repo_id].branches["dev"]

@@ -8,8 +8,7 @@ from mlx.utils import tree_flatten
 from safetensors.numpy import save_file
 
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, M2BertForSequenceClassification, M2BertModel
-from m2bert_hf_mlx.errors import CheckpointError
-from m2bert_hf_mlx.errors import HubError, WeightsMismatchError
+from m2bert_hf_mlx.errors import CheckpointError, HubError, WeightsMismatchError
 
 TOL = 2e-5
 
@@ -156,9 +155,9 @@ def test_inconsistent_shared_tensors_are_refused():
     model = M2BertForMaskedLM(M2BertConfig.from_upstream_dict(config))
     weights = {k: mx.array(v) for k, v in params.items()}
     bad = dict(weights)
-    bad["bert.encoder.layer.0.attention.filter_fn.implicit_filter_rev.3.freq"] = bad[
-        "bert.encoder.layer.0.attention.filter_fn.implicit_filter_rev.3.freq"
-    ] + 1
+    bad["bert.encoder.layer.0.attention.filter_fn.implicit_filter_rev.3.freq"] = (
+        bad["bert.encoder.layer.0.attention.filter_fn.implicit_filter_rev.3.freq"] + 1
+    )
     with pytest.raises(WeightsMismatchError, match="shares one Sin.freq"):
         model.sanitize(bad)
     bad = dict(weights)
@@ -180,7 +179,9 @@ def test_a_composer_folder_needs_a_config(tmp_path):
     (tmp_path.parent / "fixture_config.json").write_text(json.dumps(config))
     model = M2BertForMaskedLM.from_pretrained(tmp_path, config=str(tmp_path.parent / "fixture_config.json"))
     assert rel_err(mlm_logits(model, data), data["expected/L32/mlm_logits"]) <= TOL
-    model = M2BertForMaskedLM.from_pretrained(tmp_path / "model.safetensors", config=M2BertConfig.from_upstream_dict(config))
+    model = M2BertForMaskedLM.from_pretrained(
+        tmp_path / "model.safetensors", config=M2BertConfig.from_upstream_dict(config)
+    )
     assert rel_err(mlm_logits(model, data), data["expected/L32/mlm_logits"]) <= TOL
 
 

@@ -200,8 +200,14 @@ def test_spectrum_alone_gives_the_output_and_the_gradients_in_u_and_skip(backend
     with pytest.raises(ValueError, match="only with a spectrum"):
         ops.long_conv(u, None, None, skip, backend=backend)
     with pytest.raises(ValueError, match="3 channels but the filters have 2"):
-        ops.long_conv(u, None, None, skip[:2], backend=backend, spectrum=ops.filter_spectrum(
-            k_fwd[:2], k_rev[:2], skip[:2], 45, backend=backend))
+        ops.long_conv(
+            u,
+            None,
+            None,
+            skip[:2],
+            backend=backend,
+            spectrum=ops.filter_spectrum(k_fwd[:2], k_rev[:2], skip[:2], 45, backend=backend),
+        )
 
 
 def test_spectrum_for_another_length_or_backend_is_refused():

@@ -41,7 +41,9 @@ def test_fixture_parity(fixture_name):
         )
         if isinstance(model, M2BertForMaskedLM):
             assert rel_err(out.logits, data[exp + "mlm_logits"]) <= TOL
-            hidden = model.bert(mx.array(data[inp + "input_ids"]), None if token_types is None else mx.array(token_types))
+            hidden = model.bert(
+                mx.array(data[inp + "input_ids"]), None if token_types is None else mx.array(token_types)
+            )
             assert rel_err(hidden.last_hidden_state, data[exp + "sequence_output"]) <= TOL
         else:
             assert rel_err(out.last_hidden_state, data[exp + "sequence_output"]) <= TOL

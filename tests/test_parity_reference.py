@@ -23,8 +23,16 @@ VARIANTS = {
     "dense-mlp": dict(use_monarch_mlp=False),
     "no-positions": dict(use_positional_encodings=False),
     "w_mod": dict(hyena_w_mod=2, hyena_emb_dim=7),
-    "long": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, hyena_filter_order=8,
-                 long_conv_l_max=2048, max_position_embeddings=2048, batch_size=1, seq_len=2048),
+    "long": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        hyena_filter_order=8,
+        long_conv_l_max=2048,
+        max_position_embeddings=2048,
+        batch_size=1,
+        seq_len=2048,
+    ),
 }
 
 

@@ -165,8 +165,14 @@ def transformers_pipelines(fill_mask):
 
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=REAL_VOCAB, hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8,
-        max_position_embeddings=64, num_labels=len(LABELS), id2label=LABELS,
+        vocab_size=REAL_VOCAB,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        intermediate_size=8,
+        max_position_embeddings=64,
+        num_labels=len(LABELS),
+        id2label=LABELS,
     )
     tokenizer = fill_mask.tokenizer
     return {
@@ -174,7 +180,9 @@ def transformers_pipelines(fill_mask):
         "text-classification": transformers.pipeline(
             "text-classification", model=BertForSequenceClassification(config).eval(), tokenizer=tokenizer
         ),
-        "feature-extraction": transformers.pipeline("feature-extraction", model=BertModel(config).eval(), tokenizer=tokenizer),
+        "feature-extraction": transformers.pipeline(
+            "feature-extraction", model=BertModel(config).eval(), tokenizer=tokenizer
+        ),
     }
 
 
@@ -241,12 +249,16 @@ def test_encode_is_the_reference_pooled_output(folders, encoder):
     tokenizer = pipeline("sentence-embedding", model=encoder).tokenizer
     expected = reference_pooled(folders, tokenizer, TEXTS, MAX_LENGTH)
     embeddings = encoder.encode(TEXTS)
-    assert isinstance(embeddings, np.ndarray) and embeddings.shape == (len(TEXTS), 32) and embeddings.dtype == np.float32
+    assert (
+        isinstance(embeddings, np.ndarray) and embeddings.shape == (len(TEXTS), 32) and embeddings.dtype == np.float32
+    )
     np.testing.assert_allclose(embeddings, expected, rtol=RTOL, atol=1e-6)
 
     normalized = encoder.encode(TEXTS, normalize_embeddings=True)
     np.testing.assert_allclose(np.linalg.norm(normalized, axis=1), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(normalized, expected / np.linalg.norm(expected, axis=1, keepdims=True), rtol=RTOL, atol=1e-6)
+    np.testing.assert_allclose(
+        normalized, expected / np.linalg.norm(expected, axis=1, keepdims=True), rtol=RTOL, atol=1e-6
+    )
 
     single = encoder.encode(TEXTS[0])
     assert single.shape == (32,)
@@ -364,7 +376,9 @@ def test_sentence_embedding_pipeline_gives_the_encode_vectors(folders, encoder):
     tensor = embed(TEXTS, return_tensors=True)
     assert isinstance(tensor, mx.array) and tensor.shape == (len(TEXTS), 32)
     # A classification checkpoint's encoder has the pooler too.
-    from_classifier = pipeline("sentence-embedding", model=pipeline("text-classification", model=folders["classifier"][0]).model)
+    from_classifier = pipeline(
+        "sentence-embedding", model=pipeline("text-classification", model=folders["classifier"][0]).model
+    )
     assert len(from_classifier("a text")) == 32
 
 
@@ -399,7 +413,9 @@ def test_text_classification_scores_are_the_reference(folders):
         probs = softmax(logits)
         assert scores == pytest.approx({LABELS[i]: p for i, p in enumerate(probs)}, rel=RTOL)
         raw = classifier(inputs, top_k=None, function_to_apply="none")
-        assert {d["label"]: d["score"] for d in raw} == pytest.approx({LABELS[i]: v for i, v in enumerate(logits)}, rel=RTOL, abs=1e-6)
+        assert {d["label"]: d["score"] for d in raw} == pytest.approx(
+            {LABELS[i]: v for i, v in enumerate(logits)}, rel=RTOL, abs=1e-6
+        )
         best = classifier([inputs])[0]
         assert best == {"label": LABELS[int(np.argmax(logits))], "score": pytest.approx(probs.max(), rel=RTOL)}
         sigmoid = classifier(inputs, top_k=1, function_to_apply="SIGMOID")[0]

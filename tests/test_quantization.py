@@ -48,8 +48,12 @@ def test_what_is_quantized_and_what_stays_float():
     assert isinstance(embeddings.word_embeddings, nn.QuantizedEmbedding)
     assert isinstance(embeddings.token_type_embeddings, nn.QuantizedEmbedding)
     assert type(embeddings.position_embeddings) is nn.Embedding  # the model slices its table
-    assert isinstance(layer.attention.in_linear, nn.QuantizedLinear) and isinstance(layer.attention.out_linear, nn.QuantizedLinear)
-    assert isinstance(layer.mlp.gated_layers, QuantizedBlockdiagLinear) and isinstance(layer.mlp.wo, QuantizedBlockdiagLinear)
+    assert isinstance(layer.attention.in_linear, nn.QuantizedLinear) and isinstance(
+        layer.attention.out_linear, nn.QuantizedLinear
+    )
+    assert isinstance(layer.mlp.gated_layers, QuantizedBlockdiagLinear) and isinstance(
+        layer.mlp.wo, QuantizedBlockdiagLinear
+    )
     assert all(type(m) is nn.Linear for m in layer.attention.filter_fn.implicit_filter if isinstance(m, nn.Linear))
     assert isinstance(model.cls.predictions.transform.dense, nn.QuantizedLinear)
 
@@ -90,12 +94,21 @@ def test_quantized_folder_loads_with_from_pretrained(tmp_path):
         expected = model(ids)
         model.save_pretrained(tmp_path / cls.__name__)
         config = json.loads((tmp_path / cls.__name__ / "config.json").read_text())
-        assert config["quantization"] == config["quantization_config"] == {"group_size": 64, "bits": 4, "mode": "affine"}
+        assert (
+            config["quantization"] == config["quantization_config"] == {"group_size": 64, "bits": 4, "mode": "affine"}
+        )
         loaded = cls.from_pretrained(tmp_path / cls.__name__)
         got = loaded(ids)
-        for name in expected.keys():
+        for name in expected:
             np.testing.assert_array_equal(np.array(got[name]), np.array(expected[name]))
-        assert type(loaded.bert.embeddings.word_embeddings if cls is M2BertForMaskedLM else loaded.embeddings.word_embeddings) is nn.QuantizedEmbedding
+        assert (
+            type(
+                loaded.bert.embeddings.word_embeddings
+                if cls is M2BertForMaskedLM
+                else loaded.embeddings.word_embeddings
+            )
+            is nn.QuantizedEmbedding
+        )
 
 
 def test_invalid_settings_are_explained():

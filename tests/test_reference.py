@@ -124,8 +124,9 @@ def test_random_state_dict_buffers_and_tied_copies_are_canonical(fixture_name):
         # torch.linspace rounds within one float32 ulp of the exact values.
         for buffer in ("pos_emb.t", "modulation.deltas"):
             np.testing.assert_allclose(state[hyena + buffer], params[hyena + buffer], rtol=2.4e-7, atol=0)
-        freqs = [state[f"{hyena}{mlp}.{i}.freq"] for mlp in ("implicit_filter", "implicit_filter_rev")
-                 for i in (1, 3, 5)]
+        freqs = [
+            state[f"{hyena}{mlp}.{i}.freq"] for mlp in ("implicit_filter", "implicit_filter_rev") for i in (1, 3, 5)
+        ]
         assert all(np.array_equal(f, freqs[0]) for f in freqs)
         # z is trained from the positional features: close to them (as the fixture's is) but not equal.
         assert 0 < np.abs(state[hyena + "pos_emb.z"][0] - features).max() < 0.1

@@ -52,8 +52,15 @@ def new_model(cls=M2BertForMaskedLM, seed=0, **overrides):
 
 
 def arguments(tmp_path, **overrides):
-    values = dict(output_dir=str(tmp_path), max_steps=6, batch_size=4, max_length=MAX_LENGTH, learning_rate=3e-3,
-                  logging_steps=1, seed=0)
+    values = dict(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        batch_size=4,
+        max_length=MAX_LENGTH,
+        learning_rate=3e-3,
+        logging_steps=1,
+        seed=0,
+    )
     return TrainingArguments(**{**values, **overrides})
 
 
@@ -90,11 +97,15 @@ def test_packing_fills_examples_with_consecutive_lines(tokenizer):
     cls, sep, pad = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
     # LINES[0] and LINES[1] (11 and 10 tokens) fill 24 exactly; the long line is cut and fills one alone.
     assert [len(piece) for piece in pieces] == [11, 10, 2, 40, 9]
-    expected = [[cls, *pieces[0], sep, *pieces[1], sep], [cls, *pieces[2], sep],
-                [cls, *pieces[3][: MAX_LENGTH - 2], sep], [cls, *pieces[4], sep]]
+    expected = [
+        [cls, *pieces[0], sep, *pieces[1], sep],
+        [cls, *pieces[2], sep],
+        [cls, *pieces[3][: MAX_LENGTH - 2], sep],
+        [cls, *pieces[4], sep],
+    ]
     assert data.encoded["input_ids"].shape == (len(expected), MAX_LENGTH)
     for row, ids in zip(data.encoded["input_ids"], expected):
-        assert row[: len(ids)].tolist() == ids and (row[len(ids):] == pad).all()
+        assert row[: len(ids)].tolist() == ids and (row[len(ids) :] == pad).all()
     np.testing.assert_array_equal(data.encoded["attention_mask"], data.encoded["input_ids"] != pad)
     batch = data.batch(np.arange(len(data)), np.random.default_rng(0), 0.5)
     real = np.array(batch["weights"]) == 1
@@ -135,9 +146,25 @@ def test_whole_model_gradients_match_finite_differences(tokenizer):
 
     grads = dict(tree_flatten(mx.grad(lambda p: loss_at(dict(tree_flatten(p))))(model.trainable_parameters())))
     assert set(grads) == set(params)
-    families = ["word_embeddings", "token_type_embeddings", "position_embeddings", "LayerNorm", "mlp.layernorm", "in_linear", "short_filter", "implicit_filter.",
-                "implicit_filter_rev", ".freq", "pos_emb.z", "filter_fn.bias", "filter_fn2", "gated_layers", "wo.",
-                "out_linear", "cls.predictions"]
+    families = [
+        "word_embeddings",
+        "token_type_embeddings",
+        "position_embeddings",
+        "LayerNorm",
+        "mlp.layernorm",
+        "in_linear",
+        "short_filter",
+        "implicit_filter.",
+        "implicit_filter_rev",
+        ".freq",
+        "pos_emb.z",
+        "filter_fn.bias",
+        "filter_fn2",
+        "gated_layers",
+        "wo.",
+        "out_linear",
+        "cls.predictions",
+    ]
     rng = np.random.default_rng(3)
     for family in families:
         keys = [k for k in params if family in k]
@@ -145,7 +172,9 @@ def test_whole_model_gradients_match_finite_differences(tokenizer):
         # Along the gradient plus as much noise: a derivative large enough to compare relatively, in no special
         # direction.
         rms = np.sqrt(sum((grads[k] ** 2).sum().item() for k in keys) / sum(params[k].size for k in keys))
-        direction = {k: grads[k] + rms * mx.array(rng.standard_normal(params[k].shape).astype(np.float32)) for k in keys}
+        direction = {
+            k: grads[k] + rms * mx.array(rng.standard_normal(params[k].shape).astype(np.float32)) for k in keys
+        }
         norm = np.sqrt(sum((d * d).sum().item() for d in direction.values()))
         direction = {k: d / norm for k, d in direction.items()}
         analytic = sum((grads[k] * direction[k]).sum().item() for k in keys)
@@ -178,7 +207,9 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, tokenizer):
     resumed_dir.mkdir()
     shutil.copytree(straight / "checkpoint-3", resumed_dir / "checkpoint-3")
     other_init = new_model(seed=1, hidden_dropout_prob=0.1)
-    resumed = Trainer(other_init, arguments(resumed_dir, gradient_accumulation_steps=2, save_steps=3, warmup_steps=2), data)
+    resumed = Trainer(
+        other_init, arguments(resumed_dir, gradient_accumulation_steps=2, save_steps=3, warmup_steps=2), data
+    )
     resumed_history = resumed.train(resume=True)
 
     assert losses(resumed_history) == losses(history)
@@ -193,11 +224,17 @@ def test_compiled_training_matches_uncompiled_training(tmp_path, tokenizer):
     uncompiled one."""
     data = MaskedLMData(LINES, tokenizer, MAX_LENGTH)
     settings = dict(gradient_accumulation_steps=2, save_steps=2, warmup_steps=2, max_steps=4)
-    reference = Trainer(new_model(hidden_dropout_prob=0.1), arguments(tmp_path / "eager", compile=False, **settings), data).train()
+    reference = Trainer(
+        new_model(hidden_dropout_prob=0.1), arguments(tmp_path / "eager", compile=False, **settings), data
+    ).train()
 
     compiled_dir = tmp_path / "compiled"
-    Trainer(new_model(hidden_dropout_prob=0.1), arguments(compiled_dir, compile=True, **{**settings, "max_steps": 2}), data).train()
-    resumed = Trainer(new_model(seed=1, hidden_dropout_prob=0.1), arguments(compiled_dir, compile=True, **settings), data)
+    Trainer(
+        new_model(hidden_dropout_prob=0.1), arguments(compiled_dir, compile=True, **{**settings, "max_steps": 2}), data
+    ).train()
+    resumed = Trainer(
+        new_model(seed=1, hidden_dropout_prob=0.1), arguments(compiled_dir, compile=True, **settings), data
+    )
     resumed._train_step()  # compiles against the fresh optimizer state, which the checkpoint then replaces
     history = resumed.train(resume=True)
 
@@ -245,12 +282,22 @@ def test_a_checkpoint_a_killed_run_was_writing_is_removed_by_the_next_run(tmp_pa
 
 
 def test_classification_training_lowers_the_loss(tmp_path, tokenizer):
-    texts = ["what a wonderful happy day", "i love this great film", "such a lovely kind person", "a fine good meal",
-             "what a terrible sad day", "i hate this awful film", "such a rude cruel person", "a bad nasty meal"]
+    texts = [
+        "what a wonderful happy day",
+        "i love this great film",
+        "such a lovely kind person",
+        "a fine good meal",
+        "what a terrible sad day",
+        "i hate this awful film",
+        "such a rude cruel person",
+        "a bad nasty meal",
+    ]
     data = ClassificationData(texts, [1, 1, 1, 1, 0, 0, 0, 0], tokenizer, MAX_LENGTH)
     # Mean pooling (pool_all, as the canonical GLUE recipes use for some tasks) learns this from scratch in a few steps.
     model = new_model(M2BertForSequenceClassification, num_labels=2, pool_all=True, hidden_dropout_prob=0.0)
-    trainer = Trainer(model, arguments(tmp_path, task="classification", max_steps=20, batch_size=8, learning_rate=1e-2), data, data)
+    trainer = Trainer(
+        model, arguments(tmp_path, task="classification", max_steps=20, batch_size=8, learning_rate=1e-2), data, data
+    )
     curve = losses(trainer.train())
     assert curve[-1] < 0.5 * curve[0], curve
     assert trainer.evaluate()["eval_accuracy"] == 1.0
@@ -260,7 +307,9 @@ def test_contrastive_training_lowers_the_loss(tmp_path, tokenizer):
     queries = [line.split()[1] + " " + line.split()[-1] for line in LINES]
     data = ContrastiveData(queries, LINES, tokenizer, MAX_LENGTH)
     model = new_model(M2BertModel, add_pooling_layer=True, pool_all=True, hidden_dropout_prob=0.0)
-    trainer = Trainer(model, arguments(tmp_path, task="contrastive", max_steps=20, batch_size=8, learning_rate=1e-2), data, data)
+    trainer = Trainer(
+        model, arguments(tmp_path, task="contrastive", max_steps=20, batch_size=8, learning_rate=1e-2), data, data
+    )
     curve = losses(trainer.train())
     assert curve[-1] < 0.5 * curve[0], curve
     assert trainer.evaluate()["eval_accuracy"] > 0.5
@@ -281,12 +330,34 @@ def test_train_command(tmp_path, capsys):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(tiny_config().to_dict()))
     output = tmp_path / "model"
-    common = ["train", "--data", str(data), "--output", str(output), "--config", str(config), "--seed", "0",
-              "--batch-size", "4", "--max-length", str(MAX_LENGTH), "--log-every", "1", "--eval-data", str(data)]
+    common = [
+        "train",
+        "--data",
+        str(data),
+        "--output",
+        str(output),
+        "--config",
+        str(config),
+        "--seed",
+        "0",
+        "--batch-size",
+        "4",
+        "--max-length",
+        str(MAX_LENGTH),
+        "--log-every",
+        "1",
+        "--eval-data",
+        str(data),
+    ]
     assert cli_main([*common, "--steps", "2", "--save-every", "2", "--pack"]) == 0
     assert cli_main([*common, "--steps", "4", "--resume", "--pack"]) == 0
     out = capsys.readouterr().out
-    assert [line.split()[0] for line in out.splitlines() if " loss=" in line] == ["step=1", "step=2", "step=3", "step=4"]
+    assert [line.split()[0] for line in out.splitlines() if " loss=" in line] == [
+        "step=1",
+        "step=2",
+        "step=3",
+        "step=4",
+    ]
     assert "eval_accuracy=" in out
     state = json.loads((output / "trainer_state.json").read_text())
     assert state["step"] == 4
@@ -307,12 +378,28 @@ def test_train_command(tmp_path, capsys):
 def test_train_command_explains_mistakes(tmp_path, capsys, monkeypatch, extra, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "train.txt").write_text("\n".join(LINES) + "\n")
-    argv = ["train", "--data", "train.txt", "--output", "out", "--preset", "tiny", "--steps", "1", "--seed", "0", *extra]
+    argv = [
+        "train",
+        "--data",
+        "train.txt",
+        "--output",
+        "out",
+        "--preset",
+        "tiny",
+        "--steps",
+        "1",
+        "--seed",
+        "0",
+        *extra,
+    ]
     assert cli_main(argv) == 1
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(), reason="the demo model is not trained yet (recipes/demo_model/train_demo_model.py)")
+@pytest.mark.skipif(
+    not (DEMO_MODEL / "config.json").is_file(),
+    reason="the demo model is not trained yet (recipes/demo_model/train_demo_model.py)",
+)
 def test_demo_model_fills_an_easy_blank():
     model = M2BertForMaskedLM.from_pretrained(DEMO_MODEL)
     tokenizer = load_tokenizer(DEMO_MODEL)

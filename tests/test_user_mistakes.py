@@ -24,7 +24,10 @@ def folders(tmp_path_factory):
 
 
 def test_a_misspelt_from_pretrained_keyword_is_refused_with_the_right_name():
-    with pytest.raises(ArgumentError, match=r"M2BertForMaskedLM.from_pretrained\(\) got an unknown keyword argument 'dtyp': did you mean 'dtype'\?"):
+    with pytest.raises(
+        ArgumentError,
+        match=r"M2BertForMaskedLM.from_pretrained\(\) got an unknown keyword argument 'dtyp': did you mean 'dtype'\?",
+    ):
         M2BertForMaskedLM.from_pretrained(DEMO_MODEL, dtyp="bfloat16")
     with pytest.raises(ArgumentError, match="'hiden_size': did you mean 'hidden_size'"):
         M2BertConfig.from_pretrained(DEMO_MODEL, hiden_size=64)
@@ -37,9 +40,13 @@ def test_known_config_fields_still_override_the_config():
 
 def test_misspelt_encode_and_pipeline_keywords_are_refused(folders):
     encoder = M2BertModel.from_pretrained(folders["pooler"])
-    with pytest.raises(ArgumentError, match="encode\\(\\) got an unknown keyword argument 'batchsize': did you mean 'batch_size'"):
+    with pytest.raises(
+        ArgumentError, match="encode\\(\\) got an unknown keyword argument 'batchsize': did you mean 'batch_size'"
+    ):
         encoder.encode(["a text"], batchsize=2)
-    with pytest.raises(ArgumentError, match="fill-mask pipeline got an unknown keyword argument 'topk': did you mean 'top_k'"):
+    with pytest.raises(
+        ArgumentError, match="fill-mask pipeline got an unknown keyword argument 'topk': did you mean 'top_k'"
+    ):
         pipeline("fill-mask", model=folders["mlm"], topk=2)
     fill = pipeline("fill-mask", model=folders["mlm"])
     with pytest.raises(ArgumentError, match="'paddding': did you mean 'padding'"):
@@ -55,7 +62,10 @@ M2BertModel.from_pretrained("org/not-cached-anywhere", cache_dir=sys.argv[1])
 
 def test_offline_hub_failure_is_one_message_without_the_library_traceback(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-c", OFFLINE, str(tmp_path)], capture_output=True, text=True, timeout=120,
+        [sys.executable, "-c", OFFLINE, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 1
@@ -104,8 +114,26 @@ def train(tmp_path, output, *extra):
     data.write_text("\n".join(LINES) + "\n")
     config = tmp_path / "config.json"
     config.write_text(json.dumps({**M2BertConfig.from_preset("tiny").to_dict(), "max_position_embeddings": 16}))
-    return main(["train", "--data", str(data), "--output", str(output), "--config", str(config), "--seed", "0",
-                 "--batch-size", "4", "--max-length", "16", "--log-every", "1", *extra])
+    return main(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--output",
+            str(output),
+            "--config",
+            str(config),
+            "--seed",
+            "0",
+            "--batch-size",
+            "4",
+            "--max-length",
+            "16",
+            "--log-every",
+            "1",
+            *extra,
+        ]
+    )
 
 
 def test_train_refuses_a_used_output_folder_unless_resumed_or_forced(tmp_path, capsys):
@@ -132,4 +160,3 @@ def test_an_output_that_is_a_file_is_one_line(tmp_path, capsys):
     output.write_text("x")
     assert train(tmp_path, output, "--steps", "1") == 1
     assert "is a file, not a folder" in capsys.readouterr().err
-

@@ -17,8 +17,12 @@ MAX_LENGTH = 32
 
 def tiny_config():
     return canonical_config(
-        vocab_size=30528, hidden_size=32, intermediate_size=64, hyena_filter_order=8,
-        max_position_embeddings=MAX_LENGTH, long_conv_l_max=MAX_LENGTH,
+        vocab_size=30528,
+        hidden_size=32,
+        intermediate_size=64,
+        hyena_filter_order=8,
+        max_position_embeddings=MAX_LENGTH,
+        long_conv_l_max=MAX_LENGTH,
     )
 
 
@@ -38,7 +42,8 @@ def save_tiny_model(folder, head, seed=0):
     config_json = dict(config, model_type="m2_bert")
     if head == "classifier":
         config_json.update(
-            num_labels=len(LABELS), id2label={str(i): name for i, name in LABELS.items()},
+            num_labels=len(LABELS),
+            id2label={str(i): name for i, name in LABELS.items()},
             label2id={name: i for i, name in LABELS.items()},
         )
     (folder / "config.json").write_text(json.dumps(config_json))

@@ -144,7 +144,7 @@ class _TorchPickler:
                     self.save(value)
                 write(b"u")
         elif isinstance(obj, Global):
-            write(b"c" + f"{obj.module}\n{obj.name}\n".encode("utf-8"))
+            write(b"c" + f"{obj.module}\n{obj.name}\n".encode())
         elif isinstance(obj, Call):
             self.save(obj.func)
             self.save(tuple(obj.args))

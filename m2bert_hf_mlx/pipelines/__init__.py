@@ -59,9 +59,13 @@ def pipeline(
     if model is None:
         raise ValueError(f"pipeline({task!r}) needs model=: a model object, a local model folder or a Hub repo id.")
     if isinstance(model, (str, os.PathLike)):
-        model = model_class.from_pretrained(str(model), revision=revision, token=token, dtype=dtype, **(model_kwargs or {}))
+        model = model_class.from_pretrained(
+            str(model), revision=revision, token=token, dtype=dtype, **(model_kwargs or {})
+        )
     elif revision is not None or token is not None or dtype is not None or model_kwargs:
-        raise ValueError("revision, token, dtype and model_kwargs apply when model is a folder or repo id, not a model object.")
+        raise ValueError(
+            "revision, token, dtype and model_kwargs apply when model is a folder or repo id, not a model object."
+        )
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(str(tokenizer), model_max_length=model.config.max_sequence_length, token=token)
     return pipeline_class(model, tokenizer, **kwargs)

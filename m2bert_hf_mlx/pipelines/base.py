@@ -23,12 +23,12 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
+from ..errors import InputError, check_keywords
 from ..modeling_m2_bert import (
     M2BertForMaskedLM,
     M2BertForSequenceClassification,
     M2BertModel,
 )
-from ..errors import InputError, check_keywords
 from ..tokenization import check_tokenizer_fits, resolve_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,6 @@ logger = logging.getLogger(__name__)
 PADDING_CHOICES = ("max_length", "longest")
 BATCH_TOKEN_BUDGET = 2**15
 MAX_DEFAULT_BATCH_SIZE = 32
-
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -95,7 +94,9 @@ def _check_options(padding, truncation, batch_size):
             "outputs) or 'longest' (faster, different outputs)."
         )
     if not isinstance(truncation, bool):
-        raise ValueError(f"truncation={truncation!r}: use True (cut long inputs, with a warning) or False (refuse them).")
+        raise ValueError(
+            f"truncation={truncation!r}: use True (cut long inputs, with a warning) or False (refuse them)."
+        )
     if batch_size is not None:
         _check_positive_int(batch_size, "batch_size")
 
@@ -170,7 +171,9 @@ def _batches(rows, *, padding, max_length, batch_size):
     if padding == "max_length":
         order = range(len(rows))
     else:
-        order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].input_ids), rows[i].input_ids, rows[i].token_type_ids))
+        order = sorted(
+            range(len(rows)), key=lambda i: (-len(rows[i].input_ids), rows[i].input_ids, rows[i].token_type_ids)
+        )
     batches, current = [], []
     for i in order:
         if not current:
@@ -195,7 +198,11 @@ def _model_inputs(rows, indices, length, pad_token_id):
         input_ids[r, :n] = rows[i].input_ids
         token_type_ids[r, :n] = rows[i].token_type_ids
         attention_mask[r, :n] = 1
-    return {"input_ids": mx.array(input_ids), "token_type_ids": mx.array(token_type_ids), "attention_mask": mx.array(attention_mask)}
+    return {
+        "input_ids": mx.array(input_ids),
+        "token_type_ids": mx.array(token_type_ids),
+        "attention_mask": mx.array(attention_mask),
+    }
 
 
 def _padded_batches(rows, config, *, padding, batch_size, show_progress_bar=None):
@@ -247,7 +254,9 @@ class Pipeline:
         check_keywords(f"The {self.task} pipeline", kwargs, accepted)
 
     def _tokenize(self, texts, pairs, truncation):
-        return _tokenize(self.tokenizer, texts, pairs, max_length=self.model.config.max_sequence_length, truncation=truncation)
+        return _tokenize(
+            self.tokenizer, texts, pairs, max_length=self.model.config.max_sequence_length, truncation=truncation
+        )
 
     def _batches(self, rows, padding, batch_size):
         return _padded_batches(rows, self.model.config, padding=padding, batch_size=batch_size)

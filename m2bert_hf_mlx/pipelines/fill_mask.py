@@ -18,6 +18,7 @@ from .base import (
 
 logger = logging.getLogger(__name__)
 
+
 class FillMaskPipeline(Pipeline):
     """Predicts the tokens at [MASK], in transformers' format.
 
@@ -46,8 +47,17 @@ class FillMaskPipeline(Pipeline):
             )
         return model
 
-    def _run(self, inputs, *, top_k=5, targets=None, tokenizer_kwargs=None, padding="max_length", truncation=True,
-             batch_size=None):
+    def _run(
+        self,
+        inputs,
+        *,
+        top_k=5,
+        targets=None,
+        tokenizer_kwargs=None,
+        padding="max_length",
+        truncation=True,
+        batch_size=None,
+    ):
         top_k = 5 if top_k is None else top_k
         _check_positive_int(top_k, "top_k")
         padding, truncation = _tokenizer_kwargs(tokenizer_kwargs, padding, truncation)
@@ -112,13 +122,16 @@ class FillMaskPipeline(Pipeline):
             if target in vocab:
                 ids.append(vocab[target])
                 continue
-            pieces = self.tokenizer(target, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+            pieces = self.tokenizer(
+                target, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False
+            )["input_ids"]
             if not pieces:
                 logger.warning("The target %r is not in the vocabulary and has no token; it is ignored.", target)
                 continue
             logger.warning(
                 "The target %r is not in the vocabulary; its first token %r stands for it.",
-                target, self.tokenizer.convert_ids_to_tokens(pieces[0]),
+                target,
+                self.tokenizer.convert_ids_to_tokens(pieces[0]),
             )
             ids.append(pieces[0])
         if not ids:
@@ -132,7 +145,9 @@ class FillMaskPipeline(Pipeline):
             filled = [t for t in input_ids[:position] + [token] + input_ids[position + 1 :] if t != pad]
             # With several masks the other [MASK] tokens stay visible in the sequence, as in transformers.
             sequence = self.tokenizer.decode(filled, skip_special_tokens=single_mask)
-            predictions.append({"score": score, "token": token, "token_str": self.tokenizer.decode([token]), "sequence": sequence})
+            predictions.append(
+                {"score": score, "token": token, "token_str": self.tokenizer.decode([token]), "sequence": sequence}
+            )
         return predictions
 
 

@@ -21,10 +21,24 @@ class SentenceEmbeddingPipeline(Pipeline):
             )
         return model
 
-    def _run(self, inputs, *, normalize_embeddings=False, return_tensors=False, padding="max_length", truncation=True,
-             batch_size=None):
+    def _run(
+        self,
+        inputs,
+        *,
+        normalize_embeddings=False,
+        return_tensors=False,
+        padding="max_length",
+        truncation=True,
+        batch_size=None,
+    ):
         embeddings = encode(
-            self.model, inputs, tokenizer=self.tokenizer, batch_size=batch_size,
-            normalize_embeddings=normalize_embeddings, padding=padding, truncation=truncation, convert_to_tensor=True,
+            self.model,
+            inputs,
+            tokenizer=self.tokenizer,
+            batch_size=batch_size,
+            normalize_embeddings=normalize_embeddings,
+            padding=padding,
+            truncation=truncation,
+            convert_to_tensor=True,
         )
         return embeddings if return_tensors else embeddings.tolist()

@@ -17,6 +17,7 @@ CLASSIFICATION_FUNCTIONS = ("softmax", "sigmoid", "none")
 # Stands for "top_k not given" in text classification, where top_k=None has a meaning of its own (every label).
 _NOT_GIVEN = object()
 
+
 class TextClassificationPipeline(Pipeline):
     """Labels and scores from a sequence-classification model, in transformers' format.
 
@@ -37,8 +38,16 @@ class TextClassificationPipeline(Pipeline):
             )
         return model
 
-    def _run(self, inputs, *, top_k=_NOT_GIVEN, function_to_apply=None, padding="max_length", truncation=True,
-             batch_size=None):
+    def _run(
+        self,
+        inputs,
+        *,
+        top_k=_NOT_GIVEN,
+        function_to_apply=None,
+        padding="max_length",
+        truncation=True,
+        batch_size=None,
+    ):
         legacy = top_k is _NOT_GIVEN
         if not legacy and top_k is not None:
             _check_positive_int(top_k, "top_k")
@@ -81,7 +90,9 @@ class TextClassificationPipeline(Pipeline):
                 return "sigmoid"
             return "softmax"
         if not isinstance(function_to_apply, str) or function_to_apply.lower() not in CLASSIFICATION_FUNCTIONS:
-            raise ValueError(f"function_to_apply={function_to_apply!r}: use one of {', '.join(CLASSIFICATION_FUNCTIONS)}.")
+            raise ValueError(
+                f"function_to_apply={function_to_apply!r}: use one of {', '.join(CLASSIFICATION_FUNCTIONS)}."
+            )
         return function_to_apply.lower()
 
     @staticmethod
@@ -94,6 +105,8 @@ class TextClassificationPipeline(Pipeline):
                 _check_text(item["text_pair"], f"{where}'s text_pair")
             return item["text"], item.get("text_pair")
         if isinstance(item, (list, tuple)):
-            raise ValueError(f'{where} is a {type(item).__name__}: give a text pair as {{"text": ..., "text_pair": ...}}.')
+            raise ValueError(
+                f'{where} is a {type(item).__name__}: give a text pair as {{"text": ..., "text_pair": ...}}.'
+            )
         _check_text(item, where)
         return item, None

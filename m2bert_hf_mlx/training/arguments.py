@@ -55,7 +55,9 @@ class TrainingArguments:
         if not 0 < self.mlm_probability < 1:
             raise TrainingError(f"mlm_probability must be between 0 and 1, got {self.mlm_probability}.")
         if not 0 <= self.warmup_steps <= self.max_steps:
-            raise TrainingError(f"warmup_steps must be between 0 and max_steps ({self.max_steps}), got {self.warmup_steps}.")
+            raise TrainingError(
+                f"warmup_steps must be between 0 and max_steps ({self.max_steps}), got {self.warmup_steps}."
+            )
         if self.save_total_limit < 1:
             raise TrainingError("save_total_limit must be at least 1 (the checkpoint to resume from).")
 

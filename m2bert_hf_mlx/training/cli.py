@@ -26,29 +26,49 @@ def register(subparsers):
     parser.add_argument("--data", required=True, metavar="FILE", help="training data (see above)")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for the model and its checkpoints")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--preset", choices=list(PRESETS), metavar="NAME", help=f"a new model of a preset configuration: {', '.join(PRESETS)}")
+    source.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        metavar="NAME",
+        help=f"a new model of a preset configuration: {', '.join(PRESETS)}",
+    )
     source.add_argument("--config", metavar="FILE", help="a new model of a JSON config")
     source.add_argument("--init", metavar="MODEL", help="start from a model folder or Hub repo (fine-tuning)")
     parser.add_argument("--task", choices=TASKS, default="mlm", help="training objective (default: mlm)")
     parser.add_argument("--steps", type=int, required=True, help="optimizer steps")
-    parser.add_argument("--seed", type=int, required=True, help="seed of the initialisation, data order, masks and dropout")
+    parser.add_argument(
+        "--seed", type=int, required=True, help="seed of the initialisation, data order, masks and dropout"
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step (default: 32)")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default: 1)")
-    parser.add_argument("--max-length", type=int, help="tokens per example, padding included (default: the model's maximum)")
+    parser.add_argument(
+        "--max-length", type=int, help="tokens per example, padding included (default: the model's maximum)"
+    )
     parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default: 5e-4)")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: 0.01)")
     parser.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (default: 0)")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clipping (default: 1.0)")
-    parser.add_argument("--bf16", action="store_true", help="train with bfloat16 weights (the long-conv filters stay float32)")
+    parser.add_argument(
+        "--bf16", action="store_true", help="train with bfloat16 weights (the long-conv filters stay float32)"
+    )
     parser.add_argument("--eval-data", metavar="FILE", help="evaluation data, in the format of --data")
     parser.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: at the end)")
-    parser.add_argument("--save-every", type=int, default=0, help="write a checkpoint every N steps (default: at the end)")
+    parser.add_argument(
+        "--save-every", type=int, default=0, help="write a checkpoint every N steps (default: at the end)"
+    )
     parser.add_argument("--log-every", type=int, default=10, help="print the mean loss every N steps (default: 10)")
-    parser.add_argument("--pack", action="store_true", help="mlm: fill each example with as many consecutive lines as fit")
+    parser.add_argument(
+        "--pack", action="store_true", help="mlm: fill each example with as many consecutive lines as fit"
+    )
     parser.add_argument("--mlm-probability", type=float, default=0.15, help="fraction of tokens masked (default: 0.15)")
-    parser.add_argument("--temperature", type=float, default=0.05, help="contrastive softmax temperature (default: 0.05)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                        help="compile the training step (default: on a GPU only; the CPU back end compiles slowly)")
+    parser.add_argument(
+        "--temperature", type=float, default=0.05, help="contrastive softmax temperature (default: 0.05)"
+    )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="compile the training step (default: on a GPU only; the CPU back end compiles slowly)",
+    )
     restart = parser.add_mutually_exclusive_group()
     restart.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     restart.add_argument("--force", action="store_true", help="start over in a used --output, removing its checkpoints")
@@ -58,26 +78,49 @@ def register(subparsers):
 
 def run_train(args):
     training_args = TrainingArguments(
-        output_dir=args.output, max_steps=args.steps, task=args.task, seed=args.seed, batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum, max_length=args.max_length, learning_rate=args.lr,
-        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm,
-        bf16=args.bf16, eval_steps=args.eval_every, save_steps=args.save_every, logging_steps=args.log_every,
-        mlm_probability=args.mlm_probability, temperature=args.temperature, compile=args.compile,
+        output_dir=args.output,
+        max_steps=args.steps,
+        task=args.task,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        max_length=args.max_length,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        max_grad_norm=args.max_grad_norm,
+        bf16=args.bf16,
+        eval_steps=args.eval_every,
+        save_steps=args.save_every,
+        logging_steps=args.log_every,
+        mlm_probability=args.mlm_probability,
+        temperature=args.temperature,
+        compile=args.compile,
     )
     group = init_group(args.backend)
     # Under mlx.launch, rank 0 alone checks (and with --force clears) the folder it alone writes.
     if group.rank() == 0:
         claim_output_dir(training_args.output_dir, resume=args.resume, force=args.force)
-    trainer = build_trainer(training_args, preset=args.preset, config=args.config, init=args.init,
-                            data=args.data, eval_data=args.eval_data, pack=args.pack, group=group, timeout=args.timeout)
+    trainer = build_trainer(
+        training_args,
+        preset=args.preset,
+        config=args.config,
+        init=args.init,
+        data=args.data,
+        eval_data=args.eval_data,
+        pack=args.pack,
+        group=group,
+        timeout=args.timeout,
+    )
     trainer.train(resume=args.resume)
     if trainer.is_main:
         print(f"Saved the model to {training_args.output_dir}")
     return 0
 
 
-def build_trainer(args, *, preset=None, config=None, init=None, data, eval_data=None, pack=False, group=None,
-                  timeout=DEFAULT_TIMEOUT):
+def build_trainer(
+    args, *, preset=None, config=None, init=None, data, eval_data=None, pack=False, group=None, timeout=DEFAULT_TIMEOUT
+):
     """A `Trainer` for `args.task` on the data files (MLM lines packed with `pack`), with a new model of a preset or
     JSON config, or a model loaded from `init` (a folder or Hub repo; task heads it lacks are initialised), over
     the processes of `group` (see `Trainer`)."""
@@ -91,10 +134,14 @@ def build_trainer(args, *, preset=None, config=None, init=None, data, eval_data=
         model_config = M2BertConfig.from_preset(preset) if preset is not None else M2BertConfig.from_json_file(config)
     max_length = args.max_length or model_config.max_sequence_length
     if max_length > model_config.max_sequence_length:
-        raise TrainingError(f"max_length {max_length} is longer than the model's maximum of {model_config.max_sequence_length} tokens.")
+        raise TrainingError(
+            f"max_length {max_length} is longer than the model's maximum of {model_config.max_sequence_length} tokens."
+        )
     check_tokenizer_fits(tokenizer, model_config)
     train_data, label2id = load_task_data(args.task, data, tokenizer, max_length, pack=pack)
-    eval_set = None if eval_data is None else load_task_data(args.task, eval_data, tokenizer, max_length, label2id, pack)[0]
+    eval_set = (
+        None if eval_data is None else load_task_data(args.task, eval_data, tokenizer, max_length, label2id, pack)[0]
+    )
 
     cls = TASK_MODELS[args.task]
     overrides = {}

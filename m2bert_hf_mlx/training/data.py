@@ -43,16 +43,28 @@ def _padded_count(n):
 
 def _encode(tokenizer, texts, pairs, max_length):
     encoded = tokenizer(
-        texts, pairs, truncation=True, max_length=max_length, padding="max_length", return_tensors="np",
-        return_attention_mask=True, return_token_type_ids=True,
+        texts,
+        pairs,
+        truncation=True,
+        max_length=max_length,
+        padding="max_length",
+        return_tensors="np",
+        return_attention_mask=True,
+        return_token_type_ids=True,
     )
     return {key: encoded[key].astype(np.int32) for key in ("input_ids", "token_type_ids", "attention_mask")}
 
 
 def _pack(tokenizer, lines, max_length):
     """Greedy packing of consecutive lines into `[CLS] a [SEP] b [SEP] ...` rows of `max_length`, padded."""
-    pieces = tokenizer(lines, add_special_tokens=False, truncation=True, max_length=max_length - 2,
-                       return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+    pieces = tokenizer(
+        lines,
+        add_special_tokens=False,
+        truncation=True,
+        max_length=max_length - 2,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+    )["input_ids"]
     rows, row = [], [tokenizer.cls_token_id]
     for piece in pieces:
         if len(row) + len(piece) + 1 > max_length:
@@ -84,7 +96,9 @@ class MaskedLMData:
             self.encoded = _encode(tokenizer, lines, None, max_length)
         self.mask_token_id = tokenizer.mask_token_id
         self.vocab_size = len(tokenizer)
-        self.maskable = ~np.isin(self.encoded["input_ids"], [tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id])
+        self.maskable = ~np.isin(
+            self.encoded["input_ids"], [tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id]
+        )
         if not self.maskable.any(axis=1).all():
             empty = int(np.flatnonzero(~self.maskable.any(axis=1))[0])
             raise TrainingError(f"Example {empty + 1} of the data has no token to mask after tokenization.")
@@ -176,7 +190,9 @@ def load_task_data(task, path, tokenizer, max_length, label2id=None, pack=False)
     `text[<TAB>text_pair]<TAB>label` rows (classification; labels are names, mapped through `label2id`, built from
     the sorted names when None) or `query<TAB>positive` rows (contrastive). Returns (data, label2id)."""
     if pack and task != "mlm":
-        raise TrainingError(f"Packing joins lines of text for masked-language modelling; task {task!r} has one example per row.")
+        raise TrainingError(
+            f"Packing joins lines of text for masked-language modelling; task {task!r} has one example per row."
+        )
     if task == "mlm":
         return MaskedLMData(read_lines(path), tokenizer, max_length, pack), None
     if task == "contrastive":
@@ -190,7 +206,9 @@ def load_task_data(task, path, tokenizer, max_length, label2id=None, pack=False)
         label2id = {name: i for i, name in enumerate(sorted(set(names), key=_label_order))}
     unknown = sorted(set(names) - set(label2id))
     if unknown:
-        raise TrainingError(f"{path} has labels {unknown[:10]} that the training data does not have ({sorted(label2id)}).")
+        raise TrainingError(
+            f"{path} has labels {unknown[:10]} that the training data does not have ({sorted(label2id)})."
+        )
     pairs = [r[1] for r in rows] if len(rows[0]) == 3 else None
     data = ClassificationData([r[0] for r in rows], [label2id[n] for n in names], tokenizer, max_length, pairs)
     return data, label2id

@@ -1,6 +1,5 @@
 """The training objectives; each returns (sum of per-example or per-token losses, number of correct predictions)."""
 
-
 import mlx.core as mx
 import mlx.nn as nn
 

@@ -22,7 +22,9 @@ def _schedule(peak, args):
     def learning_rate(step):
         step = step.astype(mx.float32)
         progress = mx.clip((step - warmup) / decay_steps, 0.0, 1.0)
-        return mx.where(step < warmup, peak * (step + 1) / max(warmup, 1), 0.5 * peak * (1 + mx.cos(math.pi * progress)))
+        return mx.where(
+            step < warmup, peak * (step + 1) / max(warmup, 1), 0.5 * peak * (1 + mx.cos(math.pi * progress))
+        )
 
     return learning_rate
 
@@ -33,7 +35,9 @@ def build_optimizer(config, args):
     weight decay), and every other weight (`args.learning_rate`, `args.weight_decay`)."""
 
     def adamw(peak, weight_decay):
-        return optim.AdamW(_schedule(peak, args), betas=[0.9, 0.98], eps=1e-6, weight_decay=weight_decay, bias_correction=True)
+        return optim.AdamW(
+            _schedule(peak, args), betas=[0.9, 0.98], eps=1e-6, weight_decay=weight_decay, bias_correction=True
+        )
 
     return optim.MultiOptimizer(
         [

@@ -69,8 +69,17 @@ class Trainer:
     logs and writes checkpoints. Without dropout the run repeats a single process's to float32 rounding; dropout
     masks are drawn by each rank for its own examples. `timeout` bounds a wait for the other ranks."""
 
-    def __init__(self, model, args, train_data, eval_data=None, tokenizer=None, log=tqdm.write, group=None,
-                 timeout=DEFAULT_TIMEOUT):
+    def __init__(
+        self,
+        model,
+        args,
+        train_data,
+        eval_data=None,
+        tokenizer=None,
+        log=tqdm.write,
+        group=None,
+        timeout=DEFAULT_TIMEOUT,
+    ):
         expected = TASK_MODELS[args.task]
         if not isinstance(model, expected):
             raise TrainingError(f"Task {args.task!r} trains a {expected.__name__}, got a {type(model).__name__}.")
@@ -201,7 +210,8 @@ class Trainer:
             size = self.args.micro_batch_size
             order = np.arange(len(self.eval_data))
             self._eval_batches = [
-                self.eval_data.batch(order[i : i + size], rng, self.args.mlm_probability) for i in range(0, len(order), size)
+                self.eval_data.batch(order[i : i + size], rng, self.args.mlm_probability)
+                for i in range(0, len(order), size)
             ]
         self.model.eval()
         size, rank = self.group.size(), self.group.rank()
@@ -231,8 +241,13 @@ class Trainer:
             if checkpoint is None:
                 raise TrainingError(f"resume: {args.output_dir} holds no {CHECKPOINT_PREFIX}* folder to resume from.")
             self.load_checkpoint(checkpoint)
-        digest = checksum(dict(tree_flatten(self.model.parameters())), dict(tree_flatten(self.optimizer.state)),
-                          *(x for item in tree_flatten(vars(self.train_data)) for x in item), asdict(args), self.step)
+        digest = checksum(
+            dict(tree_flatten(self.model.parameters())),
+            dict(tree_flatten(self.optimizer.state)),
+            *(x for item in tree_flatten(vars(self.train_data)) for x in item),
+            asdict(args),
+            self.step,
+        )
         check_same_everywhere(self.group, digest, "model, optimizer state, data or arguments", self._watchdog)
         if self.step >= args.max_steps:
             self.log(f"Already trained for {self.step} steps (max_steps={args.max_steps}); nothing to do.")
@@ -247,8 +262,12 @@ class Trainer:
                 last = self.step == args.max_steps
                 if _due(self.step, args.logging_steps, last):
                     self._record(
-                        {"step": self.step, "loss": sum(window) / len(window), "grad_norm": grad_norm,
-                         "learning_rate": self.optimizer.optimizers[-1].learning_rate.item()}
+                        {
+                            "step": self.step,
+                            "loss": sum(window) / len(window),
+                            "grad_norm": grad_norm,
+                            "learning_rate": self.optimizer.optimizers[-1].learning_rate.item(),
+                        }
                     )
                     window = []
                 if self.eval_data is not None and _due(self.step, args.eval_steps, last):
@@ -300,8 +319,10 @@ class Trainer:
         changed = [k for k in _RESUME_INVARIANTS if state["args"].get(k) != getattr(self.args, k)]
         if changed:
             details = ", ".join(f"{k}: {state['args'].get(k)!r} then, {getattr(self.args, k)!r} now" for k in changed)
-            raise TrainingError(f"Cannot resume from {folder}: it was trained with other settings ({details}). "
-                                "Resume with the same settings, or train into a new output folder.")
+            raise TrainingError(
+                f"Cannot resume from {folder}: it was trained with other settings ({details}). "
+                "Resume with the same settings, or train into a new output folder."
+            )
         load_weights(self.model, folder)
         # The header is checked by the package's reader first (offsets, shapes and dtypes against the file's size), so
         # MLX's loader, which keeps the bfloat16 state as it is, reads only a well-formed file.

@@ -67,7 +67,9 @@ def evaluate(model, tokenizer, heldout_lines, baseline_token, seed=SEED):
     """Top-1 accuracy of the model and of always answering `baseline_token`, on one masked token per line."""
     input_ids, positions, targets = mask_one_token(heldout_lines, tokenizer, model.config.max_sequence_length, seed)
     predictions = top1_predictions(model, input_ids, positions, len(tokenizer))
-    real_tokens = (~np.isin(input_ids, [tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id])).sum(axis=1)
+    real_tokens = (~np.isin(input_ids, [tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id])).sum(
+        axis=1
+    )
     return {
         "lines": int(len(targets)),
         "mean_tokens_per_line": float(real_tokens.mean()),
@@ -82,7 +84,9 @@ def evaluate_heldout(model, tokenizer, folder, baseline_token, seed=SEED):
     masks together (line-weighted means)."""
     paths = sorted(Path(folder).glob("*.txt"))
     if not paths:
-        raise FileNotFoundError(f"{folder} holds no held-out .txt file: build the corpus with recipes/demo_model/prepare_corpus.py.")
+        raise FileNotFoundError(
+            f"{folder} holds no held-out .txt file: build the corpus with recipes/demo_model/prepare_corpus.py."
+        )
     results = {path.stem: evaluate(model, tokenizer, read_lines(path), baseline_token, seed) for path in paths}
     lines = sum(result["lines"] for result in results.values())
     results["all"] = {"lines": lines, "baseline_token": results[paths[0].stem]["baseline_token"]} | {
@@ -100,7 +104,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", nargs="?", default=str(DEMO_MODEL), help="MLX model folder (default: the demo model)")
     parser.add_argument("--corpus", type=Path, required=True, help="the folder prepare_corpus.py wrote")
-    parser.add_argument("--heldout", type=Path, help="folder of held-out text files, one line each (default: CORPUS/heldout)")
+    parser.add_argument(
+        "--heldout", type=Path, help="folder of held-out text files, one line each (default: CORPUS/heldout)"
+    )
     parser.add_argument("--train", type=Path, help="training text, for the baseline (default: CORPUS/train.txt)")
     parser.add_argument("--seed", type=int, default=SEED, help="seed of the masked positions")
     args = parser.parse_args()
@@ -108,12 +114,18 @@ def main():
     args.train = args.train or args.corpus / "train.txt"
     for path in (args.heldout, args.train):
         if not path.exists():
-            sys.exit(f"{path} does not exist: build the corpus with recipes/demo_model/prepare_corpus.py, or pass its path.")
+            sys.exit(
+                f"{path} does not exist: build the corpus with recipes/demo_model/prepare_corpus.py, or pass its path."
+            )
     model = M2BertForMaskedLM.from_pretrained(args.model, dtype="float32")
     tokenizer = load_tokenizer(args.model)
     # Counted on lines cut at the model's length, as training saw them.
-    train_ids = tokenizer(read_lines(args.train), truncation=True, max_length=model.config.max_sequence_length,
-                          return_attention_mask=False)["input_ids"]
+    train_ids = tokenizer(
+        read_lines(args.train),
+        truncation=True,
+        max_length=model.config.max_sequence_length,
+        return_attention_mask=False,
+    )["input_ids"]
     counts = unigram_counts(np.concatenate([np.asarray(ids) for ids in train_ids]), tokenizer)
     print(json.dumps(evaluate_heldout(model, tokenizer, args.heldout, int(counts.argmax()), args.seed), indent=2))
 

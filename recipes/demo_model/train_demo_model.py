@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-
 from evaluate_demo_model import evaluate_heldout, read_lines, unigram_counts
 from prepare_corpus import slug
+
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, __version__
 from m2bert_hf_mlx.loading import cast_model
 from m2bert_hf_mlx.ops import resolve_backend
@@ -38,7 +38,9 @@ from m2bert_hf_mlx.training import MaskedLMData, Trainer, TrainingArguments
 
 # The published models' settings (M2 yamls), scaled down so that the float16 folder stays under 20 MB. Dropout stays
 # at BERT's 0.1: the run passes over the small corpus dozens of times.
-DEMO_CONFIG = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=5, hyena_filter_order=64, hidden_dropout_prob=0.1)
+DEMO_CONFIG = dict(
+    hidden_size=192, intermediate_size=768, num_hidden_layers=5, hyena_filter_order=64, hidden_dropout_prob=0.1
+)
 BASE_PRESET = "m2-bert-110m"
 MAX_LENGTH = 128
 SEED = 0
@@ -63,9 +65,17 @@ def demo_config():
 
 def training_arguments(output_dir, steps):
     return TrainingArguments(
-        output_dir=str(output_dir), max_steps=steps, seed=SEED, batch_size=BATCH_SIZE, max_length=MAX_LENGTH,
-        learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY, warmup_steps=max(1, round(WARMUP_FRACTION * steps)),
-        eval_steps=max(1, steps // EVALUATIONS), save_steps=SAVE_STEPS, logging_steps=max(1, steps // 100),
+        output_dir=str(output_dir),
+        max_steps=steps,
+        seed=SEED,
+        batch_size=BATCH_SIZE,
+        max_length=MAX_LENGTH,
+        learning_rate=LEARNING_RATE,
+        weight_decay=WEIGHT_DECAY,
+        warmup_steps=max(1, round(WARMUP_FRACTION * steps)),
+        eval_steps=max(1, steps // EVALUATIONS),
+        save_steps=SAVE_STEPS,
+        logging_steps=max(1, steps // 100),
     )
 
 
@@ -93,12 +103,16 @@ def main():
     length.add_argument("--steps", type=int, help="optimizer steps")
     length.add_argument("--time-budget", type=float, metavar="SECONDS", help="end the whole script within this time")
     parser.add_argument("--corpus", type=Path, required=True, help="folder with train.txt, heldout/, SOURCES.txt")
-    parser.add_argument("--work-dir", type=Path, default=Path("demo_model_run"), help="checkpoints (default: ./demo_model_run)")
+    parser.add_argument(
+        "--work-dir", type=Path, default=Path("demo_model_run"), help="checkpoints (default: ./demo_model_run)"
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --work-dir")
     args = parser.parse_args()
     for name in ("train.txt", "heldout", "SOURCES.txt"):
         if not (args.corpus / name).exists():
-            sys.exit(f"{args.corpus / name} is missing: build the corpus with recipes/demo_model/prepare_corpus.py {args.corpus}.")
+            sys.exit(
+                f"{args.corpus / name} is missing: build the corpus with recipes/demo_model/prepare_corpus.py {args.corpus}."
+            )
 
     tokenizer = load_tokenizer(None, model_max_length=MAX_LENGTH)
     lines = read_lines(args.corpus / "train.txt")
@@ -114,7 +128,9 @@ def main():
             sys.exit(f"A step takes {per_step:.2f} s: the time budget leaves no time to train; give more time.")
         print(f"{per_step:.3f} s per step: training for {steps} steps.", flush=True)
 
-    trainer = Trainer(new_model(), training_arguments(args.work_dir, steps), train_data, validation, tokenizer=tokenizer)
+    trainer = Trainer(
+        new_model(), training_arguments(args.work_dir, steps), train_data, validation, tokenizer=tokenizer
+    )
     history = trainer.train(resume=args.resume)
 
     model = trainer.model
@@ -133,11 +149,19 @@ def main():
         for name, result in results.items():
             print(name, " ".join(f"{k}={v}" for k, v in result.items()), flush=True)
         validation_entry = [h for h in history if "eval_accuracy" in h][-1]
-        (folder / "README.md").write_text(model_card(
-            steps=trainer.step, runtime_s=trainer.runtime_s, results=results, validation=validation_entry,
-            train_lines=len(lines) - VALIDATION_LINES, train_examples=len(train_data),
-            sources=(args.corpus / "SOURCES.txt").read_text(encoding="utf-8"), parameters=model.num_parameters(),
-        ), encoding="utf-8")
+        (folder / "README.md").write_text(
+            model_card(
+                steps=trainer.step,
+                runtime_s=trainer.runtime_s,
+                results=results,
+                validation=validation_entry,
+                train_lines=len(lines) - VALIDATION_LINES,
+                train_examples=len(train_data),
+                sources=(args.corpus / "SOURCES.txt").read_text(encoding="utf-8"),
+                parameters=model.num_parameters(),
+            ),
+            encoding="utf-8",
+        )
 
     write_atomically(args.output, write)
     size = sum(p.stat().st_size for p in args.output.iterdir()) / 1e6
@@ -147,8 +171,10 @@ def main():
 def describe_machine():
     device = mx.default_device()
     name = mx.device_info().get("device_name", "unknown")
-    return (f"{name} ({'GPU' if device.type == mx.gpu else 'CPU'}, MLX {mx.__version__}, long convolution back end "
-            f"{resolve_backend()}, {platform.system()} {platform.machine()})")
+    return (
+        f"{name} ({'GPU' if device.type == mx.gpu else 'CPU'}, MLX {mx.__version__}, long convolution back end "
+        f"{resolve_backend()}, {platform.system()} {platform.machine()})"
+    )
 
 
 def corpus_table(sources):
@@ -165,11 +191,17 @@ def corpus_table(sources):
 def heldout_table(results, sources):
     """The per-source results as Markdown rows, each named by its title in SOURCES.txt."""
     titles = {slug(match.group(4)): match.group(4) for match in map(SOURCE_LINE.match, sources.splitlines()) if match}
-    rows = [f"| {titles.get(name, name)} | {result['lines']} | {result['mean_tokens_per_line']:.1f} | "
-            f"{result['top1_accuracy']:.1%} | {result['baseline_accuracy']:.1%} |" for name, result in results.items() if name != "all"]
+    rows = [
+        f"| {titles.get(name, name)} | {result['lines']} | {result['mean_tokens_per_line']:.1f} | "
+        f"{result['top1_accuracy']:.1%} | {result['baseline_accuracy']:.1%} |"
+        for name, result in results.items()
+        if name != "all"
+    ]
     total = results["all"]
-    rows.append(f"| **all** | {total['lines']} | {total['mean_tokens_per_line']:.1f} | **{total['top1_accuracy']:.1%}** | "
-                f"{total['baseline_accuracy']:.1%} |")
+    rows.append(
+        f"| **all** | {total['lines']} | {total['mean_tokens_per_line']:.1f} | **{total['top1_accuracy']:.1%}** | "
+        f"{total['baseline_accuracy']:.1%} |"
+    )
     return "\n".join(rows)
 
 
@@ -204,8 +236,8 @@ print(fill_mask("she poured a glass of [MASK]."))
 
 | | |
 |---|---|
-| architecture | `M2BertForMaskedLM`: hidden size {DEMO_CONFIG['hidden_size']}, {DEMO_CONFIG['num_hidden_layers']} layers, block-diagonal GLU MLP (4 blocks), bidirectional gated long convolutions with a residual long convolution (the settings of the published M2-BERT models) |
-| parameters | {parameters / 1e6:.2f} M, of which {30528 * DEMO_CONFIG['hidden_size'] / 1e6:.2f} M in the word embeddings (tied to the MLM decoder) |
+| architecture | `M2BertForMaskedLM`: hidden size {DEMO_CONFIG["hidden_size"]}, {DEMO_CONFIG["num_hidden_layers"]} layers, block-diagonal GLU MLP (4 blocks), bidirectional gated long convolutions with a residual long convolution (the settings of the published M2-BERT models) |
+| parameters | {parameters / 1e6:.2f} M, of which {30528 * DEMO_CONFIG["hidden_size"] / 1e6:.2f} M in the word embeddings (tied to the MLM decoder) |
 | maximum length | {MAX_LENGTH} tokens; inputs are padded to it, as in training (the long convolutions read the padding) |
 | tokenizer | bert-base-uncased (30522 tokens, padded to 30528 embeddings) |
 | weights | {STORED_DTYPE} (long-convolution filters float32) |
@@ -221,7 +253,7 @@ print(fill_mask("she poured a glass of [MASK]."))
 | seed | {SEED} |
 | wall time | {runtime_s / 60:.1f} minutes of training, evaluations and checkpoints included |
 | machine | {describe_machine()} |
-| validation | masked-token accuracy {validation['eval_accuracy']:.1%} (loss {validation['eval_loss']:.3f}) on {VALIDATION_LINES} lines held back from the training corpus |
+| validation | masked-token accuracy {validation["eval_accuracy"]:.1%} (loss {validation["eval_loss"]:.3f}) on {VALIDATION_LINES} lines held back from the training corpus |
 
 ## Held-out accuracy
 
@@ -230,7 +262,7 @@ the top-1 prediction is compared with the hidden token (`recipes/demo_model/eval
 short everyday sentences that the model never saw: the usage examples of half of WordNet's synsets (chosen by a
 hash of the synset id; the other half's examples are training data, so no synset has examples on both sides) and
 the ChatterBot dialogue lines, a source entirely absent from training. The baseline always answers the most
-frequent training token (`{results['all']['baseline_token']}`).
+frequent training token (`{results["all"]["baseline_token"]}`).
 
 | held-out source | lines | tokens per line | this model, top-1 | baseline, top-1 |
 |---|---|---|---|---|

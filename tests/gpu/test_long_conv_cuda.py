@@ -89,4 +89,3 @@ def test_every_output_is_written():
         del poison
         y = run("cuda", *inputs(rng, *shape))
         assert np.isfinite(y).all()
-
