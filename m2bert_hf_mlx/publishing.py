@@ -1,8 +1,9 @@
 """Writing a complete model folder (weights, config, tokenizer files, model card) and publishing it on the Hub.
 
-`write_atomically` is the one way this package replaces a folder: the new one is written beside it and renamed into
-place, so an interrupted write never leaves a folder that looks complete. `convert`, `push_to_hub` and the trainer's
-checkpoints use it.
+`write_atomically` writes a folder beside its target and renames it into place, so an interrupted write never leaves
+a folder that looks complete; `push_to_hub`, the trainer's checkpoints and the demo recipe use it. `convert`, which
+writes into a folder the user names, claims it first and checks at the rename that it is still the folder it checked
+(`conversion/convert.py`'s `_Destination`).
 """
 
 import secrets
