@@ -52,6 +52,24 @@ def load_fixture(name):
     return json.loads(str(data["config_json"])), params, data
 
 
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """The Hub stand-in of hub_server.py, which huggingface_hub's client reaches through its `url`."""
+    from hub_server import HubServer
+    from huggingface_hub import constants
+
+    # huggingface_hub 2.x uploads through Xet whenever hf_xet is installed, whatever the server says; the stand-in
+    # speaks the LFS protocol, so the client runs as HF_HUB_DISABLE_XET=1 would make it (the variable is read into
+    # this constant when huggingface_hub is imported).
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    # No token of the machine's user takes part: each test passes its own.
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    with HubServer() as server:
+        yield server
+
+
 @pytest.fixture(params=["mlm_hta0", "mlm_hta1", "retrieval"])
 def fixture_name(request):
     return request.param

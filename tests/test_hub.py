@@ -9,8 +9,8 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from hub_server import READ_TOKEN, USER, WRITE_TOKEN, HubServer
-from huggingface_hub import CommitOperationAdd, HfApi, constants, hf_hub_download
+from hub_server import READ_TOKEN, USER, WRITE_TOKEN
+from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
 from transformers import BertTokenizer
 
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM
@@ -35,20 +35,6 @@ except HubError as e:
     sys.exit(3)
 np.save(out, np.array(model(mx.array(json.loads(input_ids))).logits))
 """
-
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    # huggingface_hub 2.x uploads through Xet whenever hf_xet is installed, whatever the server says; the stand-in
-    # speaks the LFS protocol, so the client runs as HF_HUB_DISABLE_XET=1 would make it (the variable is read into
-    # this constant when huggingface_hub is imported).
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    # No token of the machine's user takes part: each test passes its own.
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
-        monkeypatch.delenv(name, raising=False)
-    with HubServer() as server:
-        yield server
 
 
 def tiny_mlm():

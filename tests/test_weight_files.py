@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from checkpoint_files import canonical_state_dict, composer_checkpoint
 from conftest import load_fixture
-from hub_server import USER, WRITE_TOKEN, HubServer
-from huggingface_hub import HfApi, constants
+from hub_server import USER, WRITE_TOKEN
+from huggingface_hub import HfApi
 from safetensors.numpy import save_file
 from torch_format import save_torch_object, save_torch_state_dict
 
@@ -63,16 +63,6 @@ def expected_pooled(shift):
 def pooled(model):
     _, _, data = load_fixture("retrieval")
     return np.array(model(mx.array(data["input/input_ids"])).pooler_output)
-
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
-        monkeypatch.delenv(name, raising=False)
-    with HubServer() as server:
-        yield server
 
 
 def test_locov1_presets_are_the_80m_retrieval_architecture():
