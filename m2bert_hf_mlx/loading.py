@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 from . import modeling_m2_bert
 from .checkpoint_reader import checkpoint_keys, load_state_dict
 from .configuration_m2_bert import PRESETS, M2BertConfig, read_config_file
-from .errors import ConfigError, WeightsMismatchError, check_keywords, quote
+from .errors import ConfigError, HubError, WeightsMismatchError, check_keywords, quote
 from .hub import hub_download, hub_kwargs
 from .modeling_m2_bert import strip_training_prefixes
 from .modeling_utils import DTYPE_NAMES, DTYPES, is_head_weight
@@ -50,22 +50,79 @@ def fetch_config_folder(name_or_path, hub, subfolder):
     return folder / subfolder if subfolder else folder
 
 
+# Beside a repo's cached snapshots: which files each snapshot's commit holds, recorded when a load lists them online,
+# so that an offline load chooses among the repo's files as the online one did, not among those an earlier load
+# happened to download.
+LISTINGS_FOLDER = "m2bert-hf-mlx-listings"
+
+
+def _listing_path(snapshot):
+    return snapshot.parent.parent / LISTINGS_FOLDER / f"{snapshot.name}.json"
+
+
+def _record_listing(snapshot, listing):
+    path = _listing_path(snapshot)
+    try:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(listing), encoding="utf-8")
+    except OSError:
+        pass  # a read-only cache: offline loads of this repo then need weights=
+
+
+def _recorded_listing(snapshot):
+    try:
+        listing = json.loads(_listing_path(snapshot).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    valid = isinstance(listing, dict) and all(isinstance(v, int) or v is None for v in listing.values())
+    return listing if valid else None
+
+
+def _top_level(listing, subfolder):
+    if subfolder:
+        listing = {n[len(subfolder) + 1 :]: s for n, s in listing.items() if n.startswith(subfolder + "/")}
+    return {n: s for n, s in listing.items() if "/" not in n}
+
+
 def fetch_weights(repo_id, hub, subfolder, folder, weights=None):
     """Download the chosen weight files (see `weight_files.choose`) and the tokenizer files of a Hub repo; return
-    the local folder."""
+    the local folder. Offline, the choice is made among the files the repo holds, as recorded by an earlier online
+    load, and the chosen files must be cached."""
     from huggingface_hub.errors import DryRunError
 
     try:
-        listing = {f.filename: f.file_size for f in hub_download(repo_id, None, hub, dry_run=True)}
+        full_listing = {f.filename: f.file_size for f in hub_download(repo_id, None, hub, dry_run=True)}
     except DryRunError:
-        return folder  # offline: the cached snapshot holds what an earlier online load fetched
-    if subfolder:
-        listing = {n[len(subfolder) + 1 :]: s for n, s in listing.items() if n.startswith(subfolder + "/")}
-    listing = {n: s for n, s in listing.items() if "/" not in n}
+        snapshot = folder.parents[len(Path(subfolder).parts) - 1] if subfolder else folder
+        _check_cached_choice(repo_id, snapshot, subfolder, folder, weights)
+        return folder
+    listing = _top_level(full_listing, subfolder)
     chosen = choose(listing, repo_id, weights)
     wanted = list(chosen.files) + [n for n in TOKENIZER_FILES if n in listing]
     root = Path(hub_download(repo_id, _prefixed(subfolder, wanted), hub))
+    _record_listing(root, full_listing)
     return root / subfolder if subfolder else root
+
+
+def _check_cached_choice(repo_id, snapshot, subfolder, folder, weights):
+    listing = _recorded_listing(snapshot)
+    if listing is None:
+        if weights is None:
+            raise HubError(
+                f"Offline, which weight files {repo_id} holds is unknown (its cached copy records no listing): pass "
+                "weights='NAME' naming a cached weight file, or load it once online."
+            )
+        cached = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
+        choose(cached, f"the cached copy of {repo_id}", weights)
+        return
+    chosen = choose(_top_level(listing, subfolder), repo_id, weights)
+    missing = [quote(n) for n in chosen.files if not (folder / n).is_file()]
+    if missing:
+        raise HubError(
+            f"{repo_id}'s weights {', '.join(missing[:3])} are not in the Hugging Face cache and the Hub cannot be "
+            "reached (offline mode or local_files_only=True): load them once online, or pass weights= with a cached "
+            "weight file."
+        )
 
 
 def checkpoint_model_class(source, weights=None):

@@ -14,7 +14,7 @@ from torch_format import save_torch_object, save_torch_state_dict
 
 from m2bert_hf_mlx import M2BertConfig, M2BertModel
 from m2bert_hf_mlx.cli import main
-from m2bert_hf_mlx.errors import CheckpointError
+from m2bert_hf_mlx.errors import CheckpointError, HubError
 from m2bert_hf_mlx.weight_files import format_size
 
 POOLER_BIAS = "bert.pooler.dense.bias"
@@ -172,3 +172,37 @@ def test_commands_take_weights(tmp_path, capsys):
     printed = np.array(capsys.readouterr().out.split(), dtype=np.float32)
     expected = M2BertModel.from_pretrained(folder, weights="pytorch_model_V1.bin").encode("w1 w2")
     np.testing.assert_allclose(printed, expected, rtol=1e-6)
+
+
+def test_offline_chooses_among_the_repo_files_not_the_cached_ones(hub, tmp_path):
+    repo_id = f"{USER}/M2-BERT-2k-Retrieval-Encoder-V1"
+    api = HfApi(endpoint=hub.url, token=WRITE_TOKEN)
+    api.create_repo(repo_id)
+    api.upload_folder(repo_id=repo_id, folder_path=locov1_folder(tmp_path / "upload"))
+    cache = tmp_path / "cache"
+    M2BertModel.from_pretrained(repo_id, weights="pytorch_model_V1.bin", endpoint=hub.url, cache_dir=cache)
+
+    offline = dict(endpoint=hub.url, cache_dir=cache, local_files_only=True)
+    # The cache holds one weight file, the repo four: offline as online, the load asks which.
+    with pytest.raises(CheckpointError, match="holds several weight files: .*_checkpoint.pt .*weights='NAME'"):
+        M2BertModel.from_pretrained(repo_id, **offline)
+    with pytest.raises(
+        CheckpointError, match="weights='model.safetensors' is not a weight file of .*; it holds: .*.pt"
+    ):
+        M2BertModel.from_pretrained(repo_id, weights="model.safetensors", **offline)
+    with pytest.raises(HubError, match="'pytorch_model.bin' are not in the Hugging Face cache"):
+        M2BertModel.from_pretrained(repo_id, weights="pytorch_model.bin", **offline)
+    model = M2BertModel.from_pretrained(repo_id, weights="pytorch_model_V1.bin", **offline)
+    np.testing.assert_allclose(pooled(model), expected_pooled(0.1), atol=1e-4)
+
+    # A cache that records no listing (written before it was recorded) loads offline only a cached file named.
+    for listing in cache.rglob("m2bert-hf-mlx-listings/*.json"):
+        listing.unlink()
+    with pytest.raises(HubError, match="^Offline, which weight files .* is unknown .*pass weights='NAME'"):
+        M2BertModel.from_pretrained(repo_id, **offline)
+    with pytest.raises(
+        CheckpointError, match="is not a weight file of the cached copy of .*; it holds: pytorch_model_V1"
+    ):
+        M2BertModel.from_pretrained(repo_id, weights="pytorch_model.bin", **offline)
+    model = M2BertModel.from_pretrained(repo_id, weights="pytorch_model_V1.bin", **offline)
+    np.testing.assert_allclose(pooled(model), expected_pooled(0.1), atol=1e-4)
