@@ -23,9 +23,6 @@ from m2bert_hf_mlx.similarity import (
     similarity,
 )
 
-st_util = pytest.importorskip("sentence_transformers.util")
-torch = pytest.importorskip("torch")
-
 TEXTS = [
     "a cat sat on the mat",
     "dogs bark at night",
@@ -50,7 +47,16 @@ def arrays(seed=0, n=7, m=11, d=16):
     return rng.normal(size=(n, d)).astype(np.float32), rng.normal(size=(m, d)).astype(np.float32)
 
 
+@pytest.fixture(scope="module")
+def st_util():
+    """sentence-transformers' util, for the tests that compare with it (the torch-free install has neither)."""
+    pytest.importorskip("torch")
+    return pytest.importorskip("sentence_transformers.util")
+
+
 def t(x):
+    import torch
+
     return torch.from_numpy(np.asarray(x))
 
 
@@ -63,7 +69,7 @@ def t(x):
         (manhattan_sim, "manhattan_sim"),
     ],
 )
-def test_similarity_functions_match_sentence_transformers(ours, theirs):
+def test_similarity_functions_match_sentence_transformers(st_util, ours, theirs):
     a, b = arrays()
     expected = getattr(st_util, theirs)(t(a), t(b)).numpy()
     np.testing.assert_allclose(np.array(ours(mx.array(a), b)), expected, rtol=1e-5, atol=1e-5)
@@ -77,7 +83,7 @@ def test_similarity_functions_match_sentence_transformers(ours, theirs):
     np.testing.assert_allclose(np.array(ours_pairwise(a, b[: len(a)])), pairwise, rtol=1e-5, atol=1e-5)
 
 
-def test_model_similarity_follows_similarity_fn_name(encoder):
+def test_model_similarity_follows_similarity_fn_name(st_util, encoder):
     a, b = encoder.encode(TEXTS[:3]), encoder.encode(TEXTS[3:])
     assert encoder.similarity_fn_name == "cosine"
     np.testing.assert_allclose(
@@ -99,7 +105,7 @@ def test_model_similarity_follows_similarity_fn_name(encoder):
 
 
 @pytest.mark.parametrize("score", ["cos_sim", "dot_score"])
-def test_semantic_search_matches_sentence_transformers_in_chunks(tmp_path, score):
+def test_semantic_search_matches_sentence_transformers_in_chunks(st_util, tmp_path, score):
     queries, corpus = arrays(seed=1, n=23, m=301, d=24)
     ours_fn = {"cos_sim": cos_sim, "dot_score": dot_score}[score]
     expected = st_util.semantic_search(t(queries), t(corpus), top_k=7, score_function=getattr(st_util, score))
@@ -139,11 +145,11 @@ def test_quantization_matches_sentence_transformers(precision):
 
 
 @pytest.mark.parametrize("precision", ["int8", "uint8", "binary", "ubinary"])
-def test_encode_precision_is_sentence_transformers_quantization_of_the_float_embeddings(encoder, precision):
-    quantize = pytest.importorskip("sentence_transformers.util.quantization").quantize_embeddings
+def test_encode_precision_is_the_quantization_of_the_float_embeddings(encoder, precision):
+    # quantize_embeddings is sentence-transformers' own (test_quantization_matches_sentence_transformers).
     floats = encoder.encode(TEXTS, normalize_embeddings=True)
     got = encoder.encode(TEXTS, normalize_embeddings=True, precision=precision)
-    np.testing.assert_array_equal(got, quantize(floats, precision))
+    np.testing.assert_array_equal(got, quantize_embeddings(floats, precision))
     as_tensor = encoder.encode(TEXTS, precision=precision, convert_to_tensor=True)
     assert isinstance(as_tensor, mx.array) and as_tensor.dtype == {"int8": mx.int8, "binary": mx.int8}.get(
         precision, mx.uint8
