@@ -25,7 +25,16 @@ _MANHATTAN_BLOCK = 2**24
 
 
 def _matrix(x, name):
-    x = mx.array(np.asarray(x)) if not isinstance(x, mx.array) else x
+    if not isinstance(x, mx.array):
+        try:
+            x = np.asarray(x)
+        except ValueError:  # ragged nested lists
+            x = None
+        if x is None or x.dtype.kind not in "biuf":
+            raise InputError(
+                f"{name} must be numbers: an mx.array, a numpy array or a list of equal-length rows of numbers."
+            )
+        x = mx.array(x)
     if x.ndim == 1:
         x = x[None]
     if x.ndim != 2:
@@ -35,11 +44,15 @@ def _matrix(x, name):
 
 def _pair(a, b):
     a, b = _matrix(a, "a"), _matrix(b, "b")
+    _check_dimensions(a, b)
+    return a, b
+
+
+def _check_dimensions(a, b):
     if a.shape[1] != b.shape[1]:
         raise InputError(
             f"The embeddings have different dimensions, {a.shape[1]} and {b.shape[1]}: compare embeddings of one model."
         )
-    return a, b
 
 
 def normalize_embeddings(x) -> mx.array:
@@ -151,6 +164,7 @@ def semantic_search(
     best_ids = np.zeros((n_queries, 0), dtype=np.int64)
     for start in range(0, n_corpus, corpus_chunk_size):
         chunk = _matrix(corpus_embeddings[start : start + corpus_chunk_size], "corpus_embeddings")
+        _check_dimensions(queries, chunk)
         if score_function is cos_sim:
             chunk = normalize_embeddings(chunk)
         k = min(top_k, chunk.shape[0])

@@ -129,6 +129,18 @@ def test_semantic_search_matches_sentence_transformers_in_chunks(st_util, tmp_pa
     assert len(small[0]) == 3 and small[0][0]["score"] >= small[0][-1]["score"]
 
 
+def test_similarity_and_search_refuse_mismatched_or_non_numeric_embeddings():
+    queries, corpus = np.ones((2, 4), np.float32), np.ones((3, 5), np.float32)
+    for score_function in (cos_sim, dot_score):
+        with pytest.raises(InputError, match="different dimensions, 4 and 5"):
+            semantic_search(queries, corpus, score_function=score_function)
+    for bad in ("abc", [[1.0, 2.0], [3.0]], [["a", "b"]], [{"x": 1}]):
+        with pytest.raises(InputError, match="^a must be numbers: an mx.array, a numpy array or a list"):
+            similarity(bad, queries)
+        with pytest.raises(InputError, match="^corpus_embeddings must be numbers"):
+            semantic_search(queries, bad)
+
+
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_quantization_matches_sentence_transformers(precision):
     quantize = pytest.importorskip("sentence_transformers.util.quantization").quantize_embeddings
