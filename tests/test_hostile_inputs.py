@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, M2BertModel
-from m2bert_hf_mlx.configuration_m2_bert import validate_config
+from m2bert_hf_mlx.configuration_m2_bert import PRESETS, validate_config
 from m2bert_hf_mlx.errors import CheckpointError, ConfigError, InputError, TokenizerError, WeightsMismatchError
 from m2bert_hf_mlx.tokenization import check_tokenizer_fits, load_tokenizer
 from m2bert_hf_mlx.weight_files import local_weight_files
@@ -89,7 +89,7 @@ def test_fields_changed_after_the_config_are_checked_before_the_model_is_built()
 
 
 def test_every_published_preset_is_valid():
-    for name in ("m2-bert-80m", "m2-bert-341m", "m2-bert-80m-32k-retrieval", "tiny"):
+    for name in PRESETS:
         validate_config(M2BertConfig.from_preset(name))
 
 
