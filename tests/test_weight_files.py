@@ -8,7 +8,7 @@ import pytest
 from checkpoint_files import canonical_state_dict, composer_checkpoint
 from conftest import load_fixture
 from hub_server import USER, WRITE_TOKEN
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, scan_cache_dir
 from safetensors.numpy import save_file
 from torch_format import save_torch_object, save_torch_state_dict
 
@@ -181,6 +181,7 @@ def test_offline_chooses_among_the_repo_files_not_the_cached_ones(hub, tmp_path)
     api.upload_folder(repo_id=repo_id, folder_path=locov1_folder(tmp_path / "upload"))
     cache = tmp_path / "cache"
     M2BertModel.from_pretrained(repo_id, weights="pytorch_model_V1.bin", endpoint=hub.url, cache_dir=cache)
+    assert not scan_cache_dir(cache).warnings  # the recorded listing leaves huggingface_hub's cache valid
 
     offline = dict(endpoint=hub.url, cache_dir=cache, local_files_only=True)
     # The cache holds one weight file, the repo four: offline as online, the load asks which.
