@@ -20,6 +20,10 @@ class ModelOutput:
     def __contains__(self, key):
         return key in self.keys()
 
+    def __iter__(self):
+        # As a dict (and transformers' ModelOutput): iterating gives the keys.
+        return iter(self.keys())
+
     def to_tuple(self):
         return tuple(getattr(self, k) for k in self.keys())
 

@@ -101,7 +101,7 @@ def test_outputs_read_as_attributes_and_keys():
     with pytest.raises(KeyError, match="loss"):
         out["loss"]
     base = M2BertModel(config)(ids)
-    assert base.keys() == ["last_hidden_state", "pooler_output"]
+    assert base.keys() == list(base) == ["last_hidden_state", "pooler_output"]
     assert base.pooler_output.shape == (1, config.hidden_size)
     assert M2BertModel(M2BertConfig.from_preset("tiny", add_pooling_layer=False))(ids).pooler_output is None
     assert M2BertForSequenceClassification(config)(ids).logits.shape == (1, 3)
