@@ -22,6 +22,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from .errors import BlasLoadError
+
 ENV = "M2BERT_BLAS"
 
 #: The library that was loaded for MLX, or None.
@@ -90,7 +92,7 @@ def preload():
         try:
             loaded = _load(choice)
         except OSError as e:
-            raise ImportError(
+            raise BlasLoadError(
                 f"{ENV}={choice!r} cannot be loaded ({e}); give the path of a CBLAS library or 'off'."
             ) from None
         return

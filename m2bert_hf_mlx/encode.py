@@ -12,7 +12,7 @@ import numpy as np
 
 from .activations import l2_normalize
 from .embedding_precision import check_precision, quantize_embeddings
-from .errors import InputError, checked_keywords
+from .errors import InputError, InputTypeError, checked_keywords
 from .modeling_m2_bert import M2BertModel
 from .pipelines.base import (
     _as_list,
@@ -66,7 +66,7 @@ def encode(
     texts take more than one batch.
     """
     if not isinstance(model, M2BertModel):
-        raise TypeError(f"encode takes an M2BertModel, got {type(model).__name__}.")
+        raise InputTypeError(f"encode takes an M2BertModel, got {type(model).__name__}.")
     if output_value not in OUTPUT_VALUES:
         raise InputError(
             f"output_value={output_value!r} is not supported; use one of {', '.join(map(repr, OUTPUT_VALUES))}."

@@ -22,6 +22,10 @@ class InputError(M2BertError, ValueError):
     """Inputs a model or pipeline cannot take: wrong shape, empty, too long, wrong options."""
 
 
+class InputTypeError(InputError, TypeError):
+    """An input or a model of the wrong type (a TypeError too, as Python's own would be)."""
+
+
 class QuantizationError(M2BertError, ValueError):
     """Quantization settings MLX cannot apply, or a quantized folder this package did not write."""
 
@@ -51,6 +55,18 @@ class ConvertError(M2BertError, ValueError):
     """A conversion that cannot go ahead as asked; the message says what to change."""
 
 
+class BackendUnavailableError(M2BertError, RuntimeError):
+    """A long-convolution back end that was asked for and that this machine or this MLX build cannot run."""
+
+
+class BlasLoadError(M2BertError, ImportError):
+    """The CBLAS library that M2BERT_BLAS names cannot be loaded (an ImportError: it happens at import)."""
+
+
+class OutputFileError(M2BertError, OSError):
+    """A file this package was asked to write that cannot be written."""
+
+
 class LongConvKernelError(M2BertError, RuntimeError):
     """A long-convolution kernel failed to build or computed a wrong result, and its back end was forced."""
 
@@ -63,13 +79,19 @@ class ArgumentError(M2BertError, TypeError):
     """A keyword argument that the function or pipeline does not take (a TypeError, as Python's own would be)."""
 
 
+def closest(name, accepted):
+    """The accepted name closest to `name` (a likely misspelling of it), or None."""
+    close = difflib.get_close_matches(str(name), sorted(accepted), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def check_keywords(where, given, accepted):
     """Refuse the first name of `given` that is not in `accepted`, suggesting the closest accepted one."""
     accepted = sorted(accepted)
     for name in given:
         if name not in accepted:
-            close = difflib.get_close_matches(name, accepted, n=1, cutoff=0.6)
-            hint = f"did you mean {close[0]!r}?" if close else f"it takes {', '.join(accepted)}."
+            close = closest(name, accepted)
+            hint = f"did you mean {close!r}?" if close else f"it takes {', '.join(accepted)}."
             raise ArgumentError(f"{where} got an unknown keyword argument {name!r}: {hint}")
 
 

@@ -21,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import emulator, kernels
-from .errors import LongConvKernelError
+from .errors import BackendUnavailableError, ConfigError, LongConvKernelError, closest
 
 BACKENDS = ("metal", "cuda", "mlx", "emulated")
 BACKEND_ENV = "M2BERT_LONG_CONV_BACKEND"
@@ -46,13 +46,18 @@ def resolve_backend(backend=None):
             return "cuda"
         return "mlx"
     if backend not in BACKENDS:
-        raise ValueError(
-            f"Unknown long_conv backend {backend!r} (from the argument or {BACKEND_ENV}); choose one of {BACKENDS}."
+        close = closest(backend, BACKENDS)
+        hint = f"did you mean {close!r}? " if close else ""
+        raise ConfigError(
+            f"Unknown long_conv backend {backend!r} (from the argument or {BACKEND_ENV}); {hint}choose one of "
+            f"{', '.join(BACKENDS)}."
         )
     if backend == "metal" and not mx.metal.is_available():
-        raise RuntimeError("long_conv backend 'metal' needs an Apple GPU; use 'emulated' to run its code on the CPU.")
+        raise BackendUnavailableError(
+            "long_conv backend 'metal' needs an Apple GPU; use 'emulated' to run its code on the CPU."
+        )
     if backend == "cuda" and not mx.cuda.is_available():
-        raise RuntimeError("long_conv backend 'cuda' needs MLX with its CUDA back end and an NVIDIA GPU.")
+        raise BackendUnavailableError("long_conv backend 'cuda' needs MLX with its CUDA back end and an NVIDIA GPU.")
     return backend
 
 

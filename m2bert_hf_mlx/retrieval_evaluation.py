@@ -26,7 +26,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .commands import _add_model_arguments, _add_padding_argument, _positive_int
-from .errors import InputError
+from .errors import InputError, InputTypeError, OutputFileError
 from .modeling_m2_bert import M2BertModel
 from .similarity import SIMILARITY_FUNCTIONS, cos_sim, dot_score, euclidean_sim, manhattan_sim, semantic_search
 
@@ -165,7 +165,7 @@ def evaluate_retrieval(
     """Encode `data` (a `RetrievalData`) with `model`, search, and return (metrics, where the corpus embeddings
     came from: "computed" or "cache"). `cache` is a file path for the corpus embeddings (None: no cache)."""
     if not isinstance(model, M2BertModel):
-        raise TypeError(f"evaluate_retrieval takes an M2BertModel, got {type(model).__name__}.")
+        raise InputTypeError(f"evaluate_retrieval takes an M2BertModel, got {type(model).__name__}.")
     name = similarity_fn_name or model.similarity_fn_name
     if name not in _SCORE_FUNCTIONS:
         raise InputError(f"similarity_fn_name={name!r} is not supported; use one of {', '.join(SIMILARITY_FUNCTIONS)}.")
@@ -221,7 +221,7 @@ def _corpus_embeddings(model, texts, cache, options):
     except OSError as e:
         if partial.exists():
             partial.unlink()
-        raise OSError(
+        raise OutputFileError(
             f"cannot write the corpus-embedding cache {cache} ({e.strerror or e}); give another file (--cache FILE) "
             "or none (--no-cache)."
         ) from e

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from m2bert_hf_mlx.cpu_blas import PIP_CBLAS
+from m2bert_hf_mlx.errors import BlasLoadError, M2BertError
 
 # A correct, naive cblas_sgemm that counts its calls: if MLX's products reach it, the interposition works.
 FAKE_CBLAS = r"""
@@ -127,4 +128,6 @@ def test_importing_the_package_prints_nothing():
 @pytest.mark.skipif(sys.platform != "linux", reason="the interposition concerns MLX's Linux CPU wheels")
 def test_an_unloadable_library_is_a_clear_error():
     result = run_python("import m2bert_hf_mlx", M2BERT_BLAS="/nonexistent/libblas.so")
-    assert result.returncode != 0 and "M2BERT_BLAS='/nonexistent/libblas.so' cannot be loaded" in result.stderr
+    expected = "m2bert_hf_mlx.errors.BlasLoadError: M2BERT_BLAS='/nonexistent/libblas.so' cannot be loaded"
+    assert result.returncode != 0 and expected in result.stderr
+    assert issubclass(BlasLoadError, ImportError) and issubclass(BlasLoadError, M2BertError)

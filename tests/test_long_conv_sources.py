@@ -10,6 +10,7 @@ import mlx.core as mx
 import pytest
 
 from m2bert_hf_mlx import kernels, ops
+from m2bert_hf_mlx.errors import BackendUnavailableError
 
 METAL_TYPES = {"float32": "float", "float16": "half", "bfloat16": "bfloat16_t", "int32": "int"}
 CUDA_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "int32": "int32_t"}
@@ -145,7 +146,7 @@ def _input_sizes(launch):
 def test_metal_kernels_construct_without_metal():
     for spec in kernels.KERNELS.values():
         assert callable(kernels.metal_kernel(spec))
-    with pytest.raises(RuntimeError, match="needs an Apple GPU"):
+    with pytest.raises(BackendUnavailableError, match="needs an Apple GPU"):
         ops.resolve_backend("metal")
 
 

@@ -11,7 +11,7 @@ from tiny_models import LABELS, MAX_LENGTH, REAL_VOCAB, padded_ids, save_tiny_mo
 from transformers import BertTokenizerFast
 
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, M2BertModel, pipeline
-from m2bert_hf_mlx.errors import ArgumentError, InputError
+from m2bert_hf_mlx.errors import ArgumentError, InputError, InputTypeError
 from m2bert_hf_mlx.pipelines import FillMaskPipeline
 from m2bert_hf_mlx.tokenization import VOCAB_FILE, save_tokenizer
 
@@ -433,11 +433,11 @@ def test_text_classification_scores_are_the_reference(folders):
 
 
 def test_pipeline_factory(folders, fill_mask, tmp_path):
-    with pytest.raises(ValueError, match="Unknown task 'summarization'; available tasks: fill-mask"):
+    with pytest.raises(InputError, match="Unknown task 'summarization'; available tasks: fill-mask"):
         pipeline("summarization", model=folders["mlm"][0])
     with pytest.raises(ValueError, match="needs model="):
         pipeline("fill-mask")
-    with pytest.raises(TypeError, match="needs an M2BertForMaskedLM"):
+    with pytest.raises(InputTypeError, match="needs an M2BertForMaskedLM"):
         pipeline("fill-mask", model=M2BertModel.from_pretrained(folders["pooler"][0]))
     with pytest.raises(ValueError, match="needs a model with a pooler"):
         pipeline("sentence-embedding", model=folders["mlm"][0])

@@ -5,12 +5,24 @@ import os
 import subprocess
 import sys
 
+import mlx.core as mx
 import pytest
 from tiny_models import MAX_LENGTH, save_tiny_model
 
-from m2bert_hf_mlx import DEMO_MODEL, M2BertConfig, M2BertForMaskedLM, M2BertModel, pipeline
+from m2bert_hf_mlx import DEMO_MODEL, M2BertConfig, M2BertForMaskedLM, M2BertModel, ops, pipeline
 from m2bert_hf_mlx.cli import main
-from m2bert_hf_mlx.errors import ArgumentError, HubError, WeightsMismatchError
+from m2bert_hf_mlx.encode import encode
+from m2bert_hf_mlx.errors import (
+    ArgumentError,
+    BackendUnavailableError,
+    ConfigError,
+    HubError,
+    InputError,
+    InputTypeError,
+    OutputFileError,
+    WeightsMismatchError,
+)
+from m2bert_hf_mlx.retrieval_evaluation import RetrievalData, evaluate_retrieval
 
 TOO_LONG = "x [MASK] y" + " word" * MAX_LENGTH
 
@@ -160,3 +172,47 @@ def test_an_output_that_is_a_file_is_one_line(tmp_path, capsys):
     output.write_text("x")
     assert train(tmp_path, output, "--steps", "1") == 1
     assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_pipeline_factory_mistakes_are_typed_errors(folders):
+    with pytest.raises(InputError, match="Unknown task 'fill_mask'; did you mean 'fill-mask'\\? available tasks"):
+        pipeline("fill_mask", model=folders["mlm"])
+    with pytest.raises(InputError, match="needs model="):
+        pipeline("fill-mask")
+    fill = pipeline("fill-mask", model=folders["mlm"])
+    with pytest.raises(InputError, match="not a model object"):
+        pipeline("fill-mask", model=fill.model, token="hf_x")
+
+
+def test_pipeline_and_encode_input_mistakes_are_typed_errors(folders):
+    fill = pipeline("fill-mask", model=folders["mlm"])
+    with pytest.raises(InputError, match="list of inputs is empty"):
+        fill([])
+    with pytest.raises(InputTypeError, match="not a string"):
+        fill(["a [MASK]", 3])
+    with pytest.raises(InputTypeError, match="Expected a string or a list of strings"):
+        fill(b"a [MASK]")
+    with pytest.raises(InputError, match="batch_size=0: give a positive integer"):
+        fill("a [MASK]", batch_size=0)
+    with pytest.raises(InputTypeError, match="encode takes an M2BertModel"):
+        encode(fill.model, ["a text"])
+    with pytest.raises(InputTypeError, match="evaluate_retrieval takes an M2BertModel"):
+        evaluate_retrieval(fill.model, None)
+
+
+def test_the_cache_that_cannot_be_written_is_an_output_file_error(folders, tmp_path):
+    encoder = M2BertModel.from_pretrained(folders["pooler"])
+    data = RetrievalData(["d1"], ["cat milk"], ["q1"], ["cat"], {"q1": {"d1": 1}})
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OutputFileError, match="cannot write the corpus-embedding cache"):
+        evaluate_retrieval(encoder, data, cache=tmp_path / "file" / "x.npz")
+
+
+def test_a_misspelt_long_conv_backend_is_a_config_error_with_a_suggestion(monkeypatch):
+    monkeypatch.setenv(ops.BACKEND_ENV, "emulate")
+    with pytest.raises(ConfigError, match="'emulate'.*did you mean 'emulated'\\? choose one of metal, cuda, mlx"):
+        ops.resolve_backend()
+    unavailable = [name for name, device in (("metal", mx.metal), ("cuda", mx.cuda)) if not device.is_available()]
+    for backend in unavailable:
+        with pytest.raises(BackendUnavailableError, match=f"long_conv backend '{backend}' needs"):
+            ops.resolve_backend(backend)

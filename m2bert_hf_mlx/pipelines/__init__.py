@@ -3,6 +3,7 @@
 
 import os
 
+from ..errors import InputError, closest
 from ..modeling_m2_bert import (
     M2BertForMaskedLM,
     M2BertForSequenceClassification,
@@ -54,16 +55,18 @@ def pipeline(
     arguments are default call arguments of the pipeline (such as `top_k`, `padding` or `batch_size`).
     """
     if task not in TASKS:
-        raise ValueError(f"Unknown task {task!r}; available tasks: {', '.join(TASKS)}.")
+        close = closest(task, TASKS)
+        hint = f"did you mean {close!r}? " if close else ""
+        raise InputError(f"Unknown task {task!r}; {hint}available tasks: {', '.join(TASKS)}.")
     pipeline_class, model_class = TASKS[task]
     if model is None:
-        raise ValueError(f"pipeline({task!r}) needs model=: a model object, a local model folder or a Hub repo id.")
+        raise InputError(f"pipeline({task!r}) needs model=: a model object, a local model folder or a Hub repo id.")
     if isinstance(model, (str, os.PathLike)):
         model = model_class.from_pretrained(
             str(model), revision=revision, token=token, dtype=dtype, **(model_kwargs or {})
         )
     elif revision is not None or token is not None or dtype is not None or model_kwargs:
-        raise ValueError(
+        raise InputError(
             "revision, token, dtype and model_kwargs apply when model is a folder or repo id, not a model object."
         )
     if isinstance(tokenizer, (str, os.PathLike)):

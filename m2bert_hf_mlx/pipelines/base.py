@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import InputError, check_keywords
+from ..errors import InputError, InputTypeError, check_keywords
 from ..modeling_m2_bert import (
     M2BertForMaskedLM,
     M2BertForSequenceClassification,
@@ -69,18 +69,18 @@ def _as_list(inputs, allowed=(str,)):
     """(the inputs as a list, whether a single input was given)."""
     if isinstance(inputs, (list, tuple)):
         if not inputs:
-            raise ValueError("The list of inputs is empty: give at least one text.")
+            raise InputError("The list of inputs is empty: give at least one text.")
         return list(inputs), False
     if not isinstance(inputs, allowed):
-        raise TypeError(f"Expected a string or a list of strings, got {type(inputs).__name__}.")
+        raise InputTypeError(f"Expected a string or a list of strings, got {type(inputs).__name__}.")
     return [inputs], True
 
 
 def _check_text(text, where):
     if not isinstance(text, str):
-        raise TypeError(f"{where} is a {type(text).__name__}, not a string: give texts as str.")
+        raise InputTypeError(f"{where} is a {type(text).__name__}, not a string: give texts as str.")
     if not text.strip():
-        raise ValueError(f"{where} is empty: give a text with at least one word.")
+        raise InputError(f"{where} is empty: give a text with at least one word.")
 
 
 def _where(index, single):
@@ -89,12 +89,12 @@ def _where(index, single):
 
 def _check_options(padding, truncation, batch_size):
     if padding not in PADDING_CHOICES:
-        raise ValueError(
+        raise InputError(
             f"padding={padding!r} is not supported: use 'max_length' (the default, which reproduces the reference "
             "outputs) or 'longest' (faster, different outputs)."
         )
     if not isinstance(truncation, bool):
-        raise ValueError(
+        raise InputError(
             f"truncation={truncation!r}: use True (cut long inputs, with a warning) or False (refuse them)."
         )
     if batch_size is not None:
@@ -103,7 +103,7 @@ def _check_options(padding, truncation, batch_size):
 
 def _check_positive_int(value, name):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r}: give a positive integer.")
+        raise InputError(f"{name}={value!r}: give a positive integer.")
 
 
 def _call_tokenizer(tokenizer, texts, pairs, **kwargs):
@@ -268,7 +268,7 @@ def _base_model(model, task):
         return model
     if isinstance(model, (M2BertForMaskedLM, M2BertForSequenceClassification)):
         return model.bert
-    raise TypeError(f"The {task} pipeline needs an M2-BERT model, got {type(model).__name__}.")
+    raise InputTypeError(f"The {task} pipeline needs an M2-BERT model, got {type(model).__name__}.")
 
 
 def _tokenizer_kwargs(tokenizer_kwargs, padding, truncation):
@@ -277,7 +277,7 @@ def _tokenizer_kwargs(tokenizer_kwargs, padding, truncation):
         return padding, truncation
     unknown = sorted(set(tokenizer_kwargs) - {"padding", "truncation"})
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"tokenizer_kwargs {unknown} are not supported: M2-BERT pipelines take only 'padding' ('max_length' or "
             "'longest') and 'truncation' (True or False), because the input length is fixed by the padding rule."
         )

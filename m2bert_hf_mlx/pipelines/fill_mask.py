@@ -5,6 +5,7 @@ import logging
 import mlx.core as mx
 import numpy as np
 
+from ..errors import InputError, InputTypeError, TokenizerError
 from ..modeling_m2_bert import M2BertForMaskedLM
 from .base import (
     Pipeline,
@@ -37,11 +38,13 @@ class FillMaskPipeline(Pipeline):
     def __init__(self, model, tokenizer=None, **defaults):
         super().__init__(model, tokenizer, **defaults)
         if self.tokenizer.mask_token_id is None:
-            raise ValueError("The tokenizer has no mask token, so there is nothing to fill; use bert-base-uncased's.")
+            raise TokenizerError(
+                "The tokenizer has no mask token, so there is nothing to fill; use bert-base-uncased's."
+            )
 
     def _check_model(self, model):
         if not isinstance(model, M2BertForMaskedLM):
-            raise TypeError(
+            raise InputTypeError(
                 f"The fill-mask pipeline needs an M2BertForMaskedLM (an MLM checkpoint), got {type(model).__name__}. "
                 "Retrieval checkpoints have no MLM head: use the 'sentence-embedding' or 'feature-extraction' pipeline."
             )
@@ -108,7 +111,7 @@ class FillMaskPipeline(Pipeline):
                 if row.truncated
                 else ""
             )
-            raise ValueError(
+            raise InputError(
                 f"No mask_token ({self.tokenizer.mask_token}) found in {where.lower()}{cut}: put "
                 f"{self.tokenizer.mask_token} where a token should be predicted."
             )
@@ -135,7 +138,7 @@ class FillMaskPipeline(Pipeline):
             )
             ids.append(pieces[0])
         if not ids:
-            raise ValueError(f"None of the targets {targets!r} has a token: give words of the vocabulary.")
+            raise InputError(f"None of the targets {targets!r} has a token: give words of the vocabulary.")
         return np.array(sorted(set(ids)))
 
     def _predictions(self, input_ids, position, token_ids, scores, *, single_mask):

@@ -1,6 +1,7 @@
 """The sentence-embedding pipeline: one vector per text, as `encode` computes it."""
 
 from ..encode import encode
+from ..errors import InputError
 from .base import Pipeline, _base_model
 
 
@@ -14,7 +15,7 @@ class SentenceEmbeddingPipeline(Pipeline):
     def _check_model(self, model):
         model = _base_model(model, self.task)
         if "pooler" not in model:
-            raise ValueError(
+            raise InputError(
                 "The sentence-embedding pipeline needs a model with a pooler, and this one has none (MLM checkpoints "
                 "come without one). Use a retrieval checkpoint (such as togethercomputer/m2-bert-80M-8k-retrieval), "
                 "or the 'feature-extraction' pipeline for per-token hidden states."

@@ -3,6 +3,7 @@
 import mlx.core as mx
 import numpy as np
 
+from ..errors import InputError, InputTypeError
 from ..modeling_m2_bert import M2BertForSequenceClassification
 from .base import (
     Pipeline,
@@ -32,7 +33,7 @@ class TextClassificationPipeline(Pipeline):
 
     def _check_model(self, model):
         if not isinstance(model, M2BertForSequenceClassification):
-            raise TypeError(
+            raise InputTypeError(
                 f"The text-classification pipeline needs an M2BertForSequenceClassification (a checkpoint with a "
                 f"classifier head), got {type(model).__name__}."
             )
@@ -90,7 +91,7 @@ class TextClassificationPipeline(Pipeline):
                 return "sigmoid"
             return "softmax"
         if not isinstance(function_to_apply, str) or function_to_apply.lower() not in CLASSIFICATION_FUNCTIONS:
-            raise ValueError(
+            raise InputError(
                 f"function_to_apply={function_to_apply!r}: use one of {', '.join(CLASSIFICATION_FUNCTIONS)}."
             )
         return function_to_apply.lower()
@@ -99,13 +100,13 @@ class TextClassificationPipeline(Pipeline):
     def _text_and_pair(item, where):
         if isinstance(item, dict):
             if "text" not in item or set(item) - {"text", "text_pair"}:
-                raise ValueError(f'{where} is a dict with keys {sorted(item)}; give {{"text": ..., "text_pair": ...}}.')
+                raise InputError(f'{where} is a dict with keys {sorted(item)}; give {{"text": ..., "text_pair": ...}}.')
             _check_text(item["text"], f"{where}'s text")
             if "text_pair" in item:
                 _check_text(item["text_pair"], f"{where}'s text_pair")
             return item["text"], item.get("text_pair")
         if isinstance(item, (list, tuple)):
-            raise ValueError(
+            raise InputError(
                 f'{where} is a {type(item).__name__}: give a text pair as {{"text": ..., "text_pair": ...}}.'
             )
         _check_text(item, where)
