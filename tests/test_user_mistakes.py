@@ -216,3 +216,16 @@ def test_a_misspelt_long_conv_backend_is_a_config_error_with_a_suggestion(monkey
     for backend in unavailable:
         with pytest.raises(BackendUnavailableError, match=f"long_conv backend '{backend}' needs"):
             ops.resolve_backend(backend)
+
+
+def test_a_misspelt_factory_keyword_is_refused_before_the_model_loads(monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the keywords were checked")
+
+    monkeypatch.setattr(M2BertForMaskedLM, "from_pretrained", no_loading)
+    with pytest.raises(ArgumentError, match="unknown keyword argument 'dtyp': did you mean 'dtype'\\?"):
+        pipeline("fill-mask", model=DEMO_MODEL, dtyp="float16")
+    with pytest.raises(ArgumentError, match="'model_kwarg': did you mean 'model_kwargs'\\?"):
+        pipeline("fill-mask", model=DEMO_MODEL, model_kwarg={})
+    with pytest.raises(ArgumentError, match="'topk': did you mean 'top_k'\\?"):
+        pipeline("fill-mask", model=DEMO_MODEL, topk=2)

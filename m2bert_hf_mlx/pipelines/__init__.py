@@ -1,9 +1,10 @@
 """Pipelines in the manner of transformers: `pipeline("fill-mask", model=...)`, one module per task on the common
 `Pipeline` of `base` (which also states the padding rule every pipeline follows)."""
 
+import inspect
 import os
 
-from ..errors import InputError, closest
+from ..errors import InputError, check_keywords, closest
 from ..modeling_m2_bert import (
     M2BertForMaskedLM,
     M2BertForSequenceClassification,
@@ -59,6 +60,9 @@ def pipeline(
         hint = f"did you mean {close!r}? " if close else ""
         raise InputError(f"Unknown task {task!r}; {hint}available tasks: {', '.join(TASKS)}.")
     pipeline_class, model_class = TASKS[task]
+    # Before the model loads; the factory's own names too, for a misspelt one of them.
+    factory = [name for name, p in inspect.signature(pipeline).parameters.items() if p.kind is not p.VAR_KEYWORD]
+    check_keywords(f"The {task} pipeline", kwargs, [*pipeline_class.call_options(), *factory])
     if model is None:
         raise InputError(f"pipeline({task!r}) needs model=: a model object, a local model folder or a Hub repo id.")
     if isinstance(model, (str, os.PathLike)):

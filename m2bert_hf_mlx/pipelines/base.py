@@ -249,9 +249,13 @@ class Pipeline:
     def _run(self, inputs, **kwargs):
         raise NotImplementedError
 
+    @classmethod
+    def call_options(cls):
+        """The names of the keyword arguments a call (or the constructor, as defaults) takes."""
+        return [name for name, p in inspect.signature(cls._run).parameters.items() if p.kind is p.KEYWORD_ONLY]
+
     def _check_arguments(self, kwargs):
-        accepted = [name for name, p in inspect.signature(self._run).parameters.items() if p.kind is p.KEYWORD_ONLY]
-        check_keywords(f"The {self.task} pipeline", kwargs, accepted)
+        check_keywords(f"The {self.task} pipeline", kwargs, self.call_options())
 
     def _tokenize(self, texts, pairs, truncation):
         return _tokenize(
