@@ -72,20 +72,23 @@ def load_tokenizer(
     return tokenizer
 
 
-def resolve_tokenizer(tokenizer=None, source=None, *, model_max_length=None, token=None, endpoint=None):
+def resolve_tokenizer(tokenizer=None, source=None, *, model_max_length=None, revision=None, token=None, endpoint=None):
     """The tokenizer a model runs with, and where it came from (for model cards and `m2bert-mlx info`).
 
     `tokenizer`, when given, is a transformers tokenizer or a folder or Hub repo id to load one from. Otherwise
     `source`, the model's folder or Hub repo id: its tokenizer files (a local folder without them gives the
     shipped vocabulary), under the canonical rule of this module; with neither, bert-base-uncased from the
-    vocabulary shipped with this package.
+    vocabulary shipped with this package. `revision`, `token` and `endpoint` apply to a Hub repo id.
     """
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         origin = "the tokenizer given"
     elif tokenizer is not None:
-        tokenizer, origin = load_tokenizer(str(tokenizer), token=token, endpoint=endpoint), str(tokenizer)
+        loaded = load_tokenizer(str(tokenizer), revision=revision, token=token, endpoint=endpoint)
+        tokenizer, origin = loaded, str(tokenizer)
     elif source is not None and (not Path(source).exists() or has_tokenizer_files(source)):
-        tokenizer = load_tokenizer(str(source), model_max_length=model_max_length, token=token, endpoint=endpoint)
+        tokenizer = load_tokenizer(
+            str(source), model_max_length=model_max_length, revision=revision, token=token, endpoint=endpoint
+        )
         origin = "the source's tokenizer files"
     else:
         tokenizer, origin = load_tokenizer(), SHIPPED_VOCABULARY

@@ -9,7 +9,7 @@ import mlx.core as mx
 import pytest
 from tiny_models import MAX_LENGTH, save_tiny_model
 
-from m2bert_hf_mlx import DEMO_MODEL, M2BertConfig, M2BertForMaskedLM, M2BertModel, ops, pipeline
+from m2bert_hf_mlx import DEMO_MODEL, M2BertConfig, M2BertForMaskedLM, M2BertModel, ops, pipeline, tokenization
 from m2bert_hf_mlx.cli import main
 from m2bert_hf_mlx.encode import encode
 from m2bert_hf_mlx.errors import (
@@ -229,3 +229,17 @@ def test_a_misspelt_factory_keyword_is_refused_before_the_model_loads(monkeypatc
         pipeline("fill-mask", model=DEMO_MODEL, model_kwarg={})
     with pytest.raises(ArgumentError, match="'topk': did you mean 'top_k'\\?"):
         pipeline("fill-mask", model=DEMO_MODEL, topk=2)
+
+
+def test_pipeline_loads_a_tokenizer_by_the_one_resolver_with_the_revision(folders, monkeypatch):
+    calls = []
+    real = tokenization.load_tokenizer
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tokenization, "load_tokenizer", recording)
+    fill = pipeline("fill-mask", model=folders["mlm"], tokenizer=DEMO_MODEL, revision="main")
+    assert [call["revision"] for call in calls] == ["main"]
+    assert fill.tokenizer.model_max_length == MAX_LENGTH

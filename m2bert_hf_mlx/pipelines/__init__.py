@@ -10,7 +10,7 @@ from ..modeling_m2_bert import (
     M2BertForSequenceClassification,
     M2BertModel,
 )
-from ..tokenization import load_tokenizer
+from ..tokenization import resolve_tokenizer
 from .base import PADDING_CHOICES, Pipeline, default_tokenizer
 from .feature_extraction import FeatureExtractionPipeline
 from .fill_mask import FillMaskPipeline
@@ -74,5 +74,6 @@ def pipeline(
             "revision, token, dtype and model_kwargs apply when model is a folder or repo id, not a model object."
         )
     if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = load_tokenizer(str(tokenizer), model_max_length=model.config.max_sequence_length, token=token)
+        max_length = model.config.max_sequence_length
+        tokenizer = resolve_tokenizer(tokenizer, model_max_length=max_length, revision=revision, token=token)[0]
     return pipeline_class(model, tokenizer, **kwargs)
