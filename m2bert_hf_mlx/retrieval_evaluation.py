@@ -28,14 +28,13 @@ from mlx.utils import tree_flatten
 from .commands import _add_model_arguments, _add_padding_argument, _positive_int
 from .errors import InputError, InputTypeError, OutputFileError
 from .modeling_m2_bert import M2BertModel
-from .similarity import SIMILARITY_FUNCTIONS, cos_sim, dot_score, euclidean_sim, manhattan_sim, semantic_search
+from .similarity import SIMILARITY_FUNCTIONS, semantic_search, similarity_function
 
 logger = logging.getLogger(__name__)
 
 CUTOFFS = {"ndcg": (10,), "mrr": (10,), "recall": (1, 10, 100)}
 METRICS = tuple(f"{name}@{k}" for name, ks in CUTOFFS.items() for k in ks)
 _UINT_OF_WIDTH = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}
-_SCORE_FUNCTIONS = {"cosine": cos_sim, "dot": dot_score, "euclidean": euclidean_sim, "manhattan": manhattan_sim}
 
 
 @dataclass
@@ -166,9 +165,7 @@ def evaluate_retrieval(
     came from: "computed" or "cache"). `cache` is a file path for the corpus embeddings (None: no cache)."""
     if not isinstance(model, M2BertModel):
         raise InputTypeError(f"evaluate_retrieval takes an M2BertModel, got {type(model).__name__}.")
-    name = similarity_fn_name or model.similarity_fn_name
-    if name not in _SCORE_FUNCTIONS:
-        raise InputError(f"similarity_fn_name={name!r} is not supported; use one of {', '.join(SIMILARITY_FUNCTIONS)}.")
+    score_function = similarity_function(similarity_fn_name or model.similarity_fn_name)
     options = dict(batch_size=batch_size, padding=padding, show_progress_bar=show_progress_bar)
     corpus, origin = _corpus_embeddings(model, data.corpus_texts, cache, options)
     queries = model.encode_query(data.query_texts, **options)
@@ -177,7 +174,7 @@ def evaluate_retrieval(
         corpus,
         top_k=max(k for ks in CUTOFFS.values() for k in ks),
         corpus_chunk_size=corpus_chunk_size,
-        score_function=_SCORE_FUNCTIONS[name],
+        score_function=score_function,
     )
     run = {
         query_id: {data.corpus_ids[h["corpus_id"]]: h["score"] for h in query_hits}

@@ -125,9 +125,14 @@ def check_similarity_fn_name(name: str) -> str:
     return name
 
 
+def similarity_function(similarity_fn_name: str) -> Callable[[mx.array, mx.array], mx.array]:
+    """The (N, D) x (M, D) -> (N, M) score function that `similarity_fn_name` names (`cos_sim` for "cosine")."""
+    return _FUNCTIONS[check_similarity_fn_name(similarity_fn_name)][0]
+
+
 def similarity(a, b, similarity_fn_name: str = "cosine") -> mx.array:
     """(N, M) scores of every embedding of `a` against every embedding of `b`."""
-    return _FUNCTIONS[check_similarity_fn_name(similarity_fn_name)][0](a, b)
+    return similarity_function(similarity_fn_name)(a, b)
 
 
 def similarity_pairwise(a, b, similarity_fn_name: str = "cosine") -> mx.array:

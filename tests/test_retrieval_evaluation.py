@@ -10,7 +10,15 @@ import pytest
 from m2bert_hf_mlx import M2BertConfig, M2BertModel
 from m2bert_hf_mlx.cli import main
 from m2bert_hf_mlx.errors import InputError
-from m2bert_hf_mlx.retrieval_evaluation import METRICS, load_beir, mean_metrics
+from m2bert_hf_mlx.retrieval_evaluation import METRICS, RetrievalData, evaluate_retrieval, load_beir, mean_metrics
+from m2bert_hf_mlx.similarity import (
+    SIMILARITY_FUNCTIONS,
+    cos_sim,
+    dot_score,
+    euclidean_sim,
+    manhattan_sim,
+    similarity_function,
+)
 from m2bert_hf_mlx.tokenization import load_tokenizer
 from m2bert_hf_mlx.training import ContrastiveData, Trainer, TrainingArguments
 
@@ -207,3 +215,18 @@ def test_evaluate_retrieval_reports_a_bad_folder_in_one_line(tmp_path, trained_e
     err = capsys.readouterr().err.splitlines()[-1]
     assert "cannot write the corpus-embedding cache" in err and "--no-cache" in err
     assert not list(tmp_path.glob("file*.partial-*"))
+
+
+def test_the_score_function_comes_from_similarity_and_a_wrong_name_is_refused_there(trained_encoder):
+    assert [similarity_function(name) for name in SIMILARITY_FUNCTIONS] == [
+        cos_sim,
+        dot_score,
+        euclidean_sim,
+        manhattan_sim,
+    ]
+    model = M2BertModel.from_pretrained(trained_encoder)
+    data = RetrievalData(["d1"], ["cat milk"], ["q1"], ["cat"], {"q1": {"d1": 1}})
+    with pytest.raises(InputError, match="similarity_fn_name='cos' is not supported; use one of cosine, dot"):
+        evaluate_retrieval(model, data, similarity_fn_name="cos")
+    metrics, origin = evaluate_retrieval(model, data, similarity_fn_name="manhattan")
+    assert metrics["recall@1"] == 1.0 and origin == "computed"
