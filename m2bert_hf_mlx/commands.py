@@ -28,9 +28,9 @@ def register(subparsers):
         description="Predict the tokens at each [MASK] of the texts with an MLM checkpoint and print them with their "
         "scores (softmax over the 30522 real tokens).",
     )
-    _add_model_arguments(fill)
-    fill.add_argument("--top-k", type=_positive_int, default=5, metavar="K", help="predictions per mask (default: 5)")
-    _add_padding_argument(fill)
+    add_model_arguments(fill)
+    fill.add_argument("--top-k", type=positive_int, default=5, metavar="K", help="predictions per mask (default: 5)")
+    add_padding_argument(fill)
     fill.add_argument("texts", nargs="+", metavar="TEXT", help="a text with one or more [MASK]")
     fill.set_defaults(func=run_fill_mask)
 
@@ -40,12 +40,12 @@ def register(subparsers):
         description="Embed texts (the pooled output of a model with a pooler, such as the retrieval checkpoints) and "
         "write them as an (N, D) float32 .npy file, or print one vector per line.",
     )
-    _add_model_arguments(embed)
+    add_model_arguments(embed)
     embed.add_argument("--input", metavar="FILE", help="a UTF-8 text file with one text per line ('-': standard input)")
     embed.add_argument("--output", metavar="FILE.npy", help="write the embeddings there (default: print them)")
     embed.add_argument(
         "--shard-size",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="--output is a folder of float32 .npy shards of N rows each and a manifest.json",
     )
@@ -57,8 +57,8 @@ def register(subparsers):
     embed.add_argument(
         "--precision", choices=PRECISIONS, default="float32", help="quantize the embeddings (default: float32)"
     )
-    embed.add_argument("--batch-size", type=_positive_int, metavar="N", help="texts per batch (default: by length)")
-    _add_padding_argument(embed)
+    embed.add_argument("--batch-size", type=positive_int, metavar="N", help="texts per batch (default: by length)")
+    add_padding_argument(embed)
     embed.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed, after those of --input")
     embed.set_defaults(func=run_embed, parser=embed)
 
@@ -68,7 +68,7 @@ def register(subparsers):
         description="Fill the [MASK] of a few everyday sentences with m2bert_hf_mlx.DEMO_MODEL, a small M2-BERT "
         "trained by this package (its README.md says on what, and how well it does).",
     )
-    demo.add_argument("--top-k", type=_positive_int, default=3, metavar="K", help="predictions per mask (default: 3)")
+    demo.add_argument("--top-k", type=positive_int, default=3, metavar="K", help="predictions per mask (default: 3)")
     demo.set_defaults(func=run_demo)
 
     info = subparsers.add_parser(
@@ -76,13 +76,13 @@ def register(subparsers):
         help="summarize a model: config, parameters, dtype, files",
         description="Print a model's configuration summary, parameter count, dtype, tokenizer and files.",
     )
-    _add_model_arguments(info)
+    add_model_arguments(info)
     info.set_defaults(func=run_info)
 
     _register_upload(subparsers)
 
 
-def _add_model_arguments(parser):
+def add_model_arguments(parser):
     parser.add_argument("--model", required=True, metavar="M", help="a model folder or Hub repo id")
     parser.add_argument(
         "--config",
@@ -92,7 +92,7 @@ def _add_model_arguments(parser):
     parser.add_argument("--weights", metavar="NAME", help="the weight file to read, when the model holds several")
 
 
-def _add_padding_argument(parser):
+def add_padding_argument(parser):
     parser.add_argument(
         "--padding",
         choices=PADDING_CHOICES,
@@ -108,7 +108,7 @@ def _add_padding_argument(parser):
     )
 
 
-def _positive_int(text):
+def positive_int(text):
     try:
         value = int(text)
     except ValueError:

@@ -32,9 +32,9 @@ import numpy as np
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from .encode import _resolve_prompt, pooled_embeddings
+from .encode import pooled_embeddings, resolve_prompt
 from .errors import DistributedError, InputError
-from .pipelines.base import _batches, _check_options, _check_text, _model_inputs, _tokenize, default_tokenizer
+from .pipelines.base import check_options, check_text, default_tokenizer, model_inputs, plan_batches, tokenize_texts
 from .tokenization import check_tokenizer_fits
 
 BACKENDS = ("any", "ring", "mpi", "nccl", "jaccl")
@@ -202,7 +202,7 @@ def embed_corpus(
     rank, size = group.rank(), group.size()
     if "pooler" not in model:
         raise InputError("This model has no pooler, so it has no sentence embedding: use a retrieval checkpoint.")
-    _check_options(padding, truncation, batch_size)
+    check_options(padding, truncation, batch_size)
     if shard_size is not None and (isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1):
         raise InputError(f"shard_size={shard_size!r}: give a positive integer.")
     if (shard_size is not None or resume) and output is None:
@@ -214,8 +214,8 @@ def embed_corpus(
     if not texts:
         raise InputError("The list of texts is empty: give at least one text.")
     for i, text in enumerate(texts):
-        _check_text(text, f"Input {i}")
-    prompt = _resolve_prompt(model.config, prompt, prompt_name) or ""
+        check_text(text, f"Input {i}")
+    prompt = resolve_prompt(model.config, prompt, prompt_name) or ""
     tokenizer = default_tokenizer(model) if tokenizer is None else tokenizer
     check_tokenizer_fits(tokenizer, model.config)
     watchdog = Watchdog(group, timeout, "m2bert-mlx embed")
@@ -235,7 +235,7 @@ def embed_corpus(
     max_length = model.config.max_sequence_length
 
     def tokenize(indices, truncation=truncation):
-        return _tokenize(
+        return tokenize_texts(
             tokenizer,
             [prompt + texts[i] for i in indices],
             [None] * len(indices),
@@ -276,7 +276,7 @@ def embed_corpus(
             if rank < len(round_units):
                 _, indices, length, rows = round_units[rank]
                 rows = tokenize(indices) if rows is None else rows
-                batch = _model_inputs(rows, range(len(rows)), length, model.config.pad_token_id)
+                batch = model_inputs(rows, range(len(rows)), length, model.config.pad_token_id)
                 local[: len(indices)] = np.array(pooled_embeddings(model, batch, normalize_embeddings))
             if size > 1:
                 with watchdog.waiting(f"gathering the embeddings of batches {first} to {first + len(round_units) - 1}"):
@@ -327,7 +327,7 @@ def _units(bounds, done, tokenize, padding, max_length, batch_size):
         if done[shard]:
             continue
         rows = tokenize(range(start, stop)) if padding == "longest" else [None] * (stop - start)
-        for indices, length in _batches(rows, padding=padding, max_length=max_length, batch_size=batch_size):
+        for indices, length in plan_batches(rows, padding=padding, max_length=max_length, batch_size=batch_size):
             batch_rows = [rows[i] for i in indices] if padding == "longest" else None
             yield shard, [start + i for i in indices], length, batch_rows
 

@@ -15,13 +15,13 @@ from .embedding_precision import check_precision, quantize_embeddings
 from .errors import InputError, InputTypeError, checked_keywords
 from .modeling_m2_bert import M2BertModel
 from .pipelines.base import (
-    _as_list,
-    _check_options,
-    _check_text,
-    _padded_batches,
-    _tokenize,
-    _where,
+    as_list,
+    check_options,
+    check_text,
     default_tokenizer,
+    input_name,
+    padded_batches,
+    tokenize_texts,
 )
 from .tokenization import check_tokenizer_fits
 
@@ -78,23 +78,23 @@ def encode(
             "output_value='token_embeddings' for per-token hidden states."
         )
     check_precision(precision)
-    _check_options(padding, truncation, batch_size)
+    check_options(padding, truncation, batch_size)
     tokenizer = default_tokenizer(model) if tokenizer is None else tokenizer
     check_tokenizer_fits(tokenizer, model.config)
-    texts, single = _as_list(sentences)
+    texts, single = as_list(sentences)
     for i, text in enumerate(texts):
-        _check_text(text, _where(i, single))
-    prompt = _resolve_prompt(model.config, prompt, prompt_name)
+        check_text(text, input_name(i, single))
+    prompt = resolve_prompt(model.config, prompt, prompt_name)
     if prompt:
         texts = [prompt + text for text in texts]
-    rows = _tokenize(
+    rows = tokenize_texts(
         tokenizer, texts, [None] * len(texts), max_length=model.config.max_sequence_length, truncation=truncation
     )
 
     pooled, tokens = None, [None] * len(texts)
     wants_sentence = output_value != "token_embeddings" and "pooler" in model
     wants_tokens = output_value != "sentence_embedding"
-    batches = _padded_batches(
+    batches = padded_batches(
         rows, model.config, padding=padding, batch_size=batch_size, show_progress_bar=show_progress_bar
     )
     for indices, batch in batches:
@@ -136,7 +136,7 @@ def encode(
     return result[0] if single else result
 
 
-def _resolve_prompt(config, prompt, prompt_name):
+def resolve_prompt(config, prompt, prompt_name):
     """sentence-transformers' rule: `prompt`, else the prompt named `prompt_name`, else the default prompt."""
     if prompt is not None:
         if prompt_name is not None:

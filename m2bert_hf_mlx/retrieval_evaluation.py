@@ -25,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .commands import _add_model_arguments, _add_padding_argument, _positive_int
+from .commands import add_model_arguments, add_padding_argument, positive_int
 from .errors import InputError, InputTypeError, OutputFileError
 from .modeling_m2_bert import M2BertModel
 from .similarity import SIMILARITY_FUNCTIONS, semantic_search, similarity_function
@@ -237,11 +237,11 @@ def register(subparsers):
         "qrels/SPLIT.tsv; LoCoV1 has the same layout), search, and report NDCG@10, MRR@10 and Recall@{1,10,100}. "
         "The corpus embeddings are cached in a file and reused while the model, corpus and settings stay the same.",
     )
-    _add_model_arguments(parser)
+    add_model_arguments(parser)
     parser.add_argument("--data", required=True, metavar="DIR", help="the BEIR-format folder")
     parser.add_argument("--split", default="test", help="the qrels file to score, qrels/SPLIT.tsv (default: test)")
-    parser.add_argument("--batch-size", type=_positive_int, metavar="N", help="texts per batch (default: by length)")
-    _add_padding_argument(parser)
+    parser.add_argument("--batch-size", type=positive_int, metavar="N", help="texts per batch (default: by length)")
+    add_padding_argument(parser)
     parser.add_argument(
         "--similarity-fn-name",
         choices=SIMILARITY_FUNCTIONS,

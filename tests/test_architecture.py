@@ -230,3 +230,17 @@ def test_quantization_and_weight_io_do_not_need_the_model_module():
     for module in ("quantization", "checkpoint_reader", "hub", "tokenization"):
         name = f"{PACKAGE}.{module}"
         assert f"{PACKAGE}.modeling_m2_bert" not in {t for t, _, _ in _imports(name)}, name
+
+
+def test_no_module_imports_a_private_name_of_another():
+    # A name shared across modules is public: one with a leading underscore is its own module's business.
+    private = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(PACKAGE)):
+                private += [
+                    f"{name}:{node.lineno} {alias.name}"
+                    for alias in node.names
+                    if alias.name.startswith("_") and not alias.name.startswith("__")
+                ]
+    assert not private, f"private names imported from another module: {private}"

@@ -65,7 +65,7 @@ class _Encoding:
     truncated: bool = False
 
 
-def _as_list(inputs, allowed=(str,)):
+def as_list(inputs, allowed=(str,)):
     """(the inputs as a list, whether a single input was given)."""
     if isinstance(inputs, (list, tuple)):
         if not inputs:
@@ -76,18 +76,18 @@ def _as_list(inputs, allowed=(str,)):
     return [inputs], True
 
 
-def _check_text(text, where):
+def check_text(text, where):
     if not isinstance(text, str):
         raise InputTypeError(f"{where} is a {type(text).__name__}, not a string: give texts as str.")
     if not text.strip():
         raise InputError(f"{where} is empty: give a text with at least one word.")
 
 
-def _where(index, single):
+def input_name(index, single):
     return "The input" if single else f"Input {index}"
 
 
-def _check_options(padding, truncation, batch_size):
+def check_options(padding, truncation, batch_size):
     if padding not in PADDING_CHOICES:
         raise InputError(
             f"padding={padding!r} is not supported: use 'max_length' (the default, which reproduces the reference "
@@ -98,10 +98,10 @@ def _check_options(padding, truncation, batch_size):
             f"truncation={truncation!r}: use True (cut long inputs, with a warning) or False (refuse them)."
         )
     if batch_size is not None:
-        _check_positive_int(batch_size, "batch_size")
+        check_positive_int(batch_size, "batch_size")
 
 
-def _check_positive_int(value, name):
+def check_positive_int(value, name):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InputError(f"{name}={value!r}: give a positive integer.")
 
@@ -128,7 +128,7 @@ def _call_tokenizer(tokenizer, texts, pairs, **kwargs):
     return rows
 
 
-def _tokenize(tokenizer, texts, pairs, *, max_length, truncation):
+def tokenize_texts(tokenizer, texts, pairs, *, max_length, truncation):
     rows = _call_tokenizer(tokenizer, texts, pairs, truncation=False)
     too_long = [i for i, row in enumerate(rows) if len(row.input_ids) > max_length]
     if not too_long:
@@ -162,7 +162,7 @@ def _tokenize(tokenizer, texts, pairs, *, max_length, truncation):
     return rows
 
 
-def _batches(rows, *, padding, max_length, batch_size):
+def plan_batches(rows, *, padding, max_length, batch_size):
     """Groups of input indices to run together, each with the length it is padded to.
 
     With padding="longest" the inputs are sorted by decreasing length. Ties are broken by content, so which inputs
@@ -188,7 +188,7 @@ def _batches(rows, *, padding, max_length, batch_size):
     return batches
 
 
-def _model_inputs(rows, indices, length, pad_token_id):
+def model_inputs(rows, indices, length, pad_token_id):
     """Right-padded input_ids (with `pad_token_id`), token_type_ids (0 on padding) and attention_mask."""
     input_ids = np.full((len(indices), length), pad_token_id, dtype=np.int32)
     token_type_ids = np.zeros_like(input_ids)
@@ -205,16 +205,16 @@ def _model_inputs(rows, indices, length, pad_token_id):
     }
 
 
-def _padded_batches(rows, config, *, padding, batch_size, show_progress_bar=None):
+def padded_batches(rows, config, *, padding, batch_size, show_progress_bar=None):
     """Yield (input indices, padded model inputs) per batch, under a progress bar when there are several batches
     (None: shown on a terminal when there is more than one batch)."""
-    batches = _batches(rows, padding=padding, max_length=config.max_sequence_length, batch_size=batch_size)
+    batches = plan_batches(rows, padding=padding, max_length=config.max_sequence_length, batch_size=batch_size)
     if show_progress_bar is None:
         disable = None if len(batches) > 1 else True  # tqdm's None: shown only on a terminal
     else:
         disable = not show_progress_bar
     for indices, length in tqdm(batches, desc="Batches", unit="batch", disable=disable):
-        yield indices, _model_inputs(rows, indices, length, config.pad_token_id)
+        yield indices, model_inputs(rows, indices, length, config.pad_token_id)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,15 +258,15 @@ class Pipeline:
         check_keywords(f"The {self.task} pipeline", kwargs, self.call_options())
 
     def _tokenize(self, texts, pairs, truncation):
-        return _tokenize(
+        return tokenize_texts(
             self.tokenizer, texts, pairs, max_length=self.model.config.max_sequence_length, truncation=truncation
         )
 
     def _batches(self, rows, padding, batch_size):
-        return _padded_batches(rows, self.model.config, padding=padding, batch_size=batch_size)
+        return padded_batches(rows, self.model.config, padding=padding, batch_size=batch_size)
 
 
-def _base_model(model, task):
+def base_model_of(model, task):
     """The M2BertModel of a model object: itself, or the `bert` of a head model."""
     if isinstance(model, M2BertModel):
         return model
@@ -275,7 +275,7 @@ def _base_model(model, task):
     raise InputTypeError(f"The {task} pipeline needs an M2-BERT model, got {type(model).__name__}.")
 
 
-def _tokenizer_kwargs(tokenizer_kwargs, padding, truncation):
+def apply_tokenizer_kwargs(tokenizer_kwargs, padding, truncation):
     """transformers' `tokenizer_kwargs`: here only `padding` and `truncation`, which override the arguments."""
     if not tokenizer_kwargs:
         return padding, truncation

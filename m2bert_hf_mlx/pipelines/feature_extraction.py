@@ -2,7 +2,7 @@
 
 import mlx.core as mx
 
-from .base import Pipeline, _as_list, _base_model, _check_options, _check_text, _where
+from .base import Pipeline, as_list, base_model_of, check_options, check_text, input_name
 
 
 class FeatureExtractionPipeline(Pipeline):
@@ -16,13 +16,13 @@ class FeatureExtractionPipeline(Pipeline):
     task = "feature-extraction"
 
     def _check_model(self, model):
-        return _base_model(model, self.task)
+        return base_model_of(model, self.task)
 
     def _run(self, inputs, *, return_tensors=False, padding="max_length", truncation=True, batch_size=None):
-        _check_options(padding, truncation, batch_size)
-        texts, single = _as_list(inputs)
+        check_options(padding, truncation, batch_size)
+        texts, single = as_list(inputs)
         for i, text in enumerate(texts):
-            _check_text(text, _where(i, single))
+            check_text(text, input_name(i, single))
         rows = self._tokenize(texts, [None] * len(texts), truncation)
         results = [None] * len(texts)
         for indices, batch in self._batches(rows, padding, batch_size):

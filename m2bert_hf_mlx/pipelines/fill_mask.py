@@ -9,12 +9,12 @@ from ..errors import InputError, InputTypeError, TokenizerError
 from ..modeling_m2_bert import M2BertForMaskedLM
 from .base import (
     Pipeline,
-    _as_list,
-    _check_options,
-    _check_positive_int,
-    _check_text,
-    _tokenizer_kwargs,
-    _where,
+    apply_tokenizer_kwargs,
+    as_list,
+    check_options,
+    check_positive_int,
+    check_text,
+    input_name,
 )
 
 logger = logging.getLogger(__name__)
@@ -62,15 +62,15 @@ class FillMaskPipeline(Pipeline):
         batch_size=None,
     ):
         top_k = 5 if top_k is None else top_k
-        _check_positive_int(top_k, "top_k")
-        padding, truncation = _tokenizer_kwargs(tokenizer_kwargs, padding, truncation)
-        _check_options(padding, truncation, batch_size)
-        texts, single = _as_list(inputs)
+        check_positive_int(top_k, "top_k")
+        padding, truncation = apply_tokenizer_kwargs(tokenizer_kwargs, padding, truncation)
+        check_options(padding, truncation, batch_size)
+        texts, single = as_list(inputs)
         for i, text in enumerate(texts):
-            _check_text(text, _where(i, single))
+            check_text(text, input_name(i, single))
         target_ids = None if targets is None else self._target_ids(targets)
         rows = self._tokenize(texts, [None] * len(texts), truncation)
-        masks = [self._mask_positions(row, _where(i, single)) for i, row in enumerate(rows)]
+        masks = [self._mask_positions(row, input_name(i, single)) for i, row in enumerate(rows)]
 
         vocab = len(self.tokenizer)
         head, words = self.model.cls.predictions, self.model.bert.embeddings.word_embeddings

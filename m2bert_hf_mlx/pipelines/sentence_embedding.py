@@ -2,7 +2,7 @@
 
 from ..encode import encode
 from ..errors import InputError
-from .base import Pipeline, _base_model
+from .base import Pipeline, base_model_of
 
 
 class SentenceEmbeddingPipeline(Pipeline):
@@ -13,7 +13,7 @@ class SentenceEmbeddingPipeline(Pipeline):
     task = "sentence-embedding"
 
     def _check_model(self, model):
-        model = _base_model(model, self.task)
+        model = base_model_of(model, self.task)
         if "pooler" not in model:
             raise InputError(
                 "The sentence-embedding pipeline needs a model with a pooler, and this one has none (MLM checkpoints "

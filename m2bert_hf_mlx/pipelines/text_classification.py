@@ -7,11 +7,11 @@ from ..errors import InputError, InputTypeError
 from ..modeling_m2_bert import M2BertForSequenceClassification
 from .base import (
     Pipeline,
-    _as_list,
-    _check_options,
-    _check_positive_int,
-    _check_text,
-    _where,
+    as_list,
+    check_options,
+    check_positive_int,
+    check_text,
+    input_name,
 )
 
 CLASSIFICATION_FUNCTIONS = ("softmax", "sigmoid", "none")
@@ -51,11 +51,11 @@ class TextClassificationPipeline(Pipeline):
     ):
         legacy = top_k is _NOT_GIVEN
         if not legacy and top_k is not None:
-            _check_positive_int(top_k, "top_k")
+            check_positive_int(top_k, "top_k")
         function = self._function(function_to_apply)
-        _check_options(padding, truncation, batch_size)
-        items, single = _as_list(inputs, allowed=(str, dict))
-        texts, pairs = zip(*(self._text_and_pair(item, _where(i, single)) for i, item in enumerate(items)))
+        check_options(padding, truncation, batch_size)
+        items, single = as_list(inputs, allowed=(str, dict))
+        texts, pairs = zip(*(self._text_and_pair(item, input_name(i, single)) for i, item in enumerate(items)))
         rows = self._tokenize(list(texts), list(pairs), truncation)
 
         scores = [None] * len(items)
@@ -101,13 +101,13 @@ class TextClassificationPipeline(Pipeline):
         if isinstance(item, dict):
             if "text" not in item or set(item) - {"text", "text_pair"}:
                 raise InputError(f'{where} is a dict with keys {sorted(item)}; give {{"text": ..., "text_pair": ...}}.')
-            _check_text(item["text"], f"{where}'s text")
+            check_text(item["text"], f"{where}'s text")
             if "text_pair" in item:
-                _check_text(item["text_pair"], f"{where}'s text_pair")
+                check_text(item["text_pair"], f"{where}'s text_pair")
             return item["text"], item.get("text_pair")
         if isinstance(item, (list, tuple)):
             raise InputError(
                 f'{where} is a {type(item).__name__}: give a text pair as {{"text": ..., "text_pair": ...}}.'
             )
-        _check_text(item, where)
+        check_text(item, where)
         return item, None
