@@ -87,13 +87,18 @@ def test_the_cpu_extra_brings_a_cblas_that_is_loaded_by_default():
     assert loaded.is_file() and any(loaded.name.startswith(stem) for _, stem in PIP_CBLAS), loaded
 
 
-# cpu_blas loaded on its own (not through the package, whose import would already have preloaded), with nothing found.
+# cpu_blas loaded on its own (not through the package, whose import would already have preloaded), with nothing found;
+# its one import of the package, errors (which imports only the standard library), loaded beside it.
 WITHOUT_ANY_CBLAS = textwrap.dedent(
     """
-    import importlib.util, sys, warnings
-    spec = importlib.util.spec_from_file_location("cpu_blas", sys.argv[1])
-    cpu_blas = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cpu_blas)
+    import importlib.util, os, sys, types, warnings
+    sys.modules["m2bert_hf_mlx"] = types.ModuleType("m2bert_hf_mlx")
+    for name in ("errors", "cpu_blas"):
+        path = os.path.join(os.path.dirname(sys.argv[1]), name + ".py")
+        spec = importlib.util.spec_from_file_location("m2bert_hf_mlx." + name, path)
+        module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    cpu_blas = module
     cpu_blas.candidates = lambda: ["/nonexistent/libopenblas.so.0"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
