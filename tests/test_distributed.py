@@ -15,7 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from tiny_models import save_tiny_model
+from tiny_models import save_tiny_model, train_argv
 
 from m2bert_hf_mlx import M2BertModel
 from m2bert_hf_mlx.distributed import MANIFEST_FILE, embed_corpus, load_embeddings
@@ -317,29 +317,7 @@ def test_training_command_over_two_ranks_resumes_alone(tmp_path):
     config.write_text(json.dumps(tiny.to_dict()))
 
     def train(output, steps, *extra):
-        return [
-            "train",
-            "--data",
-            data,
-            "--output",
-            str(output),
-            "--config",
-            str(config),
-            "--seed",
-            "0",
-            "--batch-size",
-            "4",
-            "--max-length",
-            "24",
-            "--log-every",
-            "1",
-            "--eval-data",
-            data,
-            "--no-compile",
-            "--steps",
-            str(steps),
-            *extra,
-        ]
+        return train_argv(data, output, config, 24, "--eval-data", data, "--no-compile", "--steps", str(steps), *extra)
 
     output = launch(*cli(*train(tmp_path / "two", 2, "--save-every", "2")))
     assert output.count("Saved the model") == 1, "rank 0 alone reports"

@@ -7,6 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
+from tiny_models import train_argv
 
 from m2bert_hf_mlx import DEMO_MODEL, M2BertConfig, M2BertForMaskedLM, M2BertModel
 from m2bert_hf_mlx.cli import main as cli_main
@@ -330,25 +331,7 @@ def test_train_command(tmp_path, capsys):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(tiny_config().to_dict()))
     output = tmp_path / "model"
-    common = [
-        "train",
-        "--data",
-        str(data),
-        "--output",
-        str(output),
-        "--config",
-        str(config),
-        "--seed",
-        "0",
-        "--batch-size",
-        "4",
-        "--max-length",
-        str(MAX_LENGTH),
-        "--log-every",
-        "1",
-        "--eval-data",
-        str(data),
-    ]
+    common = train_argv(data, output, config, MAX_LENGTH, "--eval-data", str(data))
     assert cli_main([*common, "--steps", "2", "--save-every", "2", "--pack"]) == 0
     assert cli_main([*common, "--steps", "4", "--resume", "--pack"]) == 0
     out = capsys.readouterr().out

@@ -7,7 +7,7 @@ import sys
 
 import mlx.core as mx
 import pytest
-from tiny_models import MAX_LENGTH, save_tiny_model
+from tiny_models import MAX_LENGTH, save_tiny_model, train_argv
 
 from m2bert_hf_mlx import DEMO_MODEL, M2BertConfig, M2BertForMaskedLM, M2BertModel, ops, pipeline, tokenization
 from m2bert_hf_mlx.cli import main
@@ -126,26 +126,7 @@ def train(tmp_path, output, *extra):
     data.write_text("\n".join(LINES) + "\n")
     config = tmp_path / "config.json"
     config.write_text(json.dumps({**M2BertConfig.from_preset("tiny").to_dict(), "max_position_embeddings": 16}))
-    return main(
-        [
-            "train",
-            "--data",
-            str(data),
-            "--output",
-            str(output),
-            "--config",
-            str(config),
-            "--seed",
-            "0",
-            "--batch-size",
-            "4",
-            "--max-length",
-            "16",
-            "--log-every",
-            "1",
-            *extra,
-        ]
-    )
+    return main(train_argv(data, output, config, 16, *extra))
 
 
 def test_train_refuses_a_used_output_folder_unless_resumed_or_forced(tmp_path, capsys):

@@ -56,3 +56,9 @@ def padded_ids(tokenizer, text, length=MAX_LENGTH, text_pair=None):
     ids, types = encoded["input_ids"], encoded["token_type_ids"]
     pad = [0] * (length - len(ids))
     return np.array([ids + pad]), np.array([types + pad])
+
+
+def train_argv(data, output, config, max_length, *extra):
+    """`m2bert-mlx train` arguments for a small CPU run: a config file, seed 0, batches of 4, a loss line per step."""
+    return ["train", "--data", str(data), "--output", str(output), "--config", str(config), "--seed", "0",
+            "--batch-size", "4", "--max-length", str(max_length), "--log-every", "1", *extra]  # fmt: skip
