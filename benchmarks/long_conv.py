@@ -39,6 +39,7 @@ def _cuda_variant(single_pass=None, four_step=None):
     return kernels.Target(
         "cuda",
         (kernels.Tile(single_pass[0], *single_pass),) if single_pass else kernels.CUDA.single_pass,
+        kernels.CUDA.mixer_single_pass,
         (kernels.Tile(1 << 62, *four_step),) if four_step else kernels.CUDA.four_step,
         pad=True,
     )

@@ -1,7 +1,7 @@
 """Runs the long-convolution kernel bodies on the CPU, as C++ with a GPU's threadgroup semantics.
 
 The translation unit is the C++ prelude, the shared ``long_conv.h`` and every kernel body wrapped in a function
-with the parameters Metal's signature gives it (buffers, ``u_strides``, thread and threadgroup positions). It is
+with the parameters Metal's signature gives it (buffers, ``<input>_strides``, thread and threadgroup positions). It is
 built once with the system C++ compiler into a shared library cached under ``~/.cache/m2bert_hf_mlx/emulator``
 (keyed by a hash of source, flags and compiler) and called through ctypes on numpy views of the MLX arrays.
 
@@ -24,7 +24,7 @@ from .kernels import KERNELS, TARGETS, header
 
 CXX_FLAGS = ("-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-fno-strict-aliasing")
 # The register-array sizes the targets' plans use: one instantiation each.
-ELEMS = sorted({tile.elems for t in TARGETS.values() for tile in t.single_pass + t.four_step})
+ELEMS = sorted({tile.elems for t in TARGETS.values() for tile in t.tiles})
 _CPP_TYPES = {"float32": "float", "float16": "m2_half", "bfloat16": "m2_bfloat16"}
 _FIXED_TYPES = {"f32": "float", "i32": "int"}
 # numpy types of the kernels' I/O dtypes; bfloat16 has none and travels as its bits.
@@ -39,8 +39,8 @@ def _wrapper(spec):
     params = []
     for name, kind in spec.inputs:
         params.append(f"const {'T' if kind == 'io' else _FIXED_TYPES[kind]}* {name}")
-        if name == "u":
-            params.append("const int64_t* u_strides")
+        if kind == "io":
+            params.append(f"const int64_t* {name}_strides")
     params += [f"{'T' if kind == 'io' else _FIXED_TYPES[kind]}* {name}" for name, kind in spec.outputs]
     params += [
         "const int* m2_constants",
@@ -59,14 +59,16 @@ def _wrapper(spec):
     for dtype, cpp_type in _CPP_TYPES.items():
         for elems in ELEMS:
             args = []
-            for i, (name, kind) in enumerate(buffers):
+            strided = 0
+            for i, (_, kind) in enumerate(buffers):
                 const = "const " if i < len(spec.inputs) else ""
                 args.append(f"static_cast<{const}{cpp_type if kind == 'io' else _FIXED_TYPES[kind]}*>(buffers[{i}])")
-                if name == "u":
-                    args.append("u_strides")
+                if kind == "io" and i < len(spec.inputs):
+                    args.append(f"strides + {3 * strided}")
+                    strided += 1
             lines += [
                 f'extern "C" int {_entry_name(spec.name, dtype, elems)}(',
-                "    void** buffers, const int64_t* u_strides, const int* constants, const int* geometry) {",
+                "    void** buffers, const int64_t* strides, const int* constants, const int* geometry) {",
                 "  auto kernel = [&](uint3 tid, uint3 group, uint3 threads) {",
                 f"    m2_body_{spec.name}<{cpp_type}, {elems}>({', '.join(args)}, constants, tid, group, threads);",
                 "  };",
@@ -138,10 +140,11 @@ def launch_fn(limit_bytes):
             np_dtype = _NUMPY_TYPES[dtype_name] if kind == "io" else np.float32
             # NaN (or all ones for bfloat16 bits, also a NaN) marks every value the kernel fails to write.
             results.append(np.full(shape, np.nan if np_dtype != np.uint16 else 0xFFFF, dtype=np_dtype))
-        u_strides = np.zeros(3, dtype=np.int64)
-        for (name, _), a in zip(launch.spec.inputs, arrays):
-            if name == "u":
-                u_strides[:] = [s // a.itemsize for s in a.strides]
+        # The element strides of each I/O input, three per input in order (MLX passes them as `<name>_strides`).
+        strides = np.array(
+            [[s // a.itemsize for s in a.strides] for (_, kind), a in zip(launch.spec.inputs, arrays) if kind == "io"],
+            dtype=np.int64,
+        ).reshape(-1)
         buffers = (ctypes.c_void_p * (len(arrays) + len(results)))(*[a.ctypes.data for a in arrays + results])
         constants = np.array([value for _, value in launch.constants], dtype=np.int32)
         geometry = np.array([*launch.groups, launch.threads, limit_bytes], dtype=np.int32)
@@ -149,7 +152,7 @@ def launch_fn(limit_bytes):
         entry.restype = ctypes.c_int
         over = entry(
             buffers,
-            u_strides.ctypes.data_as(ctypes.c_void_p),
+            strides.ctypes.data_as(ctypes.c_void_p),
             constants.ctypes.data_as(ctypes.c_void_p),
             geometry.ctypes.data_as(ctypes.c_void_p),
         )

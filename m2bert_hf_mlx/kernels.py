@@ -17,6 +17,8 @@ from importlib import resources
 import mlx.core as mx
 import numpy as np
 
+from .errors import InputError
+
 
 @dataclass(frozen=True)
 class KernelSpec:
@@ -36,7 +38,11 @@ class KernelSpec:
         return any(kind == "io" for _, kind in self.inputs + self.outputs)
 
 
+_SINGLE_PASS_CONSTANTS = ("LOG_RADIX", "LOG_N", "LOG_P", "PAD", "SMEM")
 _COLUMN_CONSTANTS = ("LOG_RADIX", "LOG_N1", "LOG_N2", "LOG_P", "LOG_Q", "PAD", "SMEM")
+# The Monarch mixer's inputs: in_linear's output z (B, L, 3C), the layer input u (B, L, C), and the short conv's
+# (w0, w1, w2, b) per channel of z.
+_MIXER_INPUTS = (("z", "io"), ("u", "io"), ("dims", "i32"), ("short_conv", "f32"))
 
 KERNELS = {
     spec.name: spec
@@ -45,7 +51,7 @@ KERNELS = {
             "single_pass",
             (("u", "io"), ("dims", "i32"), ("spectrum", "f32"), ("tw", "f32")),
             (("y", "io"),),
-            ("LOG_RADIX", "LOG_N", "LOG_P", "PAD", "SMEM"),
+            _SINGLE_PASS_CONSTANTS,
         ),
         KernelSpec(
             "columns_forward",
@@ -61,6 +67,24 @@ KERNELS = {
         ),
         KernelSpec(
             "columns_inverse", (("scratch", "f32"), ("dims", "i32"), ("tw", "f32")), (("y", "io"),), _COLUMN_CONSTANTS
+        ),
+        KernelSpec(
+            "mixer_single_pass",
+            _MIXER_INPUTS + (("spectrum", "f32"), ("tw", "f32")),
+            (("y", "io"),),
+            _SINGLE_PASS_CONSTANTS,
+        ),
+        KernelSpec(
+            "mixer_columns_forward",
+            _MIXER_INPUTS + (("tw", "f32"),),
+            (("scratch", "f32"),),
+            _COLUMN_CONSTANTS + ("TW_N",),
+        ),
+        KernelSpec(
+            "mixer_columns_inverse",
+            (("scratch", "f32"), ("z", "io"), ("dims", "i32"), ("short_conv", "f32"), ("tw", "f32")),
+            (("y", "io"),),
+            _COLUMN_CONSTANTS,
         ),
     )
 }
@@ -93,33 +117,46 @@ class Tile:
 
 @dataclass(frozen=True)
 class Target:
-    """Tile tiers of a GPU family, for the single pass and for the four-step passes: the first tier whose max_n is
-    at least the FFT size N wins. pad: pad the threadgroup layout against bank conflicts (one more value per 16 and
-    per row).
+    """Tile tiers of a GPU family, for the single pass, the mixer's single pass (two rows per channel pair) and the
+    four-step passes: the first tier whose max_n is at least the FFT size N wins. pad: pad the threadgroup layout
+    against bank conflicts (one more value per 16 and per row).
     """
 
     name: str
     single_pass: tuple
+    mixer_single_pass: tuple
     four_step: tuple
     pad: bool
 
     @property
+    def tiles(self):
+        return self.single_pass + self.mixer_single_pass + self.four_step
+
+    @property
     def threadgroup_bytes_limit(self):
         """The most threadgroup memory a plan of this target may use (rows of 2 values at the worst)."""
-        return 8 * _smem(max(tile.values for tile in self.single_pass + self.four_step), 1, self.pad)
+        return 8 * _smem(max(tile.values for tile in self.tiles), 1, self.pad)
 
 
 _ANY_N = 1 << 62
 # Metal: 32 KB of threadgroup memory holds 4096 complex fp32 values, without room for padding.
-METAL = Target("metal", single_pass=(Tile(4096, 4096, 16, 4),), four_step=(Tile(_ANY_N, 4096, 16, 4),), pad=False)
+METAL = Target(
+    "metal",
+    single_pass=(Tile(4096, 4096, 16, 4),),
+    mixer_single_pass=(Tile(2048, 4096, 16, 4),),
+    four_step=(Tile(_ANY_N, 4096, 16, 4),),
+    pad=False,
+)
 # CUDA (H200; benchmarks/long_conv.py --sweep times the alternatives): blocks small enough that several share a
 # multiprocessor, so that one block's memory phase overlaps another's FFT: 2048 values (256 threads of 8, radix 8) up
 # to N = 1024, 4096 values (256 threads of 16, radix 16) up to N = 4096; the four-step passes take 8192 values (512
-# threads of 16) in radix-16 stages. MLX gives no launch bound, so a block's threads must fit the register file as
-# compiled (tests/test_long_conv_sources.py checks it).
+# threads of 16) in radix-16 stages, and so does the mixer's single pass at N = 4096 (L = 2048), whose two rows per
+# channel pair would otherwise need the four-step passes. MLX gives no launch bound, so a block's threads must fit
+# the register file as compiled (tests/test_long_conv_sources.py checks it).
 CUDA = Target(
     "cuda",
     single_pass=(Tile(1024, 2048, 8, 3), Tile(4096, 4096, 16, 4)),
+    mixer_single_pass=(Tile(1024, 2048, 8, 3), Tile(2048, 4096, 16, 4), Tile(4096, 8192, 16, 4)),
     four_step=(Tile(_ANY_N, 8192, 16, 4),),
     pad=True,
 )
@@ -149,7 +186,8 @@ class Launch:
 
 @dataclass(frozen=True)
 class Plan:
-    """How one (B, L, C) convolution runs on a target: FFT size n = n1 * n2 (n1 = 1: single pass) and launches."""
+    """How one (B, L, C) convolution runs on a target: FFT size n = n1 * n2 (n1 = 1: single pass) and launches.
+    A mixer plan runs the Monarch mixer's two convolutions of C channels as 2C channels (long_conv.h)."""
 
     batch: int
     length: int
@@ -157,10 +195,12 @@ class Plan:
     n: int
     n1: int
     launches: tuple
+    mixer: bool = False
 
     @property
     def pairs(self):
-        return (self.channels + 1) // 2
+        """The FFT rows of one batch row: channel pairs, twice as many in a mixer plan."""
+        return (self.channels + 1) // 2 * (2 if self.mixer else 1)
 
     @property
     def n2(self):
@@ -201,16 +241,20 @@ def _smem(values, log_row, pad):
 
 
 @lru_cache(maxsize=256)
-def plan(target, batch, length, channels):
+def plan(target, batch, length, channels, mixer=False):
+    """The launches of a (B, L, C) long convolution on `target`, or with `mixer` of the Monarch mixer's pair of them
+    (the mixer kernels, whose threadgroups hold at least the two rows of one channel pair)."""
     n = fft_size(length)
-    pairs = (channels + 1) // 2
+    prefix = "mixer_" if mixer else ""
+    pairs = (channels + 1) // 2 * (2 if mixer else 1)
+    min_pairs = 2 if mixer else 1
     pad = int(target.pad)
-    for tile in target.single_pass:
+    for tile in target.mixer_single_pass if mixer else target.single_pass:
         if n <= tile.max_n:
             p = min(tile.values // n, _pow2_at_least(pairs))
             values = p * n
             launch = Launch(
-                "single_pass",
+                prefix + "single_pass",
                 (-(-pairs // p), batch, 1),
                 _threads(values, tile.elems),
                 tile.elems,
@@ -222,20 +266,22 @@ def plan(target, batch, length, channels):
                     ("SMEM", _smem(values, _log2(n), pad)),
                 ),
             )
-            return Plan(batch, length, channels, n, 1, (launch,))
+            assert p >= min_pairs, (target.name, tile)
+            return Plan(batch, length, channels, n, 1, (launch,), mixer)
 
     tile = next(tile for tile in target.four_step if n <= tile.max_n)
     capacity, elems = tile.values, tile.elems
     log_n1 = _log2(n) // 2
     n1, n2 = 1 << log_n1, n >> log_n1
     if 2 * n2 > capacity:
-        raise ValueError(
+        raise InputError(
             f"long_conv supports lengths up to {capacity * capacity // 8} on {target.name}; got L={length}. "
             "Split the sequence or use backend='mlx'."
         )
     radix = ("LOG_RADIX", tile.log_radix)
     # Columns: up to 4 pairs (32 bytes of fp32 channels per time step) and as many adjacent columns as fit.
     p = min(_pow2_at_least(pairs), 4, capacity // n1)
+    assert p >= min_pairs, (target.name, tile)
     q = min(n2, capacity // (n1 * p))
     column_values = p * q * n1
     column_constants = (
@@ -251,8 +297,9 @@ def plan(target, batch, length, channels):
     rp = min(n1 // 2, capacity // (2 * n2))
     row_values = 2 * rp * n2
     tw_n = ("TW_N", stage_twiddle_size(max(log_n1, _log2(n2)), tile.log_radix))
+    column_threads = _threads(column_values, elems)
     launches = (
-        Launch("columns_forward", column_groups, _threads(column_values, elems), elems, column_constants + (tw_n,)),
+        Launch(prefix + "columns_forward", column_groups, column_threads, elems, column_constants + (tw_n,)),
         Launch(
             "rows",
             ((n1 // 2) // rp, pairs, batch),
@@ -268,9 +315,9 @@ def plan(target, batch, length, channels):
                 ("SMEM", _smem(row_values, _log2(n2), pad)),
             ),
         ),
-        Launch("columns_inverse", column_groups, _threads(column_values, elems), elems, column_constants),
+        Launch(prefix + "columns_inverse", column_groups, column_threads, elems, column_constants),
     )
-    return Plan(batch, length, channels, n, n1, launches)
+    return Plan(batch, length, channels, n, n1, launches, mixer)
 
 
 def stage_twiddle_size(max_log_n, log_b):
@@ -382,23 +429,38 @@ def metal_kernel(spec):
     return _gpu_kernel("metal", spec, 0)
 
 
-def run_plan(plan_, u, packed, launch_fn):
-    """Runs the launches of `plan_` for u (B, L, C) and a packed filter.
+def run_plan(plan_, u, packed, launch_fn, mixer_inputs=None):
+    """Runs the launches of `plan_` for u (B, L, C) and a packed filter; for a mixer plan, `mixer_inputs` is
+    (z, short_conv): in_linear's output (B, L, 3C) and `short_conv_taps` of the short conv.
 
     launch_fn(launch, inputs, outputs, io_dtype) runs one launch (outputs as (shape, dtype) pairs, io_dtype the
     dtype of u and y) and returns its output arrays.
     """
     tw = twiddles(plan_)
     dims = _dims(plan_.length, plan_.channels)
+    z, short_conv = ([], []) if mixer_inputs is None else ([mixer_inputs[0]], [mixer_inputs[1]])
     y_out = ((plan_.batch, plan_.length, plan_.channels), u.dtype)
     if plan_.n1 == 1:
         (launch,) = plan_.launches
-        return launch_fn(launch, [u, dims, packed, tw], [y_out], u.dtype)[0]
+        return launch_fn(launch, z + [u, dims] + short_conv + [packed, tw], [y_out], u.dtype)[0]
     forward, rows, inverse = plan_.launches
     scratch_out = ((plan_.batch, plan_.pairs, plan_.n, 2), mx.float32)
-    scratch = launch_fn(forward, [u, dims, tw], [scratch_out], u.dtype)[0]
-    scratch = launch_fn(rows, [scratch, dims, packed, tw], [scratch_out], u.dtype)[0]
-    return launch_fn(inverse, [scratch, dims, tw], [y_out], u.dtype)[0]
+    scratch = launch_fn(forward, z + [u, dims] + short_conv + [tw], [scratch_out], u.dtype)[0]
+    # The rows pass sees FFT rows only: as many channels as two per row.
+    row_dims = _dims(plan_.length, 2 * plan_.pairs)
+    scratch = launch_fn(rows, [scratch, row_dims, packed, tw], [scratch_out], u.dtype)[0]
+    return launch_fn(inverse, [scratch] + z + [dims] + short_conv + [tw], [y_out], u.dtype)[0]
+
+
+def short_conv_taps(weight, bias):
+    """The mixer kernels' short conv: (w0, w1, w2, b) per channel as (3C, 4) float32, from the Conv1d weight
+    (3C, 3, 1) and bias (3C,)."""
+    return mx.concatenate([weight[:, :, 0], bias[:, None]], axis=1).astype(mx.float32)
+
+
+def mixer_filter(packed, residual_packed):
+    """The mixer kernels' packed filter: the two convolutions' packed filters, interleaved pair by pair."""
+    return mx.stack([packed, residual_packed], axis=1).reshape(-1, *packed.shape[1:])
 
 
 def gpu_launch(backend):

@@ -1,6 +1,10 @@
-"""The long convolution at the heart of the Monarch mixer.
+"""The long convolution at the heart of the Monarch mixer, and the mixer's fused sequence mixing.
 
     y[b, t, c] = sum_{s<=t} k_fwd[c, t-s] u[b, s, c] + sum_{s>t} k_rev[c, s-t-1] u[b, s, c] + skip[c] u[b, t, c]
+
+`monarch_mixer` is the part of the mixer between in_linear and out_linear: the gated short convolution, the long
+convolution of the gated value, the post-gate and the residual long convolution of the layer input, which the mixer
+kernels compute in one pass over in_linear's output and the input (three passes beyond the single-pass lengths).
 
 Back ends: "metal" and "cuda" run the fused FFT kernel (``kernels.py``), "emulated" runs the Metal build of the
 same kernel on the CPU (``emulator.py``), "mlx" is the ``mx.fft`` reference. ``None`` picks Metal on an Apple GPU,
@@ -21,7 +25,8 @@ import mlx.core as mx
 import numpy as np
 
 from . import emulator, kernels
-from .errors import BackendUnavailableError, ConfigError, LongConvKernelError, closest
+from .errors import BackendUnavailableError, ConfigError, InputError, InputTypeError, LongConvKernelError, closest
+from .short_conv import short_conv_gate
 
 BACKENDS = ("metal", "cuda", "mlx", "emulated")
 BACKEND_ENV = "M2BERT_LONG_CONV_BACKEND"
@@ -107,16 +112,42 @@ def filter_spectrum(k_fwd, k_rev, skip, length, *, backend=None):
 
 def _check_filters(k_fwd, k_rev, skip, length):
     if k_fwd.ndim != 2 or k_fwd.shape[1] != length:
-        raise ValueError(f"k_fwd must have shape (C, L) = (C, {length}); got {tuple(k_fwd.shape)}.")
+        raise InputError(f"k_fwd must have shape (C, L) = (C, {length}); got {tuple(k_fwd.shape)}.")
     channels = k_fwd.shape[0]
     if k_rev is not None and tuple(k_rev.shape) != (channels, length):
-        raise ValueError(f"k_rev must have the shape of k_fwd, {(channels, length)}; got {tuple(k_rev.shape)}.")
+        raise InputError(f"k_rev must have the shape of k_fwd, {(channels, length)}; got {tuple(k_rev.shape)}.")
     _check_skip(skip, channels)
+
+
+def _check_dtype(u):
+    if u.dtype not in _IO_DTYPES:
+        raise InputTypeError(f"u must be float32, float16 or bfloat16; got {u.dtype}. Cast it first.")
+
+
+def _check_convolution(u, k_fwd, k_rev, skip, spectrum, backend):
+    """Checks the filters (or spectrum) and skip of a convolution of u (B, L, C) on `backend`."""
+    _, length, channels = u.shape
+    if k_fwd is None:
+        if spectrum is None or k_rev is not None:
+            raise InputError("long_conv needs the filters k_fwd (and k_rev); both may be None only with a spectrum.")
+        _check_skip(skip, spectrum.channels)
+        filter_channels = spectrum.channels
+    else:
+        _check_filters(k_fwd, k_rev, skip, length)
+        filter_channels = k_fwd.shape[0]
+    if filter_channels != channels:
+        raise InputError(f"u has {channels} channels but the filters have {filter_channels}.")
+    if spectrum is not None and (spectrum.backend, spectrum.length) != (backend, length):
+        raise InputError(
+            f"spectrum was made for backend {spectrum.backend!r} and length {spectrum.length}, but this call "
+            f"runs backend {backend!r} at length {length}; make it with filter_spectrum(..., {length}, "
+            f"backend={backend!r})."
+        )
 
 
 def _check_skip(skip, channels):
     if tuple(skip.shape) != (channels,):
-        raise ValueError(f"skip must have shape (C,) = ({channels},); got {tuple(skip.shape)}.")
+        raise InputError(f"skip must have shape (C,) = ({channels},); got {tuple(skip.shape)}.")
 
 
 def long_conv(u, k_fwd, k_rev, skip, *, backend=None, spectrum=None):
@@ -129,27 +160,10 @@ def long_conv(u, k_fwd, k_rev, skip, *, backend=None, spectrum=None):
     Differentiable with respect to u, k_fwd, k_rev and skip on every back end.
     """
     if u.ndim != 3:
-        raise ValueError(f"u must be (batch, length, channels); got shape {tuple(u.shape)}.")
-    if u.dtype not in _IO_DTYPES:
-        raise TypeError(f"u must be float32, float16 or bfloat16; got {u.dtype}. Cast it first.")
-    _, length, channels = u.shape
-    if k_fwd is None:
-        if spectrum is None or k_rev is not None:
-            raise ValueError("long_conv needs the filters k_fwd (and k_rev); both may be None only with a spectrum.")
-        _check_skip(skip, spectrum.channels)
-        filter_channels = spectrum.channels
-    else:
-        _check_filters(k_fwd, k_rev, skip, length)
-        filter_channels = k_fwd.shape[0]
-    if filter_channels != channels:
-        raise ValueError(f"u has {channels} channels but the filters have {filter_channels}.")
+        raise InputError(f"u must be (batch, length, channels); got shape {tuple(u.shape)}.")
+    _check_dtype(u)
     backend = resolve_backend(backend)
-    if spectrum is not None and (spectrum.backend, spectrum.length) != (backend, length):
-        raise ValueError(
-            f"spectrum was made for backend {spectrum.backend!r} and length {spectrum.length}, but this call "
-            f"runs backend {backend!r} at length {length}; make it with filter_spectrum(..., {length}, "
-            f"backend={backend!r})."
-        )
+    _check_convolution(u, k_fwd, k_rev, skip, spectrum, backend)
     filters = tuple(k for k in (k_fwd, k_rev) if k is not None)
     if backend == "mlx":
         return _mlx_long_conv(u, skip, filters, spectrum)
@@ -240,24 +254,44 @@ def _kernels_pass(backend, plan, dtype):
 def _self_check(backend, plan, dtype):
     """None if the kernels of `plan` build and match mx.fft on one small convolution, else what went wrong."""
     target = _target(backend)
-    # As few channels as give the same builds: one threadgroup's worth.
-    channels = min(plan.channels, 2 << dict(plan.launches[0].constants)["LOG_P"])
-    small = kernels.plan(target, 1, plan.length, channels)
+    # As few channels as give the same builds: one threadgroup's worth (a mixer pair holds one channel).
+    log_p = dict(plan.launches[0].constants)["LOG_P"]
+    channels = min(plan.channels, (1 if plan.mixer else 2) << log_p)
+    small = kernels.plan(target, 1, plan.length, channels, plan.mixer)
     if small.builds != plan.builds:
         channels = plan.channels
-        small = kernels.plan(target, 1, plan.length, channels)
+        small = kernels.plan(target, 1, plan.length, channels, plan.mixer)
     rng = np.random.default_rng(0)
-    k_fwd, k_rev = (
-        mx.array(rng.standard_normal((channels, plan.length)).astype(np.float32) / np.sqrt(plan.length)) for _ in "fr"
-    )
-    skip = mx.array(rng.standard_normal(channels).astype(np.float32))
-    u = mx.array(rng.standard_normal((1, plan.length, channels)).astype(np.float32)).astype(dtype)
-    expected = _mlx_long_conv(u, skip, (k_fwd, k_rev), None).astype(mx.float32)
-    what = f"L={plan.length}, {str(dtype).split('.')[-1]}"
+
+    def normal(*shape, scale=1.0):
+        return mx.array(rng.standard_normal(shape).astype(np.float32) * scale)
+
+    def conv_filters():
+        scale = plan.length**-0.5
+        return normal(channels, plan.length, scale=scale), normal(channels, plan.length, scale=scale), normal(channels)
+
+    filters = [conv_filters()]
+    u = normal(1, plan.length, channels).astype(dtype)
+    if plan.mixer:
+        filters.append(conv_filters())
+        z = normal(1, plan.length, 3 * channels).astype(dtype)
+        weight, bias = normal(3 * channels, 3, 1), normal(3 * channels)
+        (k_fwd, k_rev, skip), (residual_fwd, residual_rev, residual_skip) = filters
+        mix = _mixer_reference("mlx", (None, None), 2, 2)
+        expected = mix(z, u, weight, bias, skip, residual_skip, k_fwd, k_rev, residual_fwd, residual_rev)
+    else:
+        expected = _mlx_long_conv(u, filters[0][2], filters[0][:2], None)
+    expected = expected.astype(mx.float32)
+    what = f"L={plan.length}, {str(dtype).split('.')[-1]}{', mixer' if plan.mixer else ''}"
     try:
-        packed = kernels.packed_filter(k_fwd, k_rev, skip, small.n, small.n1)
-        y = kernels.run_plan(small, u, packed, _launch_fn(backend, target)).astype(mx.float32)
-        error = float(mx.linalg.norm(y - expected) / mx.linalg.norm(expected))
+        packed = [kernels.packed_filter(k_fwd, k_rev, skip, small.n, small.n1) for k_fwd, k_rev, skip in filters]
+        launch = _launch_fn(backend, target)
+        if plan.mixer:
+            taps = kernels.short_conv_taps(weight, bias)
+            y = kernels.run_plan(small, u, kernels.mixer_filter(*packed), launch, (z, taps))
+        else:
+            y = kernels.run_plan(small, u, packed[0], launch)
+        error = float(mx.linalg.norm(y.astype(mx.float32) - expected) / mx.linalg.norm(expected))
     except Exception as e:  # noqa: BLE001 -- any failure to build or run fails the check; the message says which
         return f"{what}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     if not error <= _CHECK_TOLERANCE[dtype]:
@@ -318,3 +352,94 @@ def _fused_long_conv(backend, spectrum):
         return (du, *_filter_gradients(u, cotangent, skip, filters))
 
     return conv
+
+
+def mixer_plan(backend, batch, length, channels):
+    """The kernel plan of `monarch_mixer` on `backend`, or None where it runs as separate operations: on "mlx", and
+    where the mixer plan splits the FFT unlike the long convolution's (Metal at 1024 < L <= 2048, whose 32 KB of
+    threadgroup memory hold one row of N = 4096, not two), so that one filter spectrum serves both."""
+    backend = resolve_backend(backend)
+    if backend == "mlx":
+        return None
+    target = _target(backend)
+    mixer = kernels.plan(target, batch, length, channels, mixer=True)
+    return mixer if mixer.n1 == kernels.plan(target, batch, length, channels).n1 else None
+
+
+def _mixer_reference(backend, spectra, count, residual_count):
+    """monarch_mixer as separate operations, a function of (z, u, weight, bias, skip, residual_skip, *filters)
+    with `count` filter arrays of the first convolution and `residual_count` of the second."""
+
+    def filters_of(ks):
+        return (ks + (None, None))[:2]
+
+    def mix(z, u, weight, bias, skip, residual_skip, *ks):
+        gated, x2 = short_conv_gate(z, weight, bias)
+        y = long_conv(gated, *filters_of(ks[:count]), skip, backend=backend, spectrum=spectra[0])
+        residual = long_conv(u, *filters_of(ks[count:]), residual_skip, backend=backend, spectrum=spectra[1])
+        return (y * x2 + residual).astype(u.dtype)
+
+    return mix
+
+
+def monarch_mixer(z, u, short_weight, short_bias, filters, residual_filters, *, spectra=None, backend=None):
+    """The Monarch mixer between its in_linear and out_linear (m2bert-architecture.md 2.4):
+
+        x1, x2, v = causal_short_conv(z);  y = long_conv(v * x1, *filters) * x2 + long_conv(u, *residual_filters)
+
+    z: in_linear's output (B, L, 3C); u: the layer input (B, L, C), of z's dtype (float32, float16 or bfloat16,
+    computed in float32 on the kernels); short_weight (3C, 3, 1) and short_bias (3C,): the depthwise Conv1d(k=3);
+    filters, residual_filters: (k_fwd, k_rev, skip) as `long_conv` takes them (k_rev None: causal; both None with
+    `spectra`); spectra: None or the pair of `filter_spectrum`s of the two convolutions. Returns (B, L, C).
+
+    Where `mixer_plan` gives a plan, the mixer kernels run it, checked and falling back like long_conv's kernels;
+    elsewhere it runs as separate operations. Differentiable in every array argument on every back end: the VJP is
+    that of the separate operations (whose long convolutions run their kernels), recomputing v * x1 and the first
+    convolution instead of keeping them.
+    """
+    if z.ndim != 3 or u.ndim != 3 or tuple(z.shape) != (*u.shape[:2], 3 * u.shape[2]):
+        raise InputError(
+            f"monarch_mixer takes z (B, L, 3C) and u (B, L, C); got {tuple(z.shape)} and {tuple(u.shape)}."
+        )
+    _check_dtype(u)
+    if z.dtype != u.dtype:
+        raise InputTypeError(f"z and u must have one dtype; got {z.dtype} and {u.dtype}.")
+    if tuple(short_weight.shape) != (z.shape[2], 3, 1) or tuple(short_bias.shape) != (z.shape[2],):
+        raise InputError(
+            f"The short conv takes weight (3C, 3, 1) = {(z.shape[2], 3, 1)} and bias (3C,); got "
+            f"{tuple(short_weight.shape)} and {tuple(short_bias.shape)}."
+        )
+    backend = resolve_backend(backend)
+    spectra = (None, None) if spectra is None else tuple(spectra)
+    for (k_fwd, k_rev, skip_), spectrum in zip((filters, residual_filters), spectra):
+        _check_convolution(u, k_fwd, k_rev, skip_, spectrum, backend)
+    ks, skip = tuple(k for k in filters[:2] if k is not None), filters[2]
+    residual_ks, residual_skip = tuple(k for k in residual_filters[:2] if k is not None), residual_filters[2]
+    mix = _mixer_reference(backend, spectra, len(ks), len(residual_ks))
+    arrays = (z, u, short_weight, short_bias, skip, residual_skip, *ks, *residual_ks)
+    batch, length, channels = u.shape
+    plan = mixer_plan(backend, batch, length, channels)
+    if plan is None:
+        return mix(*arrays)
+
+    def packed(spectrum, filters_, skip_):
+        if spectrum is not None:
+            return spectrum.values
+        return filter_spectrum(*(filters_ + (None, None))[:2], skip_, length, backend=backend).values
+
+    @mx.custom_function
+    def fused(z, u, weight, bias, skip, residual_skip, *filters_):
+        if not _kernels_pass(backend, plan, u.dtype):
+            return mix(z, u, weight, bias, skip, residual_skip, *filters_)
+        count = len(ks)
+        spectrum = kernels.mixer_filter(
+            packed(spectra[0], filters_[:count], skip), packed(spectra[1], filters_[count:], residual_skip)
+        )
+        taps = kernels.short_conv_taps(weight, bias)
+        return kernels.run_plan(plan, u, spectrum, _launch_fn(backend, _target(backend)), (z, taps))
+
+    @fused.vjp
+    def fused_vjp(primals, cotangent, output):
+        return mx.vjp(mix, list(primals), [cotangent])[1]
+
+    return fused(*arrays)

@@ -9,7 +9,7 @@ from .initialization import uniform
 
 
 @mx.compile
-def _short_conv_gate(x, weight, bias):
+def short_conv_gate(x, weight, bias):
     """The causal short conv of in_linear's output, split into (x1, x2, v); returns (v * x1, x2).
 
     out[t] = w0 x[t-2] + w1 x[t-1] + w2 x[t] + b, as Conv1d(k=3, padding=2) keeping the first L outputs. Compiled,
@@ -25,7 +25,7 @@ def _short_conv_gate(x, weight, bias):
 
 class CausalShortConv(nn.Module):
     """Depthwise Conv1d(k=3, padding=2) keeping the first L outputs (the canonical `short_filter`); the weight
-    has MLX's Conv1d layout (channels, 3, 1). Called with the gating that follows it, see `_short_conv_gate`."""
+    has MLX's Conv1d layout (channels, 3, 1). Called with the gating that follows it, see `short_conv_gate`."""
 
     def __init__(self, channels):
         super().__init__()
@@ -34,4 +34,4 @@ class CausalShortConv(nn.Module):
         self.bias = uniform((channels,), bound)
 
     def __call__(self, x):
-        return _short_conv_gate(x, self.weight, self.bias)
+        return short_conv_gate(x, self.weight, self.bias)

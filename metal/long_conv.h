@@ -292,6 +292,178 @@ M2_FUNC void m2_spectral_product(M2_TG float2* buf, int e, int ep, int layout, f
   }
 }
 
-M2_FUNC float4 m2_load_filter(const M2_GLOBAL float* spectrum, int i) {
-  return reinterpret_cast<const M2_GLOBAL float4*>(spectrum)[i];
+M2_FUNC float4 m2_load_float4(const M2_GLOBAL float* data, int i) {
+  return reinterpret_cast<const M2_GLOBAL float4*>(data)[i];
+}
+
+// The single-pass convolution of the 2^log_p rows of length n = 2^log_n in buf (rows of pairs pair0 + row, up to
+// `pairs`), from the filled buffer to conj(y_c + i y_d) in it: FFT, spectral product, FFT. The caller's barrier
+// after filling buf is this function's first statement; the result is visible to all threads on return.
+template <int E>
+M2_FUNC void m2_convolve_rows(
+    M2_TG float2* buf,
+    int log_radix,
+    int log_n,
+    int log_p,
+    int pair0,
+    int pairs,
+    const M2_GLOBAL float* spectrum,
+    const M2_GLOBAL float* tw,
+    int tid,
+    int nthreads,
+    int layout) {
+  const int n = 1 << log_n;
+  const int total = n << log_p;
+  M2_BARRIER();
+  m2_fft_rows<E>(buf, log_radix, log_n, total, tw, tid, nthreads, layout);
+  M2_UNROLL_4 for (int s = 0; s < E; ++s) {
+    const int e = tid + s * nthreads;
+    if (e < total) {
+      const int row = e >> log_n;
+      const int k = e & (n - 1);
+      const int kp = (n - k) & (n - 1);
+      if (k <= kp && pair0 + row < pairs) {
+        const float4 gf = m2_load_float4(spectrum, (pair0 + row) * ((n >> 1) + 1) + k);
+        m2_spectral_product(buf, e, e - k + kp, layout, gf);
+      }
+    }
+  }
+  M2_BARRIER();
+  m2_fft_rows<E>(buf, log_radix, log_n, total, tw, tid, nthreads, layout);
+}
+
+// Four-step pass 1, after the columns are loaded: the length-N1 FFTs, then element i = (pair, k1, q), q fastest,
+// times exp(-2 pi i n2 k1 / N) into scratch[b, pair, k1, n2]: each (pair, k1) writes Q adjacent complex values.
+template <int E>
+M2_FUNC void m2_columns_forward(
+    M2_TG float2* buf,
+    M2_GLOBAL float* scratch,
+    int log_radix,
+    int log_n1,
+    int log_n2,
+    int log_p,
+    int log_q,
+    int tw_n,
+    int pair0,
+    int col0,
+    int b,
+    int pairs,
+    const M2_GLOBAL float* tw,
+    int tid,
+    int nthreads,
+    int layout) {
+  const int total = 1 << (log_p + log_q + log_n1);
+  M2_BARRIER();
+  m2_fft_rows<E>(buf, log_radix, log_n1, total, tw, tid, nthreads, layout);
+  M2_UNROLL_4 for (int s = 0; s < E; ++s) {
+    const int i = tid + s * nthreads;
+    const int p = i >> (log_q + log_n1);
+    if (i < total && pair0 + p < pairs) {
+      const int q = i & ((1 << log_q) - 1);
+      const int k1 = (i >> log_q) & ((1 << log_n1) - 1);
+      const int n2 = col0 + q;
+      const m2c z = m2_tg_load(buf, (((p << log_q) + q) << log_n1) + k1, layout);
+      const m2c w = m2_load_complex(tw, tw_n + n2 * k1);
+      const int64_t row = (static_cast<int64_t>(b) * pairs + pair0 + p) << log_n1;
+      m2_store_complex(scratch, ((row + k1) << log_n2) + n2, m2_mul(z, w));
+    }
+  }
+}
+
+// Four-step pass 3, up to its output: loads scratch[b, pair, k1, n2] of the group's pairs and columns and runs the
+// length-N1 FFTs over k1; value n1 of row (pair, q) is then conj(y_c + i y_d) at t = n1 N2 + n2, visible to all.
+template <int E>
+M2_FUNC void m2_columns_inverse(
+    M2_TG float2* buf,
+    const M2_GLOBAL float* scratch,
+    int log_radix,
+    int log_n1,
+    int log_n2,
+    int log_p,
+    int log_q,
+    int pair0,
+    int col0,
+    int b,
+    int pairs,
+    const M2_GLOBAL float* tw,
+    int tid,
+    int nthreads,
+    int layout) {
+  const int total = 1 << (log_p + log_q + log_n1);
+  M2_UNROLL_4 for (int s = 0; s < E; ++s) {
+    const int i = tid + s * nthreads;
+    if (i < total) {
+      const int q = i & ((1 << log_q) - 1);
+      const int k1 = (i >> log_q) & ((1 << log_n1) - 1);
+      const int p = i >> (log_q + log_n1);
+      m2c z = m2_cx(0.0f, 0.0f);
+      if (pair0 + p < pairs) {
+        const int64_t row = (static_cast<int64_t>(b) * pairs + pair0 + p) << log_n1;
+        z = m2_load_complex(scratch, ((row + k1) << log_n2) + col0 + q);
+      }
+      m2_tg_store(buf, (((p << log_q) + q) << log_n1) + k1, layout, z);
+    }
+  }
+  M2_BARRIER();
+  m2_fft_rows<E>(buf, log_radix, log_n1, total, tw, tid, nthreads, layout);
+}
+
+// The Monarch mixer kernels convolve two inputs of C channels at once, as rows of 2C "mixer channels": for the
+// channel pair j (channels 2j, 2j+1), mixer pair 2j holds the gated v * x1 of the pair and mixer pair 2j + 1 the
+// layer input u, so a threadgroup of 2^LOG_P >= 2 mixer pairs holds both rows of 2^(LOG_P - 1) channel pairs.
+// Mixer channel m is channel 2 (m >> 2) + (m & 1) of input (m >> 1) & 1 (0: v * x1, 1: u).
+M2_FUNC int m2_mixer_channel(int m) {
+  return ((m >> 2) << 1) + (m & 1);
+}
+
+// One causal short-conv output (Conv1d k=3, padding 2, first L kept) at step t: w0 x[t-2] + w1 x[t-1] + w2 x[t] + b,
+// with w = (w0, w1, w2, b) and x[t] at z[at], x[t-1] at z[at - step].
+template <typename T>
+M2_FUNC float m2_short_conv(const M2_GLOBAL T* z, int64_t at, int64_t step, int t, float4 w) {
+  float x = 0.0f;
+  if (t >= 2) {
+    x = w.x * static_cast<float>(z[at - 2 * step]);
+  }
+  if (t >= 1) {
+    x += w.y * static_cast<float>(z[at - step]);
+  }
+  return x + w.z * static_cast<float>(z[at]) + w.w;
+}
+
+// The gated value v * x1 of channel c at step t, from in_linear's output z (B, L, 3C) = (x1, x2, v): `at` is the
+// offset of z[b, t, 0], `step` and `col` its time and channel strides; short holds (w0, w1, w2, b) per z channel.
+template <typename T>
+M2_FUNC float m2_gated_input(
+    const M2_GLOBAL T* z,
+    int64_t at,
+    int64_t step,
+    int64_t col,
+    int t,
+    int c,
+    int channels,
+    const M2_GLOBAL float* short_conv) {
+  const float x1 = m2_short_conv(z, at + c * col, step, t, m2_load_float4(short_conv, c));
+  const int cv = 2 * channels + c;
+  return m2_short_conv(z, at + cv * col, step, t, m2_load_float4(short_conv, cv)) * x1;
+}
+
+// The mixer's output at (t, c) from its two convolutions: conv(v * x1) * x2 + conv(u), x2 the short conv of z's
+// channel C + c, and conv_v, conv_u the stored conj(y_c + i y_d) of the pair (part: 0 for channel c = 2j, else 1).
+template <typename T>
+M2_FUNC float m2_mixer_output(
+    const M2_GLOBAL T* z,
+    int64_t at,
+    int64_t step,
+    int64_t col,
+    int t,
+    int c,
+    int channels,
+    const M2_GLOBAL float* short_conv,
+    m2c conv_v,
+    m2c conv_u,
+    int part) {
+  const float x2 = m2_short_conv(z, at + (channels + c) * col, step, t, m2_load_float4(short_conv, channels + c));
+  const float yv = part != 0 ? -conv_v.im : conv_v.re;
+  const float yu = part != 0 ? -conv_u.im : conv_u.re;
+  return yv * x2 + yu;
 }

@@ -268,7 +268,11 @@ def test_emulator_enforces_the_metal_threadgroup_limit():
     rng = np.random.default_rng(19)
     u, k_fwd, k_rev, skip = (mx.array(a) for a in inputs(rng, 1, 3000, 2))
     oversized = kernels.Target(
-        "too-big", single_pass=(kernels.Tile(8192, 8192, 16, 4),), four_step=kernels.METAL.four_step, pad=False
+        "too-big",
+        single_pass=(kernels.Tile(8192, 8192, 16, 4),),
+        mixer_single_pass=kernels.METAL.mixer_single_pass,
+        four_step=kernels.METAL.four_step,
+        pad=False,
     )
     plan = kernels.plan(oversized, 1, 3000, 2)
     packed = kernels.packed_filter(k_fwd, k_rev, skip, plan.n, plan.n1)

@@ -121,15 +121,17 @@ using Strides = cuda::std::array<int64_t, 10>;
 }
 """
 
-# Plans that reach every tier of both GPU targets: each single-pass tile and each four-step tile.
-SHAPES = [(2, 100, 70), (1, 2048, 768), (1, 4097, 6), (1, 8192, 768), (1, 32768, 768)]
+# Plans that reach every tier of both GPU targets: each single-pass tile (the mixer's too) and each four-step tile.
+SHAPES = [(2, 100, 70), (1, 1024, 768), (1, 2048, 768), (1, 4097, 6), (1, 8192, 768), (1, 32768, 768)]
 
 
 def _unique_launches(target, shapes=SHAPES):
+    """The distinct launches of the long convolution's and the mixer's plans of `shapes`."""
     launches = {}
     for batch, length, channels in shapes:
-        for launch in kernels.plan(target, batch, length, channels).launches:
-            launches.setdefault((launch.kernel, launch.threads, launch.elems, launch.constants), launch)
+        for mixer in (False, True):
+            for launch in kernels.plan(target, batch, length, channels, mixer).launches:
+                launches.setdefault((launch.kernel, launch.threads, launch.elems, launch.constants), launch)
     return list(launches.values())
 
 

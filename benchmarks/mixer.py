@@ -1,0 +1,156 @@
+"""The fused Monarch mixer kernels against the same mixing as separate operations, one process, same inputs.
+
+    python benchmarks/mixer.py --out benchmarks/results/mixer-h200.json
+
+ops.monarch_mixer is the mixer between in_linear and out_linear: the causal short conv of in_linear's output z
+(B, L, 3C), the gate v * x1, the long convolution of it, the gate by x2 and the residual long convolution of the layer
+input u (B, L, C). For each L in --lengths (B = max(1, 16384 // L)), each C and each dtype it times, with both filter
+spectra precomputed (the model's inference path):
+
+- fused: ops.monarch_mixer on the GPU's kernel back end (the mixer kernels);
+- separate: the same operations one by one, each long convolution on the kernel (the model before the mixer
+  kernels);
+- mx_fft: the same operations one by one on back end "mlx";
+- torch: the same operations in torch (short conv by shifted products, FFT convolutions), on CUDA only.
+
+Times are medians as in benchmarks/long_conv.py. Effective bandwidth counts the minimum traffic: z and u read and y
+written once, plus both fp32 complex filter spectra read once; roofline_fraction divides it by the measured
+device-to-device copy bandwidth. Each fused output is compared with the mx_fft output (rel_error_vs_mx_fft).
+"""
+
+import argparse
+import json
+import os
+import platform
+
+# m2bert_hf_mlx before mlx.core: on Linux it gives MLX's CPU back end an optimized BLAS (m2bert_hf_mlx.cpu_blas).
+from m2bert_hf_mlx import ops  # isort: skip
+from m2bert_hf_mlx.short_conv import short_conv_gate  # isort: skip
+from long_conv import copy_bandwidth_gbs, median_ms, mlx_sync, torch_conv  # isort: skip
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def min_bytes(batch, length, channels, itemsize):
+    return 5 * itemsize * batch * length * channels + 2 * 8 * channels * (length + 1)
+
+
+def torch_mixer(torch, z, u, weight, bias, spectra, skips, length):
+    """The mixer in torch, channels-last: z (B, L, 3C), weight (3C, 3), spectra (L + 1, C) of length-2L filters."""
+    padded = torch.nn.functional.pad(z, (0, 0, 2, 0))
+    uc = padded[:, :length] * weight[:, 0] + padded[:, 1 : length + 1] * weight[:, 1] + z * weight[:, 2] + bias
+    x1, x2, v = uc.chunk(3, dim=-1)
+    y = torch_conv(torch, v * x1, spectra[0], skips[0], length) * x2
+    return y + torch_conv(torch, u, spectra[1], skips[1], length)
+
+
+def measure(args, backend, torch, length, channels, dtype_name, results):
+    batch = max(1, 16384 // length)
+    dtype = getattr(mx, dtype_name)
+    rng = np.random.default_rng(length + channels)
+
+    def normal(*shape, scale=1.0):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    z_np, u_np = normal(batch, length, 3 * channels), normal(batch, length, channels)
+    weight, bias = mx.array(normal(3 * channels, 3, 1, scale=0.5)), mx.array(normal(3 * channels))
+    filters = [
+        tuple(mx.array(normal(channels, length, scale=length**-0.5)) for _ in "fr") + (mx.array(normal(channels)),)
+        for _ in range(2)
+    ]
+    z, u = mx.array(z_np).astype(dtype), mx.array(u_np).astype(dtype)
+    kernel_spectra = [ops.filter_spectrum(*f, length, backend=backend) for f in filters]
+    mlx_spectra = [ops.filter_spectrum(*f, length, backend="mlx") for f in filters]
+    mx.eval(z, u, weight, bias, [s.values for s in kernel_spectra + mlx_spectra])
+    skips = [(None, None, f[2]) for f in filters]
+
+    def fused():
+        return ops.monarch_mixer(z, u, weight, bias, *skips, spectra=kernel_spectra, backend=backend)
+
+    def separate(backend_, spectra):
+        gated, x2 = short_conv_gate(z, weight.astype(dtype), bias.astype(dtype))
+        y = ops.long_conv(gated, None, None, filters[0][2], backend=backend_, spectrum=spectra[0]) * x2
+        return y + ops.long_conv(u, None, None, filters[1][2], backend=backend_, spectrum=spectra[1])
+
+    y_fused, y_naive = fused().astype(mx.float32), separate("mlx", mlx_spectra).astype(mx.float32)
+    error = float(mx.linalg.norm(y_fused - y_naive) / mx.linalg.norm(y_naive))
+    times = {
+        "fused": median_ms(lambda: mx.async_eval(fused()), mlx_sync, args.calls, args.repeats),
+        "separate": median_ms(
+            lambda: mx.async_eval(separate(backend, kernel_spectra)), mlx_sync, args.calls, args.repeats
+        ),
+        "mx_fft": median_ms(lambda: mx.async_eval(separate("mlx", mlx_spectra)), mlx_sync, args.calls, args.repeats),
+    }
+    if torch is not None:
+        tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
+        z_t, u_t = (torch.from_numpy(a).cuda().to(tdtype) for a in (z_np, u_np))
+        w_t = torch.from_numpy(np.asarray(weight)[:, :, 0].copy()).cuda().to(tdtype)
+        b_t = torch.from_numpy(np.asarray(bias)).cuda().to(tdtype)
+        spectra_t = [torch.from_numpy(np.asarray(s.values).T.copy()).cuda() for s in mlx_spectra]
+        skips_t = [torch.from_numpy(np.asarray(f[2])).cuda() for f in filters]
+        times["torch"] = median_ms(
+            lambda: torch_mixer(torch, z_t, u_t, w_t, b_t, spectra_t, skips_t, length),
+            torch.cuda.synchronize,
+            args.calls,
+            args.repeats,
+        )
+    nbytes = min_bytes(batch, length, channels, 4 if dtype_name == "float32" else 2)
+    for name, ms in times.items():
+        record = {
+            "L": length,
+            "B": batch,
+            "C": channels,
+            "dtype": dtype_name,
+            "path": name,
+            "ms": round(ms, 5),
+            "effective_gbs": round(nbytes / (ms * 1e-3) / 1e9, 1),
+            "roofline_fraction": round(nbytes / (ms * 1e-3) / 1e9 / args.copy_gbs, 4),
+            "speedup_vs_separate": round(times["separate"] / ms, 3),
+            "speedup_vs_mx_fft": round(times["mx_fft"] / ms, 3),
+        }
+        if "torch" in times:
+            record["speedup_vs_torch"] = round(times["torch"] / ms, 3)
+        if name == "fused":
+            record["rel_error_vs_mx_fft"] = float(f"{error:.3g}")
+        results.append(record)
+    line = "  ".join(f"{name} {ms:8.4f} ms" for name, ms in times.items())
+    print(f"L={length:6d} B={batch:4d} C={channels:5d} {dtype_name:9s} {line}  err {error:.1e}", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 2048, 8192, 32768])
+    parser.add_argument("--channels", type=int, nargs="+", default=[768])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--calls", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    backend = ops.resolve_backend()
+    if backend not in ("cuda", "metal"):
+        raise SystemExit("This benchmark times the mixer kernels: run it where MLX has a CUDA or Metal GPU.")
+    os.environ[ops.BACKEND_ENV] = backend  # a kernel that fails its self-check raises rather than time mx.fft
+    torch = None
+    if backend == "cuda":
+        import torch
+    args.copy_gbs = copy_bandwidth_gbs(torch)
+    print(f"backend {backend}, device-to-device copy {args.copy_gbs:.0f} GB/s", flush=True)
+    context = {
+        "device": torch.cuda.get_device_name() if torch is not None else platform.platform(),
+        "mlx": mx.__version__,
+        "torch": torch.__version__ if torch is not None else None,
+        "copy_gbs": round(args.copy_gbs, 1),
+    }
+    results = []
+    for dtype_name in args.dtypes:
+        for channels in args.channels:
+            for length in args.lengths:
+                measure(args, backend, torch, length, channels, dtype_name, results)
+                with open(args.out, "w") as f:
+                    json.dump([{**record, **context} for record in results], f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

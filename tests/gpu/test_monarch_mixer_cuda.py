@@ -1,0 +1,67 @@
+"""The CUDA build of the Monarch mixer kernels on an NVIDIA GPU (MLX's CUDA back end), against float64.
+
+Skipped where MLX has no CUDA device (CI). On the GPU machine: python -m pytest tests/gpu.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from test_long_conv import rel_error
+from test_monarch_mixer import AWKWARD, mix, mixer_inputs, mixer_reference, to_mx
+
+from m2bert_hf_mlx import ops
+
+pytestmark = [
+    pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX with its CUDA back end and a GPU"),
+    # A kernel that fails its self-check would pass through the separate operations: make that a failure.
+    pytest.mark.filterwarnings("error::m2bert_hf_mlx.ops.LongConvFallbackWarning"),
+]
+
+# Every mixer plan of the CUDA target (the three single-pass tiers and the four-step passes) up to the longest
+# published L.
+LONG = [(2, 1024, 40), (2, 2048, 96), (2, 4096, 33), (1, 8193, 8), (1, 16384, 770), (1, 32768, 768)]
+
+
+@pytest.mark.parametrize("shape", AWKWARD + LONG, ids=lambda s: "x".join(map(str, s)))
+def test_matches_float64(shape):
+    arrays = mixer_inputs(np.random.default_rng(sum(shape)), *shape)
+    assert ops.mixer_plan("cuda", *shape) is not None
+    y = mix("cuda", arrays)
+    assert np.isfinite(y).all()
+    assert rel_error(y, mixer_reference(*arrays)) < 2e-6
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(mx.float16, 2e-3), (mx.bfloat16, 1.5e-2)], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("length", [2048, 8192])
+def test_low_precision_inputs(dtype, tolerance, length):
+    arrays = mixer_inputs(np.random.default_rng(length), 2, length, 64)
+    z, u = (np.asarray(mx.array(a.astype(np.float32)).astype(dtype).astype(mx.float32)) for a in arrays[:2])
+    exact = mixer_reference(z, u, *arrays[2:])
+    assert rel_error(mix("cuda", (z, u, *arrays[2:]), dtype), exact) < tolerance
+
+
+@pytest.mark.parametrize("length", [2048, 8192])
+def test_gradients_match_the_separate_operations(length):
+    arrays = mixer_inputs(np.random.default_rng(13), 2, length, 16)
+    z, u, weight, bias, (k_fwd, k_rev, skip), (r_fwd, r_rev, r_skip) = to_mx(arrays)
+    cotangent = mx.array(np.random.default_rng(14).standard_normal(u.shape).astype(np.float32))
+
+    def grads(backend):
+        def f(*a):
+            return ops.monarch_mixer(*a[:4], tuple(a[4:7]), tuple(a[7:]), backend=backend)
+
+        primals = [z, u, weight, bias, k_fwd, k_rev, skip, r_fwd, r_rev, r_skip]
+        return mx.vjp(f, primals, [cotangent])[1]
+
+    for fused, separate in zip(grads("cuda"), grads("mlx")):
+        assert rel_error(np.asarray(fused), np.asarray(separate)) < 1e-5
+
+
+def test_every_output_is_written():
+    # Outputs start as whatever the allocator hands out: poison that memory first, then check for NaN.
+    for shape in [(3, 37, 5), (2, 2048, 6), (1, 8193, 3)]:
+        poison = mx.full((8 << 20,), float("nan"))
+        mx.eval(poison)
+        del poison
+        y = mix("cuda", mixer_inputs(np.random.default_rng(9), *shape))
+        assert np.isfinite(y).all(), shape
