@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 from . import ops
+from .recompute import reference_vjp
 
 
 class Buffers:
@@ -96,7 +97,6 @@ class _FilterCache:
     key: tuple = ()
     weights: tuple = ()
     spectrum: ops.FilterSpectrum | None = None
-    conv: mx.custom_function | None = None
 
 
 class HyenaFilter(nn.Module):
@@ -126,7 +126,7 @@ class HyenaFilter(nn.Module):
 
     def filters(self, L, *, after=None):
         """(k_fwd, k_rev) of shape (D, L); k_rev is None for a causal filter. With `after`, an array, they are
-        computed only once `after` is (see `_inference_conv`)."""
+        computed only once `after` is (see `inference_spectrum`)."""
         k_fwd = self._filter(self.implicit_filter, L, after)
         k_rev = self._filter(self.implicit_filter_rev, L, after) if "implicit_filter_rev" in self else None
         return k_fwd, k_rev
@@ -136,12 +136,21 @@ class HyenaFilter(nn.Module):
         if self.training:
             k_fwd, k_rev = self.filters(L)
             return ops.long_conv(u, k_fwd, k_rev, self.bias)
-        conv, weights = self._inference_conv(u)
-        return conv(u, *weights)
+        spectrum = self.inference_spectrum(u)
 
-    def _inference_conv(self, u):
-        """The long conv at u's length from the filters' spectrum alone, and the weights to call it with: the
-        spectrum is computed once and reused while the weights stay the same.
+        def from_spectrum(u):
+            return ops.long_conv(u, None, None, self.bias, spectrum=spectrum)
+
+        def from_filters(u):
+            return ops.long_conv(u, *self.filters(u.shape[1]), self.bias, spectrum=spectrum)
+
+        return reference_vjp(self, from_spectrum, from_filters)(u)
+
+    def inference_spectrum(self, u):
+        """The filters' spectrum at u's length on the current back end, computed once and reused while the
+        weights stay the same. A long conv from it alone has gradients for every weight when called through
+        `reference_vjp` with `filters` (as `__call__` does): the filters themselves are not kept, which halves the
+        cache.
 
         MLX arrays are immutable, so new weights (load_weights, update, a training step) are new array objects:
         the cache is valid while it holds the very arrays the filter has now. It keeps the latest length only, and
@@ -150,43 +159,18 @@ class HyenaFilter(nn.Module):
         """
         L = u.shape[1]
         backend = ops.resolve_backend()
-        names, weights = zip(*tree_flatten(self.parameters()))
+        weights = tuple(weight for _, weight in tree_flatten(self.parameters()))
         cache = self._filter_cache
         if (
             cache.key == (L, backend)
             and len(cache.weights) == len(weights)
             and all(map(operator.is_, cache.weights, weights))
         ):
-            return cache.conv, weights
+            return cache.spectrum
         # The filters do not depend on the input, so MLX could compute those of every layer first and hold all
         # their spectra at once (about 5 GB at L = 32768): tying them to this layer's input keeps one at a time.
         k_fwd, k_rev = self.filters(L, after=u)
         spectrum = ops.filter_spectrum(k_fwd, k_rev, self.bias, L, backend=backend)
-        conv = self._spectrum_conv(spectrum, names)
         if spectrum.values.nbytes <= max_cached_filter_bytes():
-            self._filter_cache = _FilterCache((L, backend), weights, spectrum, conv)
-        return conv, weights
-
-    def _spectrum_conv(self, spectrum, names):
-        """conv(u, *weights) from the spectrum alone: the filters themselves are not kept, which halves the cache.
-        Gradients still reach every weight: when one is asked for, the VJP computes the filters again."""
-
-        @mx.custom_function
-        def conv(u, *weights):
-            return ops.long_conv(u, None, None, self.bias, spectrum=spectrum)
-
-        @conv.vjp
-        def conv_vjp(primals, cotangent, output):
-            originals = self.parameters()
-
-            def with_filters(u, *weights):
-                self.update(tree_unflatten(list(zip(names, weights))))
-                k_fwd, k_rev = self.filters(u.shape[1])
-                return ops.long_conv(u, k_fwd, k_rev, self.bias, spectrum=spectrum)
-
-            try:
-                return mx.vjp(with_filters, list(primals), [cotangent])[1]
-            finally:
-                self.update(originals)
-
-        return conv
+            self._filter_cache = _FilterCache((L, backend), weights, spectrum)
+        return spectrum

@@ -9,6 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import ops
 from .activations import ACT2FN, gelu, glu
 from .blockdiag_linear import BlockdiagLinear, from_blocks, to_blocks
 from .configuration_m2_bert import M2BertConfig, validate_config
@@ -22,6 +23,7 @@ from .modeling_outputs import (
     SequenceClassifierOutput,
 )
 from .modeling_utils import PreTrainedModel
+from .recompute import reference_vjp
 from .short_conv import CausalShortConv
 from .similarity import check_similarity_fn_name, similarity, similarity_pairwise
 
@@ -66,13 +68,41 @@ class MonarchMixerSequenceMixing(nn.Module):
     def __call__(self, u):
         if "layernorm" in self:
             u = self.layernorm(u)
-        u_orig = u
-        gated_v, x2 = self.short_filter(self.in_linear(u))
-        y = self.filter_fn(gated_v)
-        y = y * x2
-        if "filter_fn2" in self:
-            y = y + self.filter_fn2(u_orig)
+        z = self.in_linear(u)
+        if "filter_fn2" in self and ops.mixer_plan(None, *u.shape) is not None:
+            y = self._fused_mix(z, u)
+        else:
+            y = self._mix(z, u)
         return self.out_linear(y)
+
+    def _mix(self, z, u):
+        """The mixing between in_linear and out_linear as separate operations; u is the residual branch's input."""
+        gated_v, x2 = self.short_filter(z)
+        y = self.filter_fn(gated_v) * x2
+        if "filter_fn2" in self:
+            y = y + self.filter_fn2(u)
+        return y
+
+    def _fused_mix(self, z, u):
+        """`_mix` by the mixer kernels (ops.monarch_mixer), from the filters' cached spectra at inference."""
+        short, filters, residual = self.short_filter, self.filter_fn, self.filter_fn2
+        L = u.shape[1]
+
+        def mix(z, u, spectra=None, filter_arrays=True):
+            def conv(filter_):
+                return (*(filter_.filters(L) if filter_arrays else (None, None)), filter_.bias)
+
+            return ops.monarch_mixer(z, u, short.weight, short.bias, conv(filters), conv(residual), spectra=spectra)
+
+        if self.training:
+            return mix(z, u)
+        spectra = (filters.inference_spectrum(u), residual.inference_spectrum(u))
+        return reference_vjp(
+            self,
+            lambda z, u: mix(z, u, spectra, filter_arrays=False),
+            lambda z, u: mix(z, u, spectra),
+            keys=("short_filter", "filter_fn", "filter_fn2"),
+        )(z, u)
 
 
 def _mlp_linear(config, in_features, out_features, bias):

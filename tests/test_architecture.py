@@ -31,6 +31,7 @@ LAYERS = [
             "losses",
             "blockdiag_linear",
             "short_conv",
+            "recompute",
             "hyena_filter",
             "ops",
             "kernels",
