@@ -79,10 +79,11 @@ class ArgumentError(M2BertError, TypeError):
     """A keyword argument that the function or pipeline does not take (a TypeError, as Python's own would be)."""
 
 
-def closest(name, accepted):
-    """The accepted name closest to `name` (a likely misspelling of it), or None."""
+def did_you_mean(name, accepted, end=""):
+    """The hint "did you mean 'x'?", then `end`, for the accepted name x closest to `name` (a likely misspelling of
+    it); empty when none is close."""
     close = difflib.get_close_matches(str(name), sorted(accepted), n=1, cutoff=0.6)
-    return close[0] if close else None
+    return f"did you mean {close[0]!r}?{end}" if close else ""
 
 
 def check_keywords(where, given, accepted):
@@ -90,8 +91,7 @@ def check_keywords(where, given, accepted):
     accepted = sorted(accepted)
     for name in given:
         if name not in accepted:
-            close = closest(name, accepted)
-            hint = f"did you mean {close!r}?" if close else f"it takes {', '.join(accepted)}."
+            hint = did_you_mean(name, accepted) or f"it takes {', '.join(accepted)}."
             raise ArgumentError(f"{where} got an unknown keyword argument {name!r}: {hint}")
 
 

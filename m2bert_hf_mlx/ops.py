@@ -25,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import emulator, kernels
-from .errors import BackendUnavailableError, ConfigError, InputError, InputTypeError, LongConvKernelError, closest
+from .errors import BackendUnavailableError, ConfigError, InputError, InputTypeError, LongConvKernelError, did_you_mean
 from .short_conv import short_conv_gate
 
 BACKENDS = ("metal", "cuda", "mlx", "emulated")
@@ -51,8 +51,7 @@ def resolve_backend(backend=None):
             return "cuda"
         return "mlx"
     if backend not in BACKENDS:
-        close = closest(backend, BACKENDS)
-        hint = f"did you mean {close!r}? " if close else ""
+        hint = did_you_mean(backend, BACKENDS, end=" ")
         raise ConfigError(
             f"Unknown long_conv backend {backend!r} (from the argument or {BACKEND_ENV}); {hint}choose one of "
             f"{', '.join(BACKENDS)}."

@@ -158,6 +158,8 @@ def test_an_output_that_is_a_file_is_one_line(tmp_path, capsys):
 def test_pipeline_factory_mistakes_are_typed_errors(folders):
     with pytest.raises(InputError, match="Unknown task 'fill_mask'; did you mean 'fill-mask'\\? available tasks"):
         pipeline("fill_mask", model=folders["mlm"])
+    with pytest.raises(InputError, match="^Unknown task 'translation'; available tasks: fill-mask, feature-extraction"):
+        pipeline("translation", model=folders["mlm"])
     with pytest.raises(InputError, match="needs model="):
         pipeline("fill-mask")
     fill = pipeline("fill-mask", model=folders["mlm"])

@@ -4,7 +4,7 @@
 import inspect
 import os
 
-from ..errors import InputError, check_keywords, closest
+from ..errors import InputError, check_keywords, did_you_mean
 from ..modeling_m2_bert import (
     M2BertForMaskedLM,
     M2BertForSequenceClassification,
@@ -56,8 +56,7 @@ def pipeline(
     arguments are default call arguments of the pipeline (such as `top_k`, `padding` or `batch_size`).
     """
     if task not in TASKS:
-        close = closest(task, TASKS)
-        hint = f"did you mean {close!r}? " if close else ""
+        hint = did_you_mean(task, TASKS, end=" ")
         raise InputError(f"Unknown task {task!r}; {hint}available tasks: {', '.join(TASKS)}.")
     pipeline_class, model_class = TASKS[task]
     # Before the model loads; the factory's own names too, for a misspelt one of them.
