@@ -167,6 +167,16 @@ def test_pipeline_factory_mistakes_are_typed_errors(folders):
         pipeline("fill-mask", model=fill.model, token="hf_x")
 
 
+def test_a_task_that_is_not_a_string_is_a_type_error_naming_the_tasks(folders):
+    for task in (["fill-mask"], {"fill-mask": 1}, 3):
+        with pytest.raises(
+            InputTypeError, match=r"^pipeline\(\) takes the task as a string, not .+; available tasks: fill-mask, "
+        ):
+            pipeline(task, model=folders["mlm"])
+    with pytest.raises(InputTypeError, match=r"not \['fill-mask'\];"):
+        pipeline(["fill-mask"], model=folders["mlm"])
+
+
 def test_pipeline_and_encode_input_mistakes_are_typed_errors(folders):
     fill = pipeline("fill-mask", model=folders["mlm"])
     with pytest.raises(InputError, match="list of inputs is empty"):

@@ -4,7 +4,7 @@
 import inspect
 import os
 
-from ..errors import InputError, check_keywords, did_you_mean
+from ..errors import InputError, InputTypeError, check_keywords, did_you_mean, quote
 from ..modeling_m2_bert import (
     M2BertForMaskedLM,
     M2BertForSequenceClassification,
@@ -55,6 +55,10 @@ def pipeline(
     tokenizer object, a folder or a repo id; by default the model's (see `default_tokenizer`). Other keyword
     arguments are default call arguments of the pipeline (such as `top_k`, `padding` or `batch_size`).
     """
+    if not isinstance(task, str):
+        raise InputTypeError(
+            f"pipeline() takes the task as a string, not {quote(task)}; available tasks: {', '.join(TASKS)}."
+        )
     if task not in TASKS:
         hint = did_you_mean(task, TASKS, end=" ")
         raise InputError(f"Unknown task {task!r}; {hint}available tasks: {', '.join(TASKS)}.")
