@@ -26,13 +26,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+# m2bert_hf_mlx before mlx.core: on Linux it gives MLX's CPU back end an optimized BLAS (m2bert_hf_mlx.cpu_blas).
+import m2bert_hf_mlx  # noqa: F401  # isort: skip
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from _timing import median_seconds
 from mlx.utils import tree_map
 
-import m2bert_hf_mlx  # noqa: F401  (before mlx.core: the CPU back end's BLAS, see m2bert_hf_mlx.cpu_blas)
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, M2BertModel
 from m2bert_hf_mlx.distributed import embed_corpus, init_group
 from m2bert_hf_mlx.tokenization import load_tokenizer

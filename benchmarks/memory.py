@@ -42,10 +42,12 @@ SETTINGS = {
 
 def measure(args):
     """One setting, in this process: prints one JSON record per dtype."""
+    # m2bert_hf_mlx before mlx.core: on Linux it gives MLX's CPU back end an optimized BLAS (m2bert_hf_mlx.cpu_blas).
+    import m2bert_hf_mlx  # noqa: F401  # isort: skip
+
     import mlx.core as mx
     import numpy as np
 
-    import m2bert_hf_mlx  # noqa: F401  (before mlx.core: the CPU back end's BLAS)
     from m2bert_hf_mlx import M2BertConfig, M2BertModel, __version__, hyena_filter
     from m2bert_hf_mlx.loading import cast_model
     from m2bert_hf_mlx.ops import resolve_backend

@@ -20,6 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+# m2bert_hf_mlx before mlx.core: on Linux it gives MLX's CPU back end an optimized BLAS (m2bert_hf_mlx.cpu_blas).
+import m2bert_hf_mlx  # noqa: F401  # isort: skip
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_long_conv_sources import CUDA_UTILS_STUB, cuda_kernel_source  # MLX's CUDA source assembly
 

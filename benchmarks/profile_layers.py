@@ -10,10 +10,12 @@ Python side of one whole forward alone (building MLX's graph, which runs before 
 import argparse
 import time
 
+# m2bert_hf_mlx before mlx.core: on Linux it gives MLX's CPU back end an optimized BLAS (m2bert_hf_mlx.cpu_blas).
+import m2bert_hf_mlx  # noqa: F401  # isort: skip
+
 import mlx.core as mx
 import numpy as np
 
-import m2bert_hf_mlx  # noqa: F401  (before mlx.core: the CPU back end's BLAS, see m2bert_hf_mlx.cpu_blas)
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, ops
 from m2bert_hf_mlx.activations import glu
 from m2bert_hf_mlx.blockdiag_linear import to_blocks

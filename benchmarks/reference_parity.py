@@ -7,6 +7,9 @@ Run from the repository root: .venv/bin/python benchmarks/reference_parity.py
 import sys
 from pathlib import Path
 
+# m2bert_hf_mlx before mlx.core: on Linux it gives MLX's CPU back end an optimized BLAS (m2bert_hf_mlx.cpu_blas).
+import m2bert_hf_mlx  # noqa: F401  # isort: skip
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import reference_m2bert as reference  # noqa: E402

@@ -15,11 +15,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+# m2bert_hf_mlx before mlx.core: on Linux it gives MLX's CPU back end an optimized BLAS (m2bert_hf_mlx.cpu_blas).
+import m2bert_hf_mlx  # noqa: F401  # isort: skip
+
 import mlx.core as mx
 import numpy as np
 from _timing import median_seconds
 
-import m2bert_hf_mlx  # noqa: F401  (before mlx.core: the CPU back end's BLAS, see m2bert_hf_mlx.cpu_blas)
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM
 from m2bert_hf_mlx.tokenization import load_tokenizer
 from m2bert_hf_mlx.training import MaskedLMData, Trainer, TrainingArguments

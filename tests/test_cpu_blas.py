@@ -1,5 +1,6 @@
 """MLX's matrix products go to the CBLAS that M2BERT_BLAS names when m2bert_hf_mlx is imported first."""
 
+import ast
 import os
 import subprocess
 import sys
@@ -10,6 +11,11 @@ import pytest
 
 from m2bert_hf_mlx.cpu_blas import PIP_CBLAS
 from m2bert_hf_mlx.errors import BlasLoadError, M2BertError
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted([*(ROOT / "benchmarks").glob("*.py"), *(ROOT / "recipes").rglob("*.py")])
+# Modules a script imports from the checkout's folders: any of them may import mlx.core.
+LOCAL_MODULES = {p.stem for p in [*SCRIPTS, *(ROOT / "tests").glob("*.py")]}
 
 # A correct, naive cblas_sgemm that counts its calls: if MLX's products reach it, the interposition works.
 FAKE_CBLAS = r"""
@@ -122,6 +128,31 @@ def test_without_an_optimized_cblas_one_warning_says_how_to_fix_it():
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("None\nSlowCPUWarning: No optimized CBLAS library was found")
     assert "pip install 'm2bert-hf-mlx[cpu]'" in result.stdout and result.stdout.count("SlowCPUWarning") == 1
+
+
+def _imported_modules(path):
+    """The top-level names of the modules `path` imports (at module level or in a function), in the order of its
+    lines."""
+    nodes = [
+        n for n in ast.walk(ast.parse(path.read_text(encoding="utf-8"))) if isinstance(n, ast.Import | ast.ImportFrom)
+    ]
+    names = []
+    for node in sorted(nodes, key=lambda n: n.lineno):
+        if isinstance(node, ast.Import):
+            names += [alias.name.partition(".")[0] for alias in node.names]
+        elif node.level == 0:
+            names.append(node.module.partition(".")[0])
+    return names
+
+
+def test_scripts_import_the_package_before_anything_that_may_import_mlx():
+    # ruff's isort puts first-party imports last; a script that imports mlx.core first keeps the reference BLAS.
+    late = []
+    for path in SCRIPTS:
+        outside = [name for name in _imported_modules(path) if name not in sys.stdlib_module_names]
+        if {"mlx", "m2bert_hf_mlx", *LOCAL_MODULES} & set(outside) and outside[0] != "m2bert_hf_mlx":
+            late.append(f"{path.relative_to(ROOT)} imports {outside[0]} first")
+    assert not late, late
 
 
 def test_importing_the_package_prints_nothing():

@@ -25,6 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# m2bert_hf_mlx before mlx.core: on Linux it gives MLX's CPU back end an optimized BLAS (m2bert_hf_mlx.cpu_blas).
+import m2bert_hf_mlx  # noqa: F401  # isort: skip
+
 import mlx.core as mx
 from evaluate_demo_model import evaluate_heldout, read_lines, unigram_counts
 from prepare_corpus import slug
