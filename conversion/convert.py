@@ -25,7 +25,7 @@ from ..hub import hub_kwargs, upload_model_folder
 from ..loading import checkpoint_model_class, fetch_config_folder, fetch_weights, has_pooler
 from ..model_card import render_model_card
 from ..modeling_utils import DTYPE_NAMES, DTYPES
-from ..publishing import write_model_folder
+from ..publishing import write_atomically, write_model_folder
 from ..quantization import (
     SKIPPABLE_GROUPS,
     SUPPORTED_BITS,
@@ -318,34 +318,29 @@ class _Destination:
 
     def write(self, write):
         """Run `write(tmp)` on a fresh sibling folder, then rename it into place (see the class)."""
-        path = self.path
-        tmp = path.with_name(f".{path.name}.partial-{secrets.token_hex(4)}")
-        tmp.mkdir()
-        try:
-            write(tmp)
-            if _identity(path) != self._identity:
-                raise ConvertError(f"{path} was replaced by something else during the conversion; nothing was changed.")
-            if self._replaces:
-                old = path.with_name(f".{path.name}.old-{secrets.token_hex(4)}")
-                path.rename(old)
-                if _identity(old) != self._identity:
-                    old.rename(path)
-                    raise ConvertError(f"{path} was replaced during the conversion; nothing was changed.")
-                os.rename(tmp, path)
-                shutil.rmtree(old)
-            else:
-                try:
-                    os.rename(tmp, path)  # replaces the empty folder, and only an empty one
-                except OSError as e:
-                    if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                        raise
-                    raise ConvertError(
-                        f"Something wrote into {path} during the conversion; its files were kept and the conversion "
-                        "was discarded. Run again with another --mlx-path."
-                    ) from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        write_atomically(self.path, write, place=self._place)
+
+    def _place(self, tmp, path):
+        if _identity(path) != self._identity:
+            raise ConvertError(f"{path} was replaced by something else during the conversion; nothing was changed.")
+        if self._replaces:
+            old = path.with_name(f".{path.name}.old-{secrets.token_hex(4)}")
+            path.rename(old)
+            if _identity(old) != self._identity:
+                old.rename(path)
+                raise ConvertError(f"{path} was replaced during the conversion; nothing was changed.")
+            os.rename(tmp, path)
+            shutil.rmtree(old)
+        else:
+            try:
+                os.rename(tmp, path)  # replaces the empty folder, and only an empty one
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                raise ConvertError(
+                    f"Something wrote into {path} during the conversion; its files were kept and the conversion "
+                    "was discarded. Run again with another --mlx-path."
+                ) from None
 
 
 def _identity(path):

@@ -1,9 +1,9 @@
 """Writing a complete model folder (weights, config, tokenizer files, model card) and publishing it on the Hub.
 
 `write_atomically` writes a folder beside its target and renames it into place, so an interrupted write never leaves
-a folder that looks complete; `push_to_hub`, the trainer's checkpoints and the demo recipe use it. `convert`, which
-writes into a folder the user names, claims it first and checks at the rename that it is still the folder it checked
-(`conversion/convert.py`'s `_Destination`).
+a folder that looks complete; the trainer's checkpoints, the demo recipe and `convert` use it. `convert`, which writes
+into a folder the user names, gives its own placing step, which checks at the rename that the destination is still
+the folder it claimed and checked (`conversion/convert.py`'s `_Destination`).
 """
 
 import secrets
@@ -18,28 +18,33 @@ from .quantization import float_groups
 from .tokenization import resolve_tokenizer, save_tokenizer
 
 
-def write_atomically(target, write):
-    """Run `write(tmp)` on a fresh sibling folder, then rename it to `target` (replacing what is there)."""
+def write_atomically(target, write, place=None):
+    """Run `write(tmp)` on a fresh sibling folder `.<name>.partial-<hex>`, then `place(tmp, target)` to put it at
+    `target`: by default a rename that replaces what is there. On any failure, a signal too, the sibling is removed."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.partial-{secrets.token_hex(4)}")
     tmp.mkdir()
     try:
         write(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}")
-            target.rename(old)
-            try:
-                tmp.rename(target)
-            except BaseException:
-                old.rename(target)
-                raise
-            shutil.rmtree(old)
-        else:
-            tmp.rename(target)
+        (place or _replace)(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _replace(tmp, target):
+    if not target.exists():
+        tmp.rename(target)
+        return
+    old = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}")
+    target.rename(old)
+    try:
+        tmp.rename(target)
+    except BaseException:
+        old.rename(target)
+        raise
+    shutil.rmtree(old)
 
 
 def write_model_folder(folder, model, tokenizer, card):
