@@ -16,6 +16,9 @@ spectra precomputed (the model's inference path):
 Times are medians as in benchmarks/long_conv.py. Effective bandwidth counts the minimum traffic: z and u read and y
 written once, plus both fp32 complex filter spectra read once; roofline_fraction divides it by the measured
 device-to-device copy bandwidth. Each fused output is compared with the mx_fft output (rel_error_vs_mx_fft).
+
+--sweep PATH times, instead, the mixer kernels alone (fp32, first C) with each single-pass tile of SWEEP_TILES that
+covers the FFT size, beside the CUDA target's own choice, into PATH.
 """
 
 import argparse
@@ -24,7 +27,7 @@ import os
 import platform
 
 # m2bert_hf_mlx before mlx.core: on Linux it gives MLX's CPU back end an optimized BLAS (m2bert_hf_mlx.cpu_blas).
-from m2bert_hf_mlx import ops  # isort: skip
+from m2bert_hf_mlx import kernels, ops  # isort: skip
 from m2bert_hf_mlx.short_conv import short_conv_gate  # isort: skip
 from long_conv import copy_bandwidth_gbs, median_ms, mlx_sync, torch_conv  # isort: skip
 
@@ -118,6 +121,60 @@ def measure(args, backend, torch, length, channels, dtype_name, results):
     print(f"L={length:6d} B={batch:4d} C={channels:5d} {dtype_name:9s} {line}  err {error:.1e}", flush=True)
 
 
+# Single-pass tiles for the mixer sweep: values per block, per thread and the log2 of the FFT radix.
+SWEEP_TILES = [(2048, 8, 3), (4096, 8, 3), (4096, 16, 4), (8192, 16, 3), (8192, 16, 4)]
+
+
+def sweep(args, lengths, channels, path):
+    records = []
+    launch_fn = kernels.gpu_launch("cuda")
+    for length in lengths:
+        n = kernels.fft_size(length)
+        batch = max(1, 16384 // length)
+        rng = np.random.default_rng(length)
+        z = mx.array(rng.standard_normal((batch, length, 3 * channels)).astype(np.float32))
+        u = mx.array(rng.standard_normal((batch, length, channels)).astype(np.float32))
+        weight, bias = mx.array(rng.standard_normal((3 * channels, 3, 1)).astype(np.float32)), mx.zeros((3 * channels,))
+        filters = [
+            (
+                *(mx.array(rng.standard_normal((channels, length)).astype(np.float32)) for _ in "fr"),
+                mx.zeros((channels,)),
+            )
+            for _ in range(2)
+        ]
+        reference = ops.monarch_mixer(z, u, weight, bias, *filters, backend="mlx")
+        variants = {"default": kernels.CUDA.mixer_single_pass}
+        variants |= {
+            f"{v} values, {e} per thread, radix {1 << r}": (kernels.Tile(n, v, e, r),)
+            for v, e, r in SWEEP_TILES
+            if v >= 2 * n and e * 1024 >= v
+        }
+        for name, tiles in variants.items():
+            target = kernels.Target("cuda", kernels.CUDA.single_pass, tiles, kernels.CUDA.four_step, pad=True)
+            plan = kernels.plan(target, batch, length, channels, mixer=True)
+            if plan.n1 != 1:
+                continue
+            packed = kernels.mixer_filter(*(kernels.packed_filter(*f, plan.n, plan.n1) for f in filters))
+            taps = kernels.short_conv_taps(weight, bias)
+            mx.eval(z, u, packed, taps, reference)
+
+            def call(plan=plan, packed=packed, taps=taps, u=u, z=z):
+                return kernels.run_plan(plan, u, packed, launch_fn, (z, taps))
+
+            try:
+                error = float(mx.linalg.norm(call() - reference) / mx.linalg.norm(reference))
+                ms = median_ms(lambda: mx.async_eval(call()), mlx_sync, args.calls, args.repeats)
+            except RuntimeError as e:  # a variant whose blocks do not fit the GPU
+                records.append({"variant": name, "L": length, "B": batch, "C": channels, "error": str(e)[:500]})
+                continue
+            print(f"sweep {name:32s} L={length:6d} {ms:8.4f} ms err {error:.1e}", flush=True)
+            records.append(
+                {"variant": name, "L": length, "B": batch, "C": channels, "ms": round(ms, 5), "rel_error": error}
+            )
+            with open(path, "w") as f:
+                json.dump(records, f, indent=1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 2048, 8192, 32768])
@@ -125,8 +182,11 @@ def main():
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--sweep", help="time the mixer's single-pass tile variants instead, into this JSON file")
+    parser.add_argument("--out")
     args = parser.parse_args()
+    if not (args.out or args.sweep):
+        parser.error("give --out (the comparison) or --sweep (the tile variants)")
 
     backend = ops.resolve_backend()
     if backend not in ("cuda", "metal"):
@@ -143,6 +203,9 @@ def main():
         "torch": torch.__version__ if torch is not None else None,
         "copy_gbs": round(args.copy_gbs, 1),
     }
+    if args.sweep:
+        sweep(args, args.lengths, args.channels[0], args.sweep)
+        return
     results = []
     for dtype_name in args.dtypes:
         for channels in args.channels:

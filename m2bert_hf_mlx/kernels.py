@@ -147,16 +147,22 @@ METAL = Target(
     four_step=(Tile(_ANY_N, 4096, 16, 4),),
     pad=False,
 )
-# CUDA (H200; benchmarks/long_conv.py --sweep times the alternatives): blocks small enough that several share a
-# multiprocessor, so that one block's memory phase overlaps another's FFT: 2048 values (256 threads of 8, radix 8) up
-# to N = 1024, 4096 values (256 threads of 16, radix 16) up to N = 4096; the four-step passes take 8192 values (512
-# threads of 16) in radix-16 stages, and so does the mixer's single pass at N = 4096 (L = 2048), whose two rows per
-# channel pair would otherwise need the four-step passes. MLX gives no launch bound, so a block's threads must fit
-# the register file as compiled (tests/test_long_conv_sources.py checks it).
+# CUDA (H200; benchmarks/long_conv.py --sweep and benchmarks/mixer.py --sweep time the alternatives): blocks small
+# enough that several share a multiprocessor, so that one block's memory phase overlaps another's FFT: 2048 values
+# (256 threads of 8, radix 8) up to N = 1024, 4096 values (256 threads of 16, radix 16) up to N = 4096; the
+# four-step passes take 8192 values (512 threads of 16) in radix-16 stages. The mixer's single pass holds two rows
+# per channel pair and reads three taps of z per value: its fastest tiles are larger, 4096 or 8192 values by N.
+# MLX gives no launch bound, so a block's threads must fit the register file as compiled
+# (tests/test_long_conv_sources.py checks it).
 CUDA = Target(
     "cuda",
     single_pass=(Tile(1024, 2048, 8, 3), Tile(4096, 4096, 16, 4)),
-    mixer_single_pass=(Tile(1024, 2048, 8, 3), Tile(2048, 4096, 16, 4), Tile(4096, 8192, 16, 4)),
+    mixer_single_pass=(
+        Tile(256, 4096, 16, 4),
+        Tile(512, 8192, 16, 3),
+        Tile(1024, 4096, 16, 4),
+        Tile(4096, 8192, 16, 4),
+    ),
     four_step=(Tile(_ANY_N, 8192, 16, 4),),
     pad=True,
 )

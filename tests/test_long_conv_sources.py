@@ -122,7 +122,16 @@ using Strides = cuda::std::array<int64_t, 10>;
 """
 
 # Plans that reach every tier of both GPU targets: each single-pass tile (the mixer's too) and each four-step tile.
-SHAPES = [(2, 100, 70), (1, 1024, 768), (1, 2048, 768), (1, 4097, 6), (1, 8192, 768), (1, 32768, 768)]
+SHAPES = [
+    (2, 100, 70),
+    (4, 256, 768),
+    (1, 512, 768),
+    (1, 1024, 768),
+    (1, 2048, 768),
+    (1, 4097, 6),
+    (1, 8192, 768),
+    (1, 32768, 768),
+]
 
 
 def _unique_launches(target, shapes=SHAPES):
