@@ -154,12 +154,12 @@ def sweep(args, lengths, channels, path):
             plan = kernels.plan(target, batch, length, channels, mixer=True)
             if plan.n1 != 1:
                 continue
-            packed = kernels.mixer_filter(*(kernels.packed_filter(*f, plan.n, plan.n1) for f in filters))
+            packed = [kernels.packed_filter(*f, plan.n, plan.n1) for f in filters]
             taps = kernels.short_conv_taps(weight, bias)
             mx.eval(z, u, packed, taps, reference)
 
             def call(plan=plan, packed=packed, taps=taps, u=u, z=z):
-                return kernels.run_plan(plan, u, packed, launch_fn, (z, taps))
+                return kernels.run_plan(plan, u, packed[0], launch_fn, (z, taps, packed[1]))
 
             try:
                 error = float(mx.linalg.norm(call() - reference) / mx.linalg.norm(reference))

@@ -61,16 +61,16 @@ KERNELS = {
         ),
         KernelSpec(
             "rows",
-            (("scratch", "f32"), ("dims", "i32"), ("spectrum", "f32"), ("tw", "f32")),
+            (("scratch", "f32"), ("dims", "i32"), ("spectrum", "f32"), ("residual_spectrum", "f32"), ("tw", "f32")),
             (("out", "f32"),),
-            ("LOG_RADIX", "LOG_N1", "LOG_N2", "LOG_RP", "TW_N", "PAD", "SMEM"),
+            ("LOG_RADIX", "LOG_N1", "LOG_N2", "LOG_RP", "TW_N", "MIXER", "PAD", "SMEM"),
         ),
         KernelSpec(
             "columns_inverse", (("scratch", "f32"), ("dims", "i32"), ("tw", "f32")), (("y", "io"),), _COLUMN_CONSTANTS
         ),
         KernelSpec(
             "mixer_single_pass",
-            _MIXER_INPUTS + (("spectrum", "f32"), ("tw", "f32")),
+            _MIXER_INPUTS + (("spectrum", "f32"), ("residual_spectrum", "f32"), ("tw", "f32")),
             (("y", "io"),),
             _SINGLE_PASS_CONSTANTS,
         ),
@@ -317,6 +317,7 @@ def plan(target, batch, length, channels, mixer=False):
                 ("LOG_N2", _log2(n2)),
                 ("LOG_RP", _log2(rp)),
                 tw_n,
+                ("MIXER", int(mixer)),
                 ("PAD", pad),
                 ("SMEM", _smem(row_values, _log2(n2), pad)),
             ),
@@ -437,24 +438,29 @@ def metal_kernel(spec):
 
 def run_plan(plan_, u, packed, launch_fn, mixer_inputs=None):
     """Runs the launches of `plan_` for u (B, L, C) and a packed filter; for a mixer plan, `mixer_inputs` is
-    (z, short_conv): in_linear's output (B, L, 3C) and `short_conv_taps` of the short conv.
+    (z, short_conv, residual_packed): in_linear's output (B, L, 3C), `short_conv_taps` of the short conv and the
+    packed filter of the residual convolution of u (`packed` is then the gated value's).
 
     launch_fn(launch, inputs, outputs, io_dtype) runs one launch (outputs as (shape, dtype) pairs, io_dtype the
     dtype of u and y) and returns its output arrays.
     """
     tw = twiddles(plan_)
     dims = _dims(plan_.length, plan_.channels)
-    z, short_conv = ([], []) if mixer_inputs is None else ([mixer_inputs[0]], [mixer_inputs[1]])
+    if mixer_inputs is None:
+        z, short_conv, residual = [], [], packed
+    else:
+        z, short_conv, residual = [mixer_inputs[0]], [mixer_inputs[1]], mixer_inputs[2]
     y_out = ((plan_.batch, plan_.length, plan_.channels), u.dtype)
     if plan_.n1 == 1:
         (launch,) = plan_.launches
-        return launch_fn(launch, z + [u, dims] + short_conv + [packed, tw], [y_out], u.dtype)[0]
+        filters = [packed] + ([residual] if plan_.mixer else [])
+        return launch_fn(launch, z + [u, dims] + short_conv + filters + [tw], [y_out], u.dtype)[0]
     forward, rows, inverse = plan_.launches
     scratch_out = ((plan_.batch, plan_.pairs, plan_.n, 2), mx.float32)
     scratch = launch_fn(forward, z + [u, dims] + short_conv + [tw], [scratch_out], u.dtype)[0]
     # The rows pass sees FFT rows only: as many channels as two per row.
     row_dims = _dims(plan_.length, 2 * plan_.pairs)
-    scratch = launch_fn(rows, [scratch, row_dims, packed, tw], [scratch_out], u.dtype)[0]
+    scratch = launch_fn(rows, [scratch, row_dims, packed, residual, tw], [scratch_out], u.dtype)[0]
     return launch_fn(inverse, [scratch] + z + [dims] + short_conv + [tw], [y_out], u.dtype)[0]
 
 
@@ -462,11 +468,6 @@ def short_conv_taps(weight, bias):
     """The mixer kernels' short conv: (w0, w1, w2, b) per channel as (3C, 4) float32, from the Conv1d weight
     (3C, 3, 1) and bias (3C,)."""
     return mx.concatenate([weight[:, :, 0], bias[:, None]], axis=1).astype(mx.float32)
-
-
-def mixer_filter(packed, residual_packed):
-    """The mixer kernels' packed filter: the two convolutions' packed filters, interleaved pair by pair."""
-    return mx.stack([packed, residual_packed], axis=1).reshape(-1, *packed.shape[1:])
 
 
 def gpu_launch(backend):

@@ -287,7 +287,7 @@ def _self_check(backend, plan, dtype):
         launch = _launch_fn(backend, target)
         if plan.mixer:
             taps = kernels.short_conv_taps(weight, bias)
-            y = kernels.run_plan(small, u, kernels.mixer_filter(*packed), launch, (z, taps))
+            y = kernels.run_plan(small, u, packed[0], launch, (z, taps, packed[1]))
         else:
             y = kernels.run_plan(small, u, packed[0], launch)
         error = float(mx.linalg.norm(y.astype(mx.float32) - expected) / mx.linalg.norm(expected))
@@ -431,11 +431,10 @@ def monarch_mixer(z, u, short_weight, short_bias, filters, residual_filters, *, 
         if not _kernels_pass(backend, plan, u.dtype):
             return mix(z, u, weight, bias, skip, residual_skip, *filters_)
         count = len(ks)
-        spectrum = kernels.mixer_filter(
-            packed(spectra[0], filters_[:count], skip), packed(spectra[1], filters_[count:], residual_skip)
-        )
+        spectrum = packed(spectra[0], filters_[:count], skip)
+        residual = packed(spectra[1], filters_[count:], residual_skip)
         taps = kernels.short_conv_taps(weight, bias)
-        return kernels.run_plan(plan, u, spectrum, _launch_fn(backend, _target(backend)), (z, taps))
+        return kernels.run_plan(plan, u, spectrum, _launch_fn(backend, _target(backend)), (z, taps, residual))
 
     @fused.vjp
     def fused_vjp(primals, cotangent, output):

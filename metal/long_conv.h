@@ -296,9 +296,24 @@ M2_FUNC float4 m2_load_float4(const M2_GLOBAL float* data, int i) {
   return reinterpret_cast<const M2_GLOBAL float4*>(data)[i];
 }
 
+// The packed filter of FFT row `pair` at entry i of its spectrum: the long convolution's, or with `mixer` set, the
+// mixer's (long_conv.h's mixer rows): even pairs take `spectrum`, odd pairs `residual`, each by channel pair.
+M2_FUNC float4 m2_row_filter(
+    const M2_GLOBAL float* spectrum,
+    const M2_GLOBAL float* residual,
+    int mixer,
+    int pair,
+    int pair_entries,
+    int i) {
+  const M2_GLOBAL float* filter = mixer != 0 && (pair & 1) != 0 ? residual : spectrum;
+  const int row = mixer != 0 ? pair >> 1 : pair;
+  return m2_load_float4(filter, row * pair_entries + i);
+}
+
 // The single-pass convolution of the 2^log_p rows of length n = 2^log_n in buf (rows of pairs pair0 + row, up to
-// `pairs`), from the filled buffer to conj(y_c + i y_d) in it: FFT, spectral product, FFT. The caller's barrier
-// after filling buf is this function's first statement; the result is visible to all threads on return.
+// `pairs`), from the filled buffer to conj(y_c + i y_d) in it: FFT, spectral product (filters as m2_row_filter
+// reads them), FFT. The caller's barrier after filling buf is this function's first statement; the result is
+// visible to all threads on return.
 template <int E>
 M2_FUNC void m2_convolve_rows(
     M2_TG float2* buf,
@@ -308,6 +323,8 @@ M2_FUNC void m2_convolve_rows(
     int pair0,
     int pairs,
     const M2_GLOBAL float* spectrum,
+    const M2_GLOBAL float* residual,
+    int mixer,
     const M2_GLOBAL float* tw,
     int tid,
     int nthreads,
@@ -323,7 +340,7 @@ M2_FUNC void m2_convolve_rows(
       const int k = e & (n - 1);
       const int kp = (n - k) & (n - 1);
       if (k <= kp && pair0 + row < pairs) {
-        const float4 gf = m2_load_float4(spectrum, (pair0 + row) * ((n >> 1) + 1) + k);
+        const float4 gf = m2_row_filter(spectrum, residual, mixer, pair0 + row, (n >> 1) + 1, k);
         m2_spectral_product(buf, e, e - k + kp, layout, gf);
       }
     }

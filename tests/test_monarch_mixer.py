@@ -78,7 +78,8 @@ def test_cuda_plans_on_the_emulator(shape):
     plan = kernels.plan(kernels.CUDA, *shape, mixer=True)
     packed = [kernels.packed_filter(*f, plan.n, plan.n1) for f in (filters, residual)]
     launch = emulator.launch_fn(kernels.CUDA.threadgroup_bytes_limit)
-    y = kernels.run_plan(plan, u, kernels.mixer_filter(*packed), launch, (z, kernels.short_conv_taps(weight, bias)))
+    taps = kernels.short_conv_taps(weight, bias)
+    y = kernels.run_plan(plan, u, packed[0], launch, (z, taps, packed[1]))
     assert rel_error(np.asarray(y), mixer_reference(*arrays)) < 2e-6
 
 
