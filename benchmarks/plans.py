@@ -1,13 +1,14 @@
-"""The long-convolution kernel's plans per target, without a GPU: tiles, threadgroup memory, registers and traffic.
+"""The kernels' plans per target, without a GPU: tiles, threadgroup memory, registers and traffic.
 
     python benchmarks/plans.py --out benchmarks/results/plans.json      # prints the README's markdown table
 
 For each target (Metal, CUDA) and each L of the benchmarks (C = 768, B = max(1, 16384 // L)), every launch of the
-plan: threads per threadgroup, threadgroup memory, registers per thread of the CUDA build of that tile (nvcc for
-sm_90a, where nvcc is installed; Apple's compiler is not available here, so Metal tiles are compiled as CUDA too,
-an estimate of their register pressure), passes through device memory and the bytes moved per token against the
-minimum (u read and y written once, the filter spectrum once), in float32. Filter re-reads by the threadgroups of
-other batch rows are assumed to hit the cache.
+long convolution's plan and of the Monarch mixer's (ops.monarch_mixer, where it has one): threads per threadgroup,
+threadgroup memory, registers per thread of the CUDA build of that tile (nvcc for sm_90a, where nvcc is installed;
+Apple's compiler is not available here, so Metal tiles are compiled as CUDA too, an estimate of their register
+pressure), passes through device memory and the bytes moved per token against the minimum, in float32: for the long
+convolution u read and y written once and the filter spectrum once; for the mixer z (3C) and u read, y written
+once and both spectra once. Filter re-reads by the threadgroups of other batch rows are assumed to hit the cache.
 """
 
 import argparse
@@ -56,22 +57,34 @@ def registers(launches):
 def traffic(plan, itemsize=4):
     """(passes through device memory, bytes per token moved, minimum bytes per token)."""
     tokens = plan.batch * plan.length
-    io = 2 * itemsize * tokens * plan.channels
+    io = (5 if plan.mixer else 2) * itemsize * tokens * plan.channels
     filter_bytes = plan.pairs * plan.n1 * (plan.n2 // 2 + 1) * 16
-    minimum = io + 8 * plan.channels * (plan.length + 1)
+    minimum = io + (2 if plan.mixer else 1) * 8 * plan.channels * (plan.length + 1)
     if plan.n1 == 1:
         return 1, (io + filter_bytes) / tokens, minimum / tokens
     scratch = plan.batch * plan.pairs * plan.n * 8  # written by pass 1, read and written by pass 2, read by pass 3
     return 3, (io + filter_bytes + 4 * scratch) / tokens, minimum / tokens
 
 
+def plans(target, channels):
+    """(L, plan) of the long convolution and of the mixer at each benchmark length, the mixer where it has a plan:
+    where its FFT split is the long convolution's (ops.mixer_plan)."""
+    found = []
+    for mixer in (False, True):
+        for length in LENGTHS:
+            batch = max(1, 16384 // length)
+            p = kernels.plan(target, batch, length, channels, mixer)
+            if not mixer or p.n1 == kernels.plan(target, batch, length, channels).n1:
+                found.append((length, p))
+    return found
+
+
 def table(channels=768):
     rows = []
     for target in kernels.TARGETS.values():
-        plans = [kernels.plan(target, max(1, 16384 // length), length, channels) for length in LENGTHS]
-        launches = [launch for p in plans for launch in p.launches]
-        regs = iter(registers(launches))
-        for length, p in zip(LENGTHS, plans):
+        found = plans(target, channels)
+        regs = iter(registers([launch for _, p in found for launch in p.launches]))
+        for length, p in found:
             passes, moved, minimum = traffic(p)
             for launch in p.launches:
                 constants = dict(launch.constants)
