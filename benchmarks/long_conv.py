@@ -217,6 +217,26 @@ def plot(results, path):
     fig.savefig(path, dpi=120)
 
 
+def gpu_setup(what):
+    """(kernel back end, torch or None, copy GB/s, the records' context) of a GPU benchmark timing `what`."""
+    backend = ops.resolve_backend()
+    if backend not in ("cuda", "metal"):
+        raise SystemExit(f"This benchmark times {what}: run it where MLX has a CUDA or Metal GPU.")
+    os.environ[ops.BACKEND_ENV] = backend  # a kernel that fails its self-check raises rather than time mx.fft
+    torch = None
+    if backend == "cuda":
+        import torch
+    copy_gbs = copy_bandwidth_gbs(torch)
+    print(f"backend {backend}, device-to-device copy {copy_gbs:.0f} GB/s", flush=True)
+    context = {
+        "device": torch.cuda.get_device_name() if torch is not None else platform.platform(),
+        "mlx": mx.__version__,
+        "torch": torch.__version__ if torch is not None else None,
+        "copy_gbs": round(copy_gbs, 1),
+    }
+    return backend, torch, copy_gbs, context
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 2048, 8192, 32768])
@@ -229,21 +249,7 @@ def main():
     parser.add_argument("--plot")
     args = parser.parse_args()
 
-    backend = ops.resolve_backend()
-    if backend not in ("cuda", "metal"):
-        raise SystemExit("This benchmark times the fused kernel: run it where MLX has a CUDA or Metal GPU.")
-    os.environ[ops.BACKEND_ENV] = backend  # a kernel that fails its self-check raises rather than time mx.fft
-    torch = None
-    if backend == "cuda":
-        import torch
-    args.copy_gbs = copy_bandwidth_gbs(torch)
-    print(f"backend {backend}, device-to-device copy {args.copy_gbs:.0f} GB/s", flush=True)
-    context = {
-        "device": torch.cuda.get_device_name() if torch is not None else platform.platform(),
-        "mlx": mx.__version__,
-        "torch": torch.__version__ if torch is not None else None,
-        "copy_gbs": round(args.copy_gbs, 1),
-    }
+    backend, torch, args.copy_gbs, context = gpu_setup("the fused kernel")
 
     def save(records, path):  # after every measurement, so that an interrupted run keeps what it measured
         with open(path, "w") as f:

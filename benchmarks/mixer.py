@@ -23,13 +23,11 @@ covers the FFT size, beside the CUDA target's own choice, into PATH.
 
 import argparse
 import json
-import os
-import platform
 
 # m2bert_hf_mlx before mlx.core: on Linux it gives MLX's CPU back end an optimized BLAS (m2bert_hf_mlx.cpu_blas).
 from m2bert_hf_mlx import kernels, ops  # isort: skip
 from m2bert_hf_mlx.short_conv import short_conv_gate  # isort: skip
-from long_conv import copy_bandwidth_gbs, median_ms, mlx_sync, torch_conv  # isort: skip
+from long_conv import gpu_setup, median_ms, mlx_sync, torch_conv  # isort: skip
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
@@ -188,21 +186,7 @@ def main():
     if not (args.out or args.sweep):
         parser.error("give --out (the comparison) or --sweep (the tile variants)")
 
-    backend = ops.resolve_backend()
-    if backend not in ("cuda", "metal"):
-        raise SystemExit("This benchmark times the mixer kernels: run it where MLX has a CUDA or Metal GPU.")
-    os.environ[ops.BACKEND_ENV] = backend  # a kernel that fails its self-check raises rather than time mx.fft
-    torch = None
-    if backend == "cuda":
-        import torch
-    args.copy_gbs = copy_bandwidth_gbs(torch)
-    print(f"backend {backend}, device-to-device copy {args.copy_gbs:.0f} GB/s", flush=True)
-    context = {
-        "device": torch.cuda.get_device_name() if torch is not None else platform.platform(),
-        "mlx": mx.__version__,
-        "torch": torch.__version__ if torch is not None else None,
-        "copy_gbs": round(args.copy_gbs, 1),
-    }
+    backend, torch, args.copy_gbs, context = gpu_setup("the mixer kernels")
     if args.sweep:
         sweep(args, args.lengths, args.channels[0], args.sweep)
         return

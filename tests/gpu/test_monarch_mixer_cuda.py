@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from test_long_conv import rel_error
-from test_monarch_mixer import AWKWARD, mix, mixer_inputs, mixer_reference, to_mx
+from test_monarch_mixer import AWKWARD, mix, mixer_gradients, mixer_inputs, mixer_reference
 
 from m2bert_hf_mlx import ops
 
@@ -43,17 +43,7 @@ def test_low_precision_inputs(dtype, tolerance, length):
 @pytest.mark.parametrize("length", [2048, 8192])
 def test_gradients_match_the_separate_operations(length):
     arrays = mixer_inputs(np.random.default_rng(13), 2, length, 16)
-    z, u, weight, bias, (k_fwd, k_rev, skip), (r_fwd, r_rev, r_skip) = to_mx(arrays)
-    cotangent = mx.array(np.random.default_rng(14).standard_normal(u.shape).astype(np.float32))
-
-    def grads(backend):
-        def f(*a):
-            return ops.monarch_mixer(*a[:4], tuple(a[4:7]), tuple(a[7:]), backend=backend)
-
-        primals = [z, u, weight, bias, k_fwd, k_rev, skip, r_fwd, r_rev, r_skip]
-        return mx.vjp(f, primals, [cotangent])[1]
-
-    for fused, separate in zip(grads("cuda"), grads("mlx")):
+    for fused, separate in zip(mixer_gradients("cuda", arrays), mixer_gradients("mlx", arrays)):
         assert rel_error(np.asarray(fused), np.asarray(separate)) < 1e-5
 
 
