@@ -67,16 +67,11 @@ def traffic(plan, itemsize=4):
 
 
 def plans(target, channels):
-    """(L, plan) of the long convolution and of the mixer at each benchmark length, the mixer where it has a plan:
-    where its FFT split is the long convolution's (ops.mixer_plan)."""
-    found = []
-    for mixer in (False, True):
-        for length in LENGTHS:
-            batch = max(1, 16384 // length)
-            p = kernels.plan(target, batch, length, channels, mixer)
-            if not mixer or p.n1 == kernels.plan(target, batch, length, channels).n1:
-                found.append((length, p))
-    return found
+    """(L, plan) of the long convolution and of the mixer (where it has a plan) at each benchmark length."""
+    batches = {length: max(1, 16384 // length) for length in LENGTHS}
+    found = [(length, kernels.plan(target, batch, length, channels)) for length, batch in batches.items()]
+    mixers = [(length, kernels.mixer_plan(target, batch, length, channels)) for length, batch in batches.items()]
+    return found + [(length, p) for length, p in mixers if p is not None]
 
 
 def table(channels=768):

@@ -16,7 +16,6 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import ops
-from .recompute import reference_vjp
 
 
 class Buffers:
@@ -131,25 +130,10 @@ class HyenaFilter(nn.Module):
         k_rev = self._filter(self.implicit_filter_rev, L, after) if "implicit_filter_rev" in self else None
         return k_fwd, k_rev
 
-    def __call__(self, u):
-        L = u.shape[1]
-        if self.training:
-            k_fwd, k_rev = self.filters(L)
-            return ops.long_conv(u, k_fwd, k_rev, self.bias)
-        spectrum = self.inference_spectrum(u)
-
-        def from_spectrum(u):
-            return ops.long_conv(u, None, None, self.bias, spectrum=spectrum)
-
-        def from_filters(u):
-            return ops.long_conv(u, *self.filters(u.shape[1]), self.bias, spectrum=spectrum)
-
-        return reference_vjp(self, from_spectrum, from_filters)(u)
-
     def inference_spectrum(self, u):
         """The filters' spectrum at u's length on the current back end, computed once and reused while the
         weights stay the same. A long conv from it alone has gradients for every weight when called through
-        `reference_vjp` with `filters` (as `__call__` does): the filters themselves are not kept, which halves the
+        `reference_vjp` with `filters` (as the mixer does): the filters themselves are not kept, which halves the
         cache.
 
         MLX arrays are immutable, so new weights (load_weights, update, a training step) are new array objects:

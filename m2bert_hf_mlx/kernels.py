@@ -2,8 +2,9 @@
 
 The kernel sources live in ``m2bert_hf_mlx.metal``: ``long_conv.h`` (device functions in the common dialect of
 Metal, CUDA C++ and C++20), one ``*.inc`` file per kernel body, and one prelude per target. This module plans the
-launches of a convolution for a target (tile sizes, pass structure) and runs them through
-``mx.fast.metal_kernel`` / ``mx.fast.cuda_kernel``; ``emulator.py`` runs the same plan on the CPU.
+launches of a convolution, or of the Monarch mixer's pair of them (the ``mixer_*`` bodies), for a target (tile
+sizes, pass structure) and runs them through ``mx.fast.metal_kernel`` / ``mx.fast.cuda_kernel``; ``emulator.py``
+runs the same plan on the CPU.
 
 A convolution of length L is an FFT convolution of size N = next power of two >= 2L - 1. Two channels c, c+1
 share one complex FFT (a "pair"). When P pairs of N points fit one threadgroup, a single kernel does everything;
@@ -206,7 +207,7 @@ class Plan:
     @property
     def pairs(self):
         """The FFT rows of one batch row: channel pairs, twice as many in a mixer plan."""
-        return (self.channels + 1) // 2 * (2 if self.mixer else 1)
+        return _fft_rows(self.channels, self.mixer)
 
     @property
     def n2(self):
@@ -246,13 +247,26 @@ def _smem(values, log_row, pad):
     return values + ((values >> 4) + (values >> log_row) if pad else 0)
 
 
+def _fft_rows(channels, mixer):
+    """FFT rows per batch row: channel pairs, twice as many for the mixer (long_conv.h's mixer rows)."""
+    return (channels + 1) // 2 * (2 if mixer else 1)
+
+
+def mixer_plan(target, batch, length, channels):
+    """The mixer's plan on `target`, or None where its FFT split differs from the long convolution's, so that one
+    filter spectrum could not serve both: on Metal at 1024 < L <= 2048, whose 32 KB of threadgroup memory hold one
+    row of N = 4096, not the mixer's two."""
+    mixer = plan(target, batch, length, channels, mixer=True)
+    return mixer if mixer.n1 == plan(target, batch, length, channels).n1 else None
+
+
 @lru_cache(maxsize=256)
 def plan(target, batch, length, channels, mixer=False):
     """The launches of a (B, L, C) long convolution on `target`, or with `mixer` of the Monarch mixer's pair of them
     (the mixer kernels, whose threadgroups hold at least the two rows of one channel pair)."""
     n = fft_size(length)
     prefix = "mixer_" if mixer else ""
-    pairs = (channels + 1) // 2 * (2 if mixer else 1)
+    pairs = _fft_rows(channels, mixer)
     min_pairs = 2 if mixer else 1
     pad = int(target.pad)
     for tile in target.mixer_single_pass if mixer else target.single_pass:
@@ -444,6 +458,7 @@ def run_plan(plan_, u, packed, launch_fn, mixer_inputs=None):
     launch_fn(launch, inputs, outputs, io_dtype) runs one launch (outputs as (shape, dtype) pairs, io_dtype the
     dtype of u and y) and returns its output arrays.
     """
+    assert (mixer_inputs is not None) == plan_.mixer, "a mixer plan runs with mixer_inputs, and only it"
     tw = twiddles(plan_)
     dims = _dims(plan_.length, plan_.channels)
     if mixer_inputs is None:

@@ -68,40 +68,27 @@ class MonarchMixerSequenceMixing(nn.Module):
     def __call__(self, u):
         if "layernorm" in self:
             u = self.layernorm(u)
-        z = self.in_linear(u)
-        if "filter_fn2" in self and ops.mixer_plan(None, *u.shape) is not None:
-            y = self._fused_mix(z, u)
-        else:
-            y = self._mix(z, u)
-        return self.out_linear(y)
+        return self.out_linear(self._mix(self.in_linear(u), u))
 
     def _mix(self, z, u):
-        """The mixing between in_linear and out_linear as separate operations; u is the residual branch's input."""
-        gated_v, x2 = self.short_filter(z)
-        y = self.filter_fn(gated_v) * x2
-        if "filter_fn2" in self:
-            y = y + self.filter_fn2(u)
-        return y
-
-    def _fused_mix(self, z, u):
-        """`_mix` by the mixer kernels (ops.monarch_mixer), from the filters' cached spectra at inference."""
-        short, filters, residual = self.short_filter, self.filter_fn, self.filter_fn2
+        """ops.monarch_mixer of in_linear's output z and the layer input u (the residual long conv's input); at
+        inference from the filters' cached spectra, with the gradients of the filters themselves."""
+        short = self.short_filter
+        filters = [self.filter_fn] + ([self.filter_fn2] if "filter_fn2" in self else [])
         L = u.shape[1]
 
-        def mix(z, u, spectra=None, filter_arrays=True):
-            def conv(filter_):
-                return (*(filter_.filters(L) if filter_arrays else (None, None)), filter_.bias)
-
-            return ops.monarch_mixer(z, u, short.weight, short.bias, conv(filters), conv(residual), spectra=spectra)
+        def mix(z, u, spectra=None, with_filters=True):
+            convs = [(*(f.filters(L) if with_filters else (None, None)), f.bias) for f in filters]
+            return ops.monarch_mixer(z, u, short.weight, short.bias, *convs, spectra=spectra)
 
         if self.training:
             return mix(z, u)
-        spectra = (filters.inference_spectrum(u), residual.inference_spectrum(u))
+        spectra = [f.inference_spectrum(u) for f in filters]
         return reference_vjp(
             self,
-            lambda z, u: mix(z, u, spectra, filter_arrays=False),
+            lambda z, u: mix(z, u, spectra, with_filters=False),
             lambda z, u: mix(z, u, spectra),
-            keys=("short_filter", "filter_fn", "filter_fn2"),
+            keys=("short_filter", "filter_fn", "filter_fn2")[: 1 + len(filters)],
         )(z, u)
 
 

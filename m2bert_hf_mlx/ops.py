@@ -118,14 +118,16 @@ def _check_filters(k_fwd, k_rev, skip, length):
     _check_skip(skip, channels)
 
 
-def _check_dtype(u):
-    if u.dtype not in _IO_DTYPES:
-        raise InputTypeError(f"u must be float32, float16 or bfloat16; got {u.dtype}. Cast it first.")
+def _check_dtype(x, name="u"):
+    if x.dtype not in _IO_DTYPES:
+        raise InputTypeError(f"{name} must be float32, float16 or bfloat16; got {x.dtype}. Cast it first.")
 
 
 def _check_convolution(u, k_fwd, k_rev, skip, spectrum, backend):
     """Checks the filters (or spectrum) and skip of a convolution of u (B, L, C) on `backend`."""
     _, length, channels = u.shape
+    if length < 1:
+        raise InputError(f"u {tuple(u.shape)} has no time steps; give at least one (L >= 1).")
     if k_fwd is None:
         if spectrum is None or k_rev is not None:
             raise InputError("long_conv needs the filters k_fwd (and k_rev); both may be None only with a spectrum.")
@@ -276,8 +278,8 @@ def _self_check(backend, plan, dtype):
         z = normal(1, plan.length, 3 * channels).astype(dtype)
         weight, bias = normal(3 * channels, 3, 1), normal(3 * channels)
         (k_fwd, k_rev, skip), (residual_fwd, residual_rev, residual_skip) = filters
-        mix = _mixer_reference("mlx", (None, None), 2, 2)
-        expected = mix(z, u, weight, bias, skip, residual_skip, k_fwd, k_rev, residual_fwd, residual_rev)
+        mix = _mixer_reference("mlx", (None, None), 3, 3)
+        expected = mix(z, u, weight, bias, skip, k_fwd, k_rev, residual_skip, residual_fwd, residual_rev)
     else:
         expected = _mlx_long_conv(u, filters[0][2], filters[0][:2], None)
     expected = expected.astype(mx.float32)
@@ -354,85 +356,102 @@ def _fused_long_conv(backend, spectrum):
 
 
 def mixer_plan(backend, batch, length, channels):
-    """The kernel plan of `monarch_mixer` on `backend`, or None where it runs as separate operations: on "mlx", and
-    where the mixer plan splits the FFT unlike the long convolution's (Metal at 1024 < L <= 2048, whose 32 KB of
-    threadgroup memory hold one row of N = 4096, not two), so that one filter spectrum serves both."""
+    """The kernel plan of `monarch_mixer` on `backend` (see kernels.mixer_plan), or None where it runs as separate
+    operations: on "mlx", and where the mixer's FFT split differs from the long convolution's."""
     backend = resolve_backend(backend)
-    if backend == "mlx":
-        return None
-    target = _target(backend)
-    mixer = kernels.plan(target, batch, length, channels, mixer=True)
-    return mixer if mixer.n1 == kernels.plan(target, batch, length, channels).n1 else None
+    return None if backend == "mlx" else kernels.mixer_plan(_target(backend), batch, length, channels)
 
 
 def _mixer_reference(backend, spectra, count, residual_count):
-    """monarch_mixer as separate operations, a function of (z, u, weight, bias, skip, residual_skip, *filters)
-    with `count` filter arrays of the first convolution and `residual_count` of the second."""
+    """monarch_mixer as separate operations: a function of (z, u, weight, bias, *arrays), `arrays` holding each
+    convolution's (skip, *filters), `count` of them for the first and `residual_count` for the residual one (0:
+    none)."""
 
-    def filters_of(ks):
-        return (ks + (None, None))[:2]
+    def conv(x, arrays, spectrum):
+        skip, *ks = arrays
+        return long_conv(x, *(tuple(ks) + (None, None))[:2], skip, backend=backend, spectrum=spectrum)
 
-    def mix(z, u, weight, bias, skip, residual_skip, *ks):
+    def mix(z, u, weight, bias, *arrays):
         gated, x2 = short_conv_gate(z, weight, bias)
-        y = long_conv(gated, *filters_of(ks[:count]), skip, backend=backend, spectrum=spectra[0])
-        residual = long_conv(u, *filters_of(ks[count:]), residual_skip, backend=backend, spectrum=spectra[1])
-        return (y * x2 + residual).astype(u.dtype)
+        y = conv(gated, arrays[:count], spectra[0]) * x2
+        if residual_count:
+            y = y + conv(u, arrays[count:], spectra[1])
+        # As MLX promotes them: any two different float dtypes of these three give float32.
+        return y.astype(u.dtype if z.dtype == u.dtype else mx.float32)
 
     return mix
 
 
-def monarch_mixer(z, u, short_weight, short_bias, filters, residual_filters, *, spectra=None, backend=None):
+def _conv_arrays(filters, name):
+    """The (skip, *filters) arrays of one convolution's (k_fwd, k_rev, skip)."""
+    if not isinstance(filters, (tuple, list)) or len(filters) != 3:
+        raise InputError(f"monarch_mixer takes {name} as (k_fwd, k_rev, skip); got {type(filters).__name__}.")
+    return (filters[2], *(k for k in filters[:2] if k is not None))
+
+
+def monarch_mixer(z, u, short_weight, short_bias, filters, residual_filters=None, *, spectra=None, backend=None):
     """The Monarch mixer between its in_linear and out_linear (m2bert-architecture.md 2.4):
 
         x1, x2, v = causal_short_conv(z);  y = long_conv(v * x1, *filters) * x2 + long_conv(u, *residual_filters)
 
-    z: in_linear's output (B, L, 3C); u: the layer input (B, L, C), of z's dtype (float32, float16 or bfloat16,
-    computed in float32 on the kernels); short_weight (3C, 3, 1) and short_bias (3C,): the depthwise Conv1d(k=3);
-    filters, residual_filters: (k_fwd, k_rev, skip) as `long_conv` takes them (k_rev None: causal; both None with
-    `spectra`); spectra: None or the pair of `filter_spectrum`s of the two convolutions. Returns (B, L, C).
+    z: in_linear's output (B, L, 3C); u: the layer input (B, L, C) (float32, float16 or bfloat16, computed in
+    float32 on the kernels; the result has their promoted dtype); short_weight (3C, 3, 1) and short_bias (3C,): the
+    depthwise Conv1d(k=3); filters, residual_filters: (k_fwd, k_rev, skip) as `long_conv` takes them (k_rev None:
+    causal; both None with `spectra`); residual_filters None: no residual convolution; spectra: None or one
+    `filter_spectrum` (or None) per convolution. Returns (B, L, C).
 
-    Where `mixer_plan` gives a plan, the mixer kernels run it, checked and falling back like long_conv's kernels;
-    elsewhere it runs as separate operations. Differentiable in every array argument on every back end: the VJP is
-    that of the separate operations (whose long convolutions run their kernels), recomputing v * x1 and the first
-    convolution instead of keeping them.
+    Where `mixer_plan` gives a plan (and z and u share a dtype), the mixer kernels run it, checked and falling back
+    like long_conv's kernels; elsewhere it runs as separate operations. Differentiable in every array argument on
+    every back end, as long_conv is (with a spectrum and no filters, no gradient reaches the filters): the VJP is that
+    of the separate operations (whose long convolutions run their kernels), recomputing v * x1 and its convolution
+    instead of keeping them.
     """
     if z.ndim != 3 or u.ndim != 3 or tuple(z.shape) != (*u.shape[:2], 3 * u.shape[2]):
         raise InputError(
             f"monarch_mixer takes z (B, L, 3C) and u (B, L, C); got {tuple(z.shape)} and {tuple(u.shape)}."
         )
+    _check_dtype(z, "z")
     _check_dtype(u)
-    if z.dtype != u.dtype:
-        raise InputTypeError(f"z and u must have one dtype; got {z.dtype} and {u.dtype}.")
     if tuple(short_weight.shape) != (z.shape[2], 3, 1) or tuple(short_bias.shape) != (z.shape[2],):
         raise InputError(
             f"The short conv takes weight (3C, 3, 1) = {(z.shape[2], 3, 1)} and bias (3C,); got "
             f"{tuple(short_weight.shape)} and {tuple(short_bias.shape)}."
         )
     backend = resolve_backend(backend)
-    spectra = (None, None) if spectra is None else tuple(spectra)
-    for (k_fwd, k_rev, skip_), spectrum in zip((filters, residual_filters), spectra):
-        _check_convolution(u, k_fwd, k_rev, skip_, spectrum, backend)
-    ks, skip = tuple(k for k in filters[:2] if k is not None), filters[2]
-    residual_ks, residual_skip = tuple(k for k in residual_filters[:2] if k is not None), residual_filters[2]
-    mix = _mixer_reference(backend, spectra, len(ks), len(residual_ks))
-    arrays = (z, u, short_weight, short_bias, skip, residual_skip, *ks, *residual_ks)
+    convs = [("filters", filters)] + ([] if residual_filters is None else [("residual_filters", residual_filters)])
+    spectra = (None,) * len(convs) if spectra is None else tuple(spectra)
+    if len(spectra) != len(convs) or not all(s is None or isinstance(s, FilterSpectrum) for s in spectra):
+        raise InputError(
+            f"monarch_mixer takes spectra as one FilterSpectrum (or None) per convolution, {len(convs)} here."
+        )
+    arrays = []
+    for (name, conv_filters), spectrum in zip(convs, spectra):
+        conv_arrays = _conv_arrays(conv_filters, name)
+        try:
+            _check_convolution(u, *(conv_arrays[1:] + (None, None))[:2], conv_arrays[0], spectrum, backend)
+        except InputError as e:
+            raise type(e)(f"monarch_mixer {name}: {e}") from None
+        arrays.append(conv_arrays)
+    counts = [len(conv_arrays) for conv_arrays in arrays] + [0]
+    mix = _mixer_reference(backend, spectra + (None,), counts[0], counts[1])
+    inputs = (z, u, short_weight, short_bias, *(a for conv_arrays in arrays for a in conv_arrays))
     batch, length, channels = u.shape
-    plan = mixer_plan(backend, batch, length, channels)
+    plan = mixer_plan(backend, batch, length, channels) if len(arrays) == 2 and z.dtype == u.dtype else None
     if plan is None:
-        return mix(*arrays)
+        return mix(*inputs)
+    count = counts[0]
 
-    def packed(spectrum, filters_, skip_):
+    def packed(spectrum, conv_arrays):
         if spectrum is not None:
             return spectrum.values
-        return filter_spectrum(*(filters_ + (None, None))[:2], skip_, length, backend=backend).values
+        skip, *ks = conv_arrays
+        return filter_spectrum(*(tuple(ks) + (None, None))[:2], skip, length, backend=backend).values
 
     @mx.custom_function
-    def fused(z, u, weight, bias, skip, residual_skip, *filters_):
+    def fused(z, u, weight, bias, *conv_arrays):
         if not _kernels_pass(backend, plan, u.dtype):
-            return mix(z, u, weight, bias, skip, residual_skip, *filters_)
-        count = len(ks)
-        spectrum = packed(spectra[0], filters_[:count], skip)
-        residual = packed(spectra[1], filters_[count:], residual_skip)
+            return mix(z, u, weight, bias, *conv_arrays)
+        spectrum, residual = packed(spectra[0], conv_arrays[:count]), packed(spectra[1], conv_arrays[count:])
         taps = kernels.short_conv_taps(weight, bias)
         return kernels.run_plan(plan, u, spectrum, _launch_fn(backend, _target(backend)), (z, taps, residual))
 
@@ -440,4 +459,4 @@ def monarch_mixer(z, u, short_weight, short_bias, filters, residual_filters, *, 
     def fused_vjp(primals, cotangent, output):
         return mx.vjp(mix, list(primals), [cotangent])[1]
 
-    return fused(*arrays)
+    return fused(*inputs)

@@ -448,7 +448,7 @@ M2_FUNC float m2_short_conv(const M2_GLOBAL T* z, int64_t at, int64_t step, int 
 }
 
 // The gated value v * x1 of channel c at step t, from in_linear's output z (B, L, 3C) = (x1, x2, v): `at` is the
-// offset of z[b, t, 0], `step` and `col` its time and channel strides; short holds (w0, w1, w2, b) per z channel.
+// offset of z[b, t, 0], `step` and `col` its time and channel strides; short_conv holds (w0, w1, w2, b) per z channel.
 template <typename T>
 M2_FUNC float m2_gated_input(
     const M2_GLOBAL T* z,

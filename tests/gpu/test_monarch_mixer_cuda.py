@@ -17,7 +17,7 @@ pytestmark = [
     pytest.mark.filterwarnings("error::m2bert_hf_mlx.ops.LongConvFallbackWarning"),
 ]
 
-# Every mixer plan of the CUDA target (the three single-pass tiers and the four-step passes) up to the longest
+# Every mixer plan of the CUDA target (the four single-pass tiers and the four-step passes) up to the longest
 # published L.
 LONG = [(2, 256, 40), (2, 512, 96), (2, 2048, 96), (2, 4096, 33), (1, 8193, 8), (1, 16384, 770), (1, 32768, 768)]
 
