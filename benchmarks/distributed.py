@@ -35,13 +35,14 @@ import numpy as np
 from _timing import median_seconds
 from mlx.utils import tree_map
 
-from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, M2BertModel
+from m2bert_hf_mlx import M2BertConfig, M2BertModel
 from m2bert_hf_mlx.distributed import embed_corpus, init_group
 from m2bert_hf_mlx.tokenization import load_tokenizer
-from m2bert_hf_mlx.training import MaskedLMData, Trainer, TrainingArguments
+from m2bert_hf_mlx.training import MaskedLMData
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes" / "demo_model"))
-from train_demo_model import BASE_PRESET, DEMO_CONFIG, MAX_LENGTH  # noqa: E402
+from train_demo_model import MAX_LENGTH  # noqa: E402
+from training_step import demo_trainer  # noqa: E402
 
 RETRIEVAL_PRESET = "m2-bert-80m-2k-retrieval"
 WORDS = "the of and a to in is was for on that with as by it from at his an were are which this be".split()
@@ -89,19 +90,8 @@ def train_worker(group, batch_size, steps, out):
     tokenizer = load_tokenizer(None, model_max_length=MAX_LENGTH)
     lines = synthetic_texts(batch_size * (steps + 1) * 4, 30, seed=2)
     data = MaskedLMData(lines, tokenizer, MAX_LENGTH, pack=True)
-    mx.random.seed(0)
-    model = M2BertForMaskedLM(M2BertConfig.from_preset(BASE_PRESET, **{**DEMO_CONFIG, "hidden_dropout_prob": 0.0}))
-    with tempfile.TemporaryDirectory() as scratch:
-        args = TrainingArguments(
-            output_dir=scratch,
-            max_steps=10**6,
-            batch_size=batch_size,
-            max_length=MAX_LENGTH,
-            learning_rate=1e-3,
-            warmup_steps=100,
-            compile=False,
-        )
-        trainer = Trainer(model, args, data, log=lambda line: None, group=group)
+    # Without dropout, so that the ranks' losses equal one process's.
+    with demo_trainer(data, batch_size, dropout=False, group=group) as (model, trainer):
         losses = []
 
         def step():

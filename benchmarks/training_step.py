@@ -9,6 +9,7 @@ its two parts: the forward and backward passes of the batch, and the clipped Ada
 """
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
@@ -30,9 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes" / "dem
 from train_demo_model import BASE_PRESET, DEMO_CONFIG, MAX_LENGTH  # noqa: E402
 
 
-def measure(data, batch_size, compile_, warmup, steps):
+@contextlib.contextmanager
+def demo_trainer(data, batch_size, *, compile_=False, dropout=True, group=None):
+    """(model, its Trainer) of the demo configuration on `data`, checkpointing into a temporary folder."""
     mx.random.seed(0)
-    model = M2BertForMaskedLM(M2BertConfig.from_preset(BASE_PRESET, **DEMO_CONFIG))
+    config = DEMO_CONFIG if dropout else {**DEMO_CONFIG, "hidden_dropout_prob": 0.0}
+    model = M2BertForMaskedLM(M2BertConfig.from_preset(BASE_PRESET, **config))
     with tempfile.TemporaryDirectory() as scratch:
         args = TrainingArguments(
             output_dir=scratch,
@@ -43,7 +47,12 @@ def measure(data, batch_size, compile_, warmup, steps):
             warmup_steps=100,
             compile=compile_,
         )
-        trainer = Trainer(model, args, data, log=lambda line: None)
+        yield model, Trainer(model, args, data, log=lambda line: None, group=group)
+
+
+def measure(data, batch_size, compile_, warmup, steps):
+    with demo_trainer(data, batch_size, compile_=compile_) as (model, trainer):
+        args = trainer.args
         record = {"compile": compile_, "step_ms": median_seconds(trainer._train_step, steps, warmup=warmup) * 1000}
         batch = data.batch(np.arange(batch_size), np.random.default_rng(0), args.mlm_probability)
         total = mx.array(float(data.count(batch)))
