@@ -89,6 +89,12 @@ def copy_bandwidth_gbs(torch):
     return 2 * n * 4 / (ms * 1e-3) / 1e9
 
 
+def bandwidth(ms, nbytes, copy_gbs):
+    """A record's time, the effective GB/s of moving `nbytes` in it, and that as a fraction of the copy rate."""
+    gbs = nbytes / (ms * 1e-3) / 1e9
+    return {"ms": round(ms, 5), "effective_gbs": round(gbs, 1), "roofline_fraction": round(gbs / copy_gbs, 4)}
+
+
 def min_bytes(batch, length, channels, itemsize):
     return 2 * itemsize * batch * length * channels + 8 * channels * (length + 1)
 
@@ -141,9 +147,7 @@ def measure(args, backend, torch, length, channels, dtype_name, results):
             "C": channels,
             "dtype": dtype_name,
             "backend": name,
-            "ms": round(ms, 5),
-            "effective_gbs": round(nbytes / (ms * 1e-3) / 1e9, 1),
-            "roofline_fraction": round(nbytes / (ms * 1e-3) / 1e9 / args.copy_gbs, 4),
+            **bandwidth(ms, nbytes, args.copy_gbs),
             "speedup_vs_mx_fft": round(times["mx_fft"] / ms, 3),
         }
         if "torch_fft" in times:

@@ -27,7 +27,7 @@ import json
 # m2bert_hf_mlx before mlx.core: on Linux it gives MLX's CPU back end an optimized BLAS (m2bert_hf_mlx.cpu_blas).
 from m2bert_hf_mlx import kernels, ops  # isort: skip
 from m2bert_hf_mlx.short_conv import short_conv_gate  # isort: skip
-from long_conv import gpu_setup, median_ms, mlx_sync, torch_conv  # isort: skip
+from long_conv import bandwidth, gpu_setup, median_ms, mlx_sync, torch_conv  # isort: skip
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
@@ -104,9 +104,7 @@ def measure(args, backend, torch, length, channels, dtype_name, results):
             "C": channels,
             "dtype": dtype_name,
             "path": name,
-            "ms": round(ms, 5),
-            "effective_gbs": round(nbytes / (ms * 1e-3) / 1e9, 1),
-            "roofline_fraction": round(nbytes / (ms * 1e-3) / 1e9 / args.copy_gbs, 4),
+            **bandwidth(ms, nbytes, args.copy_gbs),
             "speedup_vs_separate": round(times["separate"] / ms, 3),
             "speedup_vs_mx_fft": round(times["mx_fft"] / ms, 3),
         }
