@@ -14,6 +14,7 @@ os.environ["PYTHONSAFEPATH"] = "1"  # likewise for the Python processes the test
 
 # Imported before anything imports mlx.core, so that MLX's CPU back end gets the optimized BLAS (see cpu_blas).
 import m2bert_hf_mlx  # noqa: E402, F401, I001
+from m2bert_hf_mlx import emulator, ops  # noqa: E402, I001
 
 # Where each source folder is installed, as pyproject.toml maps them.
 _INSTALLED_AS = {"m2bert_hf_mlx": "", "conversion": "conversion", "metal": "metal", "model_cards": "model_cards"}
@@ -88,3 +89,19 @@ def _load_hypothesis_profile(config):
     settings.register_profile("ci", max_examples=60, **common)
     settings.register_profile("slow", max_examples=5000, **common)
     settings.load_profile("slow" if config.getoption("--slow") else "ci")
+
+
+@pytest.fixture
+def fresh_checks(monkeypatch):
+    """A process whose kernel back ends have checked nothing yet, and no forced back end."""
+    monkeypatch.setattr(ops, "_kernel_checks", {})
+    monkeypatch.setattr(ops, "_failed_backends", {})
+    monkeypatch.delenv(ops.BACKEND_ENV, raising=False)
+
+
+@pytest.fixture
+def failing_build(monkeypatch, tmp_path):
+    """The emulator's C++ build fails, as a compiler that rejects the kernels would: nothing cached, no compiler."""
+    monkeypatch.setattr(emulator, "_library", None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")

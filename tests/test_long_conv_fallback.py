@@ -9,23 +9,10 @@ import numpy as np
 import pytest
 from test_long_conv import inputs, reference, rel_error
 
-from m2bert_hf_mlx import emulator, ops
+from m2bert_hf_mlx import ops
 
-
-@pytest.fixture(autouse=True)
-def fresh_checks(monkeypatch):
-    """A process that has checked nothing yet, and no forced back end."""
-    monkeypatch.setattr(ops, "_kernel_checks", {})
-    monkeypatch.setattr(ops, "_failed_backends", {})
-    monkeypatch.delenv(ops.BACKEND_ENV, raising=False)
-
-
-@pytest.fixture
-def failing_build(monkeypatch, tmp_path):
-    """The emulator's C++ build fails, as a compiler that rejects the kernels would: nothing cached, no compiler."""
-    monkeypatch.setattr(emulator, "_library", None)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setenv("CXX", "false")
+# Every test starts from a process that has checked nothing (the fixture is in conftest.py).
+pytestmark = pytest.mark.usefixtures("fresh_checks")
 
 
 @pytest.fixture

@@ -195,14 +195,6 @@ def test_user_errors_say_what_to_fix(change, error, message):
 
 
 @pytest.fixture
-def fresh_checks(monkeypatch):
-    """A process that has checked nothing yet, and no forced back end."""
-    monkeypatch.setattr(ops, "_kernel_checks", {})
-    monkeypatch.setattr(ops, "_failed_backends", {})
-    monkeypatch.delenv(ops.BACKEND_ENV, raising=False)
-
-
-@pytest.fixture
 def wrong_mixer(monkeypatch):
     """The mixer kernels run and return plausible but wrong numbers (5% off); the long convolution's are right."""
     real = ops._launch_fn
@@ -217,14 +209,6 @@ def wrong_mixer(monkeypatch):
         return launch
 
     monkeypatch.setattr(ops, "_launch_fn", launch_fn)
-
-
-@pytest.fixture
-def failing_build(monkeypatch, tmp_path):
-    """The emulator's C++ build fails, as a compiler that rejects the kernels would: nothing cached, no compiler."""
-    monkeypatch.setattr(emulator, "_library", None)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setenv("CXX", "false")
 
 
 @pytest.mark.parametrize("failure", ["wrong_mixer", "failing_build"])
