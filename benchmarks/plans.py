@@ -13,10 +13,7 @@ once and both spectra once. Filter re-reads by the threadgroups of other batch r
 
 import argparse
 import json
-import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -25,7 +22,7 @@ from pathlib import Path
 import m2bert_hf_mlx  # noqa: F401  # isort: skip
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_long_conv_sources import CUDA_UTILS_STUB, cuda_kernel_source  # MLX's CUDA source assembly
+from test_long_conv_sources import compile_for_hopper  # MLX's CUDA source assembly
 
 from m2bert_hf_mlx import kernels
 
@@ -37,21 +34,7 @@ def registers(launches):
     if shutil.which("nvcc") is None:
         return [None] * len(launches)
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        stub = tmp / "mlx" / "backend" / "cuda" / "device" / "utils.cuh"
-        stub.parent.mkdir(parents=True)
-        stub.write_text(CUDA_UTILS_STUB)
-        source = ['#include "mlx/backend/cuda/device/utils.cuh"', kernels.header("cuda")]
-        source += [cuda_kernel_source(launch, "float32", f"k{i}") for i, launch in enumerate(launches)]
-        (tmp / "kernels.cu").write_text("\n".join(source))
-        flags = ["-std=c++17", "-arch=sm_90a", "-Xptxas", "-v", "-I", str(tmp), "-c", "-o", os.devnull]
-        result = subprocess.run(["nvcc", *flags, str(tmp / "kernels.cu")], capture_output=True, text=True, check=True)
-    used = dict(
-        re.findall(
-            r"Compiling entry function '_ZN3mlx4core2cu\d+(k\d+)E.*?Used (\d+) registers", result.stderr, re.DOTALL
-        )
-    )
-    return [int(used[f"k{i}"]) for i in range(len(launches))]
+        return [used for used, _ in compile_for_hopper(launches, Path(tmp))]
 
 
 def traffic(plan, itemsize=4):

@@ -96,9 +96,19 @@ def _read_source(filename):
     return resources.files("m2bert_hf_mlx.metal").joinpath(filename).read_text()
 
 
-def header(target):
-    """The header every kernel of `target` ("metal", "cuda" or "cpu") is compiled with: prelude + long_conv.h."""
-    return _read_source(f"prelude_{target}.h") + "\n" + _read_source("long_conv.h")
+def header(target, threads=None):
+    """The header a kernel of `target` ("metal", "cuda" or "cpu") is compiled with: prelude + long_conv.h, and for
+    CUDA the launch bound of a build launched with blocks of `threads`."""
+    text = _read_source(f"prelude_{target}.h") + "\n" + _read_source("long_conv.h")
+    return text + launch_bound(threads) if target == "cuda" else text
+
+
+def launch_bound(threads):
+    """The CUDA prelude's launch bound (prelude_cuda.h) for the kernels that follow it, launched in blocks of
+    `threads`: only blocks of 1024 threads carry one (there it caps a thread at 64 registers). Bounding the
+    smaller blocks too changed the code of the four-step passes and cost them about 25 % on the H200 (L = 32768)."""
+    bound = "__launch_bounds__(1024)" if threads == 1024 else ""
+    return f"\n#undef M2_LAUNCH_BOUND\n#define M2_LAUNCH_BOUND {bound}\n"
 
 
 @dataclass(frozen=True)
@@ -150,19 +160,26 @@ METAL = Target(
 )
 # CUDA (H200; benchmarks/long_conv.py --sweep and benchmarks/mixer.py --sweep time the alternatives): blocks small
 # enough that several share a multiprocessor, so that one block's memory phase overlaps another's FFT: 2048 values
-# (256 threads of 8, radix 8) up to N = 1024, 4096 values (256 threads of 16, radix 16) up to N = 4096; the
-# four-step passes take 8192 values (512 threads of 16) in radix-16 stages. The mixer's single pass holds two rows
-# per channel pair and reads three taps of z per value: its fastest tiles are larger, 4096 or 8192 values by N.
-# MLX gives no launch bound, so a block's threads must fit the register file as compiled
-# (tests/test_long_conv_sources.py checks it).
+# (256 threads of 8, radix 8) up to N = 1024, 4096 values (256 threads of 16, radix 16) up to N = 4096. Beyond, one
+# block of 16384 values (1024 threads of 16, radix 8; 139 KB of shared memory) still does the whole convolution up to
+# N = 16384 (L = 8192), about twice as fast as the four-step passes there. Those take 8192 values (512 threads of 16)
+# in radix-16 stages. The mixer's single pass holds two rows per channel pair and reads three taps of z per value: its
+# fastest tiles are larger, 4096 to 16384 values by N; two rows of N = 16384 do not fit, so at 4096 < L <= 8192 the
+# mixer runs as separate operations on the long convolution's single pass. A block's threads must fit the register
+# file as compiled (tests/test_long_conv_sources.py checks it): 1024-thread builds carry a launch bound for that.
 CUDA = Target(
     "cuda",
-    single_pass=(Tile(1024, 2048, 8, 3), Tile(4096, 4096, 16, 4)),
+    single_pass=(
+        Tile(1024, 2048, 8, 3),
+        Tile(4096, 4096, 16, 4),
+        Tile(16384, 16384, 16, 3),
+    ),
     mixer_single_pass=(
         Tile(256, 4096, 16, 4),
         Tile(512, 8192, 16, 3),
         Tile(1024, 4096, 16, 4),
         Tile(4096, 8192, 16, 4),
+        Tile(8192, 16384, 16, 3),
     ),
     four_step=(Tile(_ANY_N, 8192, 16, 4),),
     pad=True,
@@ -427,15 +444,16 @@ def conjugate_filter(packed):
 _gpu_kernels = {}
 
 
-def _gpu_kernel(backend, spec, smem_bytes):
-    key = (backend, spec.name, smem_bytes)
+def _gpu_kernel(backend, spec, smem_bytes, threads):
+    key = (backend, spec.name, smem_bytes, threads)
     if key not in _gpu_kernels:
+        # MLX caches a build by its name and template: the name carries the launch bound of the CUDA header.
         names = dict(
-            name=f"m2_long_conv_{spec.name}",
+            name=f"m2_long_conv_{spec.name}" + (f"_{threads}" if backend == "cuda" else ""),
             input_names=[name for name, _ in spec.inputs],
             output_names=[name for name, _ in spec.outputs],
             source=spec.body,
-            header=header(backend),
+            header=header(backend, threads),
             ensure_row_contiguous=False,
         )
         if backend == "metal":
@@ -447,7 +465,7 @@ def _gpu_kernel(backend, spec, smem_bytes):
 
 def metal_kernel(spec):
     """The Metal instantiation of a kernel body (constructible without a Mac; only calling it needs Metal)."""
-    return _gpu_kernel("metal", spec, 0)
+    return _gpu_kernel("metal", spec, 0, None)
 
 
 def run_plan(plan_, u, packed, launch_fn, mixer_inputs=None):
@@ -490,7 +508,7 @@ def gpu_launch(backend):
 
     def launch_fn(launch, inputs, outputs, io_dtype):
         smem_bytes = 8 * launch.smem_values if backend == "cuda" else 0
-        kernel = _gpu_kernel(backend, launch.spec, smem_bytes)
+        kernel = _gpu_kernel(backend, launch.spec, smem_bytes, launch.threads if backend == "cuda" else None)
         gx, gy, gz = launch.groups
         return kernel(
             inputs=inputs,

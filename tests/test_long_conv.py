@@ -251,10 +251,13 @@ def test_user_errors_say_what_to_fix(change, message):
 
 
 @pytest.mark.parametrize(
-    "shape", [(3, 100, 70), (2, 1500, 5), (1, 3000, 9), (1, 16385, 2)], ids=lambda s: "x".join(map(str, s))
+    "shape",
+    [(3, 100, 70), (2, 1500, 5), (1, 3000, 9), (1, 5000, 3), (1, 16385, 2)],
+    ids=lambda s: "x".join(map(str, s)),
 )
 def test_cuda_plan_on_the_emulator(shape):
-    # The CUDA tiles (padded layout, other tile sizes) through the same body, before any GPU sees them.
+    # The CUDA tiles (padded layout, other tile sizes: single passes of 2048 to 16384 values) and the four-step
+    # passes through the same body, before any GPU sees them.
     rng = np.random.default_rng(23)
     u, k_fwd, k_rev, skip = inputs(rng, *shape)
     plan = kernels.plan(kernels.CUDA, *shape)

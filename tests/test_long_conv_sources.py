@@ -128,6 +128,7 @@ SHAPES = [
     (1, 512, 768),
     (1, 1024, 768),
     (1, 2048, 768),
+    (1, 4096, 768),
     (1, 4097, 6),
     (1, 8192, 768),
     (1, 32768, 768),
@@ -177,22 +178,32 @@ def test_metal_instantiation_compiles_as_cpp(tmp_path, dtype):
     assert result.returncode == 0, result.stderr[:4000]
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA build is also tested on the GPU)")
-def test_cuda_instantiation_compiles_for_hopper_within_the_register_file(tmp_path):
+def compile_for_hopper(launches, tmp_path):
+    """nvcc's (registers per thread, bytes of spill stores) of each launch's CUDA build (float32 I/O) for sm_90a,
+    each under its own launch bound as MLX builds it; AssertionError with the compiler's output if it fails."""
     stub = tmp_path / "mlx" / "backend" / "cuda" / "device" / "utils.cuh"
-    stub.parent.mkdir(parents=True)
+    stub.parent.mkdir(parents=True, exist_ok=True)
     stub.write_text(CUDA_UTILS_STUB)
-    launches = _unique_launches(kernels.CUDA)
-    source = ['#include "mlx/backend/cuda/device/utils.cuh"', kernels.header("cuda")]
-    source += [cuda_kernel_source(launch, "float32", f"k{i}") for i, launch in enumerate(launches)]
+    source = ['#include "mlx/backend/cuda/device/utils.cuh"', kernels.header("cuda", launches[0].threads)]
+    for i, launch in enumerate(launches):
+        source += [kernels.launch_bound(launch.threads), cuda_kernel_source(launch, "float32", f"k{i}")]
     (tmp_path / "kernels.cu").write_text("\n".join(source))
     flags = ["-std=c++17", "-arch=sm_90a", "-Xptxas", "-v", "-I", str(tmp_path), "-c", "-o", os.devnull]
     result = subprocess.run(["nvcc", *flags, str(tmp_path / "kernels.cu")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[:4000]
-    # MLX launches without a register bound, so every thread of a block must fit the 64K-register file.
-    entry = r"Compiling entry function '_ZN3mlx4core2cu\d+(k\d+)E.*?Used (\d+) registers"
-    usage = dict(re.findall(entry, result.stderr, re.S))
-    assert len(usage) == len(launches)
-    for i, launch in enumerate(launches):
-        assert int(usage[f"k{i}"]) * launch.threads <= 65536, (launch.kernel, usage[f"k{i}"], launch.threads)
-    assert re.findall(r"(\d+) bytes spill stores", result.stderr) == ["0"] * len(launches)
+    # ptxas reports each entry as "Compiling entry function '<mangled k<i>>'", then its spills, then its registers.
+    entry = r"Compiling entry function '_ZN3mlx4core2cu\d+(k\d+)E.*?(\d+) bytes spill stores.*?Used (\d+) registers"
+    usage = {name: (int(registers), int(spills)) for name, spills, registers in re.findall(entry, result.stderr, re.S)}
+    assert len(usage) == len(launches), result.stderr[:4000]
+    return [usage[f"k{i}"] for i in range(len(launches))]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA build is also tested on the GPU)")
+def test_cuda_instantiation_compiles_for_hopper_within_the_register_file(tmp_path):
+    launches = _unique_launches(kernels.CUDA)
+    for launch, (registers, spills) in zip(launches, compile_for_hopper(launches, tmp_path)):
+        # A block must fit the 64K-register file. Only under the 1024-thread launch bound may ptxas spill, and only a
+        # few values: 20 bytes at N = 8192, a build the sweep timed faster than the spill-free 512-thread one
+        # (docs/benchmarks.md).
+        assert registers * launch.threads <= 65536, (launch.kernel, registers, launch.threads)
+        assert spills <= (32 if launch.threads == 1024 else 0), (launch.kernel, dict(launch.constants), spills)
