@@ -23,6 +23,7 @@ CUDA plan (fp32, first C, kernels only) and writes them to PATH.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -51,10 +52,15 @@ def _cuda_variant(single_pass=None, four_step=None):
 # Tile variants of the CUDA plan beside the default: values per block, per thread (threads = values / per thread)
 # and the log2 of the FFT radix, for the single pass (which then covers N up to the block's values) or the four-step
 # passes.
-SINGLE_PASS_VARIANTS = [(8192, 16, 4), (4096, 16, 3), (2048, 16, 4), (2048, 8, 3), (1024, 8, 3)]
+SINGLE_PASS_VARIANTS = [(16384, 16, 3), (8192, 16, 3), (8192, 16, 4), (4096, 16, 3), (2048, 16, 4), (2048, 8, 3)]
 FOUR_STEP_VARIANTS = [(4096, 16, 3), (4096, 16, 4), (8192, 16, 3), (8192, 16, 4), (4096, 8, 3)]
 SWEEP = (
-    {"default": kernels.CUDA}
+    {
+        "default": kernels.CUDA,
+        "default, four-step beyond N = 4096": dataclasses.replace(
+            kernels.CUDA, single_pass=tuple(tile for tile in kernels.CUDA.single_pass if tile.max_n <= 4096)
+        ),
+    }
     | {
         f"single pass {v} values, {e} per thread, radix {1 << r}": _cuda_variant(single_pass=(v, e, r))
         for v, e, r in SINGLE_PASS_VARIANTS

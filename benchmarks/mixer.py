@@ -18,7 +18,8 @@ written once, plus both fp32 complex filter spectra read once; roofline_fraction
 device-to-device copy bandwidth. Each fused output is compared with the mx_fft output (rel_error_vs_mx_fft).
 
 --sweep PATH times, instead, the mixer kernels alone (fp32, first C) with each single-pass tile of SWEEP_TILES that
-covers the FFT size, beside the CUDA target's own choice, into PATH.
+covers the FFT size, beside the CUDA target's own choice and, where that is a single pass, the four-step passes,
+into PATH.
 """
 
 import argparse
@@ -139,7 +140,10 @@ def sweep(args, lengths, channels, path):
             for _ in range(2)
         ]
         reference = ops.monarch_mixer(z, u, weight, bias, *filters, backend="mlx")
-        variants = {"default": kernels.CUDA.mixer_single_pass}
+        variants = {
+            "default": kernels.CUDA.mixer_single_pass,
+            "four-step": tuple(tile for tile in kernels.CUDA.mixer_single_pass if tile.max_n < n),
+        }
         variants |= {
             f"{v} values, {e} per thread, radix {1 << r}": (kernels.Tile(n, v, e, r),)
             for v, e, r in SWEEP_TILES
@@ -148,7 +152,7 @@ def sweep(args, lengths, channels, path):
         for name, tiles in variants.items():
             target = kernels.Target("cuda", kernels.CUDA.single_pass, tiles, kernels.CUDA.four_step, pad=True)
             plan = kernels.plan(target, batch, length, channels, mixer=True)
-            if plan.n1 != 1:
+            if (plan.n1 == 1) == (name == "four-step"):
                 continue
             packed = [kernels.packed_filter(*f, plan.n, plan.n1) for f in filters]
             taps = kernels.short_conv_taps(weight, bias)
