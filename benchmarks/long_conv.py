@@ -101,8 +101,14 @@ def bandwidth(ms, nbytes, copy_gbs):
     return {"ms": round(ms, 5), "effective_gbs": round(gbs, 1), "roofline_fraction": round(gbs / copy_gbs, 4)}
 
 
-def min_bytes(batch, length, channels, itemsize):
-    return 2 * itemsize * batch * length * channels + 8 * channels * (length + 1)
+def io_bytes(batch, length, channels, itemsize, mixer=False):
+    """The inputs read and the output written once: u and y, or for the Monarch mixer z (3C), u and y."""
+    return (5 if mixer else 2) * itemsize * batch * length * channels
+
+
+def min_bytes(batch, length, channels, itemsize, mixer=False):
+    """The least traffic: io_bytes, and each fp32 complex filter spectrum (L + 1 bins a channel) read once."""
+    return io_bytes(batch, length, channels, itemsize, mixer) + (2 if mixer else 1) * 8 * channels * (length + 1)
 
 
 def torch_conv(torch, u, k_f, skip, length):

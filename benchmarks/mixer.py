@@ -28,14 +28,10 @@ import json
 # m2bert_hf_mlx before mlx.core: on Linux it gives MLX's CPU back end an optimized BLAS (m2bert_hf_mlx.cpu_blas).
 from m2bert_hf_mlx import kernels, ops  # isort: skip
 from m2bert_hf_mlx.short_conv import short_conv_gate  # isort: skip
-from long_conv import bandwidth, gpu_setup, median_ms, mlx_sync, torch_conv  # isort: skip
+from long_conv import bandwidth, gpu_setup, median_ms, min_bytes, mlx_sync, torch_conv  # isort: skip
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
-
-
-def min_bytes(batch, length, channels, itemsize):
-    return 5 * itemsize * batch * length * channels + 2 * 8 * channels * (length + 1)
 
 
 def torch_mixer(torch, z, u, weight, bias, spectra, skips, length):
@@ -97,7 +93,7 @@ def measure(args, backend, torch, length, channels, dtype_name, results):
             args.calls,
             args.repeats,
         )
-    nbytes = min_bytes(batch, length, channels, 4 if dtype_name == "float32" else 2)
+    nbytes = min_bytes(batch, length, channels, 4 if dtype_name == "float32" else 2, mixer=True)
     for name, ms in times.items():
         record = {
             "L": length,

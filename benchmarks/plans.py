@@ -22,6 +22,7 @@ from pathlib import Path
 import m2bert_hf_mlx  # noqa: F401  # isort: skip
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from long_conv import io_bytes, min_bytes  # noqa: E402
 from test_long_conv_sources import compile_for_hopper  # MLX's CUDA source assembly
 
 from m2bert_hf_mlx import kernels
@@ -40,9 +41,9 @@ def registers(launches):
 def traffic(plan, itemsize=4):
     """(passes through device memory, bytes per token moved, minimum bytes per token)."""
     tokens = plan.batch * plan.length
-    io = (5 if plan.mixer else 2) * itemsize * tokens * plan.channels
+    io = io_bytes(plan.batch, plan.length, plan.channels, itemsize, plan.mixer)
     filter_bytes = plan.pairs * plan.n1 * (plan.n2 // 2 + 1) * 16
-    minimum = io + (2 if plan.mixer else 1) * 8 * plan.channels * (plan.length + 1)
+    minimum = min_bytes(plan.batch, plan.length, plan.channels, itemsize, plan.mixer)
     if plan.n1 == 1:
         return 1, (io + filter_bytes) / tokens, minimum / tokens
     scratch = plan.batch * plan.pairs * plan.n * 8  # written by pass 1, read and written by pass 2, read by pass 3
