@@ -218,6 +218,7 @@ def main():
         "mlx_cpu_blas": cpu_blas.loaded,
     }
     records = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.dtypes = sorted(set(args.dtypes), key=["float32", "bfloat16"].index)  # fp32 first: the cast is one-way
     for name in args.models:
         for L in args.lengths:
@@ -283,9 +284,9 @@ def main():
                         print(
                             json.dumps({k: v for k, v in rec.items() if k not in ("versions", "machine")}), flush=True
                         )
+                # After every measurement, so that an interrupted run keeps what it measured.
+                args.out.write_text(json.dumps(records, indent=1) + "\n")
             del model, reference, canonical
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(records, indent=1) + "\n")
 
 
 if __name__ == "__main__":

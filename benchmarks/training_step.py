@@ -84,19 +84,20 @@ def main():
     rng = np.random.default_rng(0)
     lines = [" ".join(rng.choice(words, rng.integers(5, 60))) for _ in range(4 * args.batch_size)]
     data = MaskedLMData(lines, tokenizer, MAX_LENGTH, pack=True)
-    records = []
-    for compile_ in (False, True):
-        record = measure(data, args.batch_size, compile_, args.warmup, args.steps)
-        print(json.dumps(record), flush=True)
-        records.append(record)
     result = {
         "device": mx.device_info().get("device_name", platform.processor()),
         "mlx": mx.__version__,
         "batch_size": args.batch_size,
         "max_length": MAX_LENGTH,
-        "records": records,
-        "speedup": records[0]["step_ms"] / records[1]["step_ms"],
+        "records": [],
     }
+    for compile_ in (False, True):
+        record = measure(data, args.batch_size, compile_, args.warmup, args.steps)
+        print(json.dumps(record), flush=True)
+        result["records"].append(record)
+        if args.out:  # after every measurement, so that an interrupted run keeps what it measured
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+    result["speedup"] = result["records"][0]["step_ms"] / result["records"][1]["step_ms"]
     print(f"compiled step {result['speedup']:.2f}x faster", flush=True)
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
