@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, PretrainedConfig
 
-from .errors import ConfigError, quote
+from .errors import ConfigError, did_you_mean, quote
 
 # The published models (architecture doc §1.2). Every M2 yaml sets these on top of the canonical defaults.
 _M2_YAML = dict(
@@ -259,8 +259,11 @@ class M2BertConfig(PretrainedConfig):
     @classmethod
     def from_preset(cls, name, **overrides):
         """The configuration of a published M2-BERT model (`M2BertConfig.PRESETS` lists them)."""
-        if name not in PRESETS:
-            raise ConfigError(f"Unknown preset {quote(name)}. Known presets: {', '.join(PRESETS)}.")
+        if not isinstance(name, str) or name not in PRESETS:
+            hint = did_you_mean(name, PRESETS, end=" ")
+            raise ConfigError(
+                f"Unknown preset {quote(name)}; {hint}give one of the known presets: {', '.join(PRESETS)}."
+            )
         return cls(**{**PRESETS[name], **overrides})
 
     @classmethod

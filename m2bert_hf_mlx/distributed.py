@@ -33,7 +33,7 @@ from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from .encode import pooled_embeddings, resolve_prompt
-from .errors import DistributedError, InputError
+from .errors import DistributedError, InputError, did_you_mean, quote
 from .pipelines.base import check_options, check_text, default_tokenizer, model_inputs, plan_batches, tokenize_texts
 from .tokenization import check_tokenizer_fits
 
@@ -48,7 +48,8 @@ def init_group(backend="any"):
     """The group of the processes `mlx.launch` started (a group of one when not launched). A named `backend` must
     come up, or this raises; "any" takes the one the launcher's environment sets up."""
     if backend not in BACKENDS:
-        raise InputError(f"Unknown distributed backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+        hint = did_you_mean(backend, BACKENDS, end=" ")
+        raise InputError(f"Unknown distributed backend {quote(backend)}; {hint}choose one of {', '.join(BACKENDS)}.")
     try:
         return mx.distributed.init(strict=backend != "any", backend=backend)
     except RuntimeError as e:

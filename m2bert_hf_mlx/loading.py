@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 from . import modeling_m2_bert
 from .checkpoint_reader import checkpoint_keys, load_state_dict
 from .configuration_m2_bert import PRESETS, M2BertConfig, read_config_file
-from .errors import ConfigError, HubError, WeightsMismatchError, check_keywords, quote
+from .errors import ConfigError, HubError, WeightsMismatchError, check_keywords, did_you_mean, quote
 from .hub import hub_download, hub_kwargs
 from .modeling_m2_bert import strip_training_prefixes
 from .modeling_utils import DTYPE_NAMES, DTYPES, is_head_weight
@@ -162,8 +162,10 @@ def _config_from_argument(config):
             return M2BertConfig.from_preset(str(config)).to_dict()
         if Path(config).is_file():
             return M2BertConfig.from_json_file(config).to_dict()
+    hint = did_you_mean(config, PRESETS, end=" ") if isinstance(config, (str, os.PathLike)) else ""
     raise ConfigError(
-        f"config={quote(config)} is not an M2BertConfig, a dict, a JSON file or a preset name ({', '.join(PRESETS)})."
+        f"config={quote(config)} is not an M2BertConfig, a dict, a JSON file or a preset name; {hint}give one of "
+        f"those (presets: {', '.join(PRESETS)})."
     )
 
 

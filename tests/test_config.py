@@ -5,6 +5,7 @@ from transformers import AutoConfig
 
 from m2bert_hf_mlx import M2BertConfig
 from m2bert_hf_mlx.configuration_m2_bert import PRESETS
+from m2bert_hf_mlx.errors import ConfigError
 
 # The HF retrieval config.json as published (architecture doc §1.2): remote-code auto_map, no
 # monarch_mixer_sequence_mixing key, torch_dtype.
@@ -99,8 +100,18 @@ def test_unsupported_features_and_bad_values_are_refused():
         M2BertConfig(attention_pooling=True)
     with pytest.raises(ValueError, match="odd and >= 3"):
         M2BertConfig(hyena_emb_dim=4)
-    with pytest.raises(ValueError, match="Known presets"):
-        M2BertConfig.from_preset("m2-bert-1b")
+    with pytest.raises(
+        ConfigError, match="^Unknown preset 'roberta-base'; give one of the known presets: m2-bert-80m, "
+    ):
+        M2BertConfig.from_preset("roberta-base")
+
+
+def test_a_misspelt_preset_names_the_closest_one():
+    hint = "did you mean 'm2-bert-80m-8k-retrieval'\\? give one of the known presets: m2-bert-80m, "
+    with pytest.raises(ConfigError, match=f"^Unknown preset 'm2-bert-80m-8k-retreival'; {hint}"):
+        M2BertConfig.from_preset("m2-bert-80m-8k-retreival")
+    with pytest.raises(ConfigError, match="^Unknown preset \\[.*give one of the known presets"):
+        M2BertConfig.from_preset(["m2-bert-80m", "tiny"])
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -18,7 +18,8 @@ import pytest
 from tiny_models import save_tiny_model, train_argv
 
 from m2bert_hf_mlx import M2BertModel
-from m2bert_hf_mlx.distributed import MANIFEST_FILE, embed_corpus, load_embeddings
+from m2bert_hf_mlx.distributed import MANIFEST_FILE, embed_corpus, init_group, load_embeddings
+from m2bert_hf_mlx.errors import InputError
 
 TESTS = Path(__file__).parent
 PYTHON = sys.executable
@@ -140,6 +141,17 @@ def test_embed_corpus_alone_is_encode_and_refuses_to_mix_runs(encoder, tmp_path)
         embed_corpus(encoder, texts, output=tmp_path / "out", shard_size=4, batch_size=2)
     with pytest.raises(ValueError, match="started with another model, input or options"):
         embed_corpus(encoder, texts[:-1], output=tmp_path / "out", shard_size=4, batch_size=2, resume=True)
+
+
+def test_an_unknown_backend_names_the_closest_one():
+    with pytest.raises(
+        InputError, match="^Unknown distributed backend 'rings'; did you mean 'ring'\\? choose one of any, "
+    ):
+        init_group("rings")
+    with pytest.raises(
+        InputError, match="^Unknown distributed backend 'gloo'; choose one of any, ring, mpi, nccl, jaccl\\.$"
+    ):
+        init_group("gloo")
 
 
 @pytest.mark.parametrize("task", ["mlm", "contrastive"])

@@ -8,7 +8,7 @@ from mlx.utils import tree_flatten
 from safetensors.numpy import save_file
 
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, M2BertForSequenceClassification, M2BertModel
-from m2bert_hf_mlx.errors import CheckpointError, HubError, WeightsMismatchError
+from m2bert_hf_mlx.errors import CheckpointError, ConfigError, HubError, WeightsMismatchError
 
 TOL = 2e-5
 
@@ -203,8 +203,12 @@ def test_corrupt_and_missing_weights_are_clear_errors(tmp_path):
 
 def test_bad_config_argument_and_dtype_are_clear_errors(tmp_path):
     write_upstream_folder(tmp_path, "mlm_hta0")
-    with pytest.raises(ValueError, match="not an M2BertConfig, a dict, a JSON file or a preset"):
+    with pytest.raises(
+        ConfigError, match="not an M2BertConfig, a dict, a JSON file or a preset name; give one of those"
+    ):
         M2BertForMaskedLM.from_pretrained(tmp_path, config="no-such-preset")
+    with pytest.raises(ConfigError, match="preset name; did you mean 'm2-bert-80m'\\? give one of those \\(presets: "):
+        M2BertForMaskedLM.from_pretrained(tmp_path, config="m2-bert-80M")
     with pytest.raises(ValueError, match="dtype='int8' is not supported"):
         M2BertForMaskedLM.from_pretrained(tmp_path, dtype="int8")
 

@@ -120,6 +120,15 @@ def test_packing_is_for_masked_language_modelling_only(tmp_path, tokenizer):
         load_task_data("contrastive", rows, tokenizer, MAX_LENGTH, pack=True)
 
 
+def test_an_unknown_task_names_the_closest_one(tmp_path):
+    with pytest.raises(
+        TrainingError, match="^Unknown task 'clasification'; did you mean 'classification'\\? choose one"
+    ):
+        arguments(tmp_path, task="clasification")
+    with pytest.raises(TrainingError, match="^Unknown task 'ner'; choose one of mlm, classification, contrastive\\.$"):
+        arguments(tmp_path, task="ner")
+
+
 def test_masked_position_loss_equals_the_models_loss(tokenizer):
     model = new_model()
     model.eval()

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from ..errors import TrainingError
+from ..errors import TrainingError, did_you_mean, quote
 
 TASKS = ("mlm", "classification", "contrastive")
 
@@ -40,7 +40,8 @@ class TrainingArguments:
 
     def __post_init__(self):
         if self.task not in TASKS:
-            raise TrainingError(f"Unknown task {self.task!r}; choose one of {', '.join(TASKS)}.")
+            hint = did_you_mean(self.task, TASKS, end=" ")
+            raise TrainingError(f"Unknown task {quote(self.task)}; {hint}choose one of {', '.join(TASKS)}.")
         if self.max_steps < 1:
             raise TrainingError(f"max_steps must be at least 1, got {self.max_steps}.")
         if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
