@@ -329,7 +329,16 @@ class _Destination:
             if _identity(old) != self._identity:
                 old.rename(path)
                 raise ConvertError(f"{path} was replaced during the conversion; nothing was changed.")
-            os.rename(tmp, path)
+            try:
+                os.rename(tmp, path)
+            except BaseException as e:
+                old.rename(path)  # the previous conversion goes back; write_atomically removes the new one
+                if not isinstance(e, OSError):
+                    raise
+                raise ConvertError(
+                    f"Cannot move the new MLX folder into {path} ({e.strerror or e}); its previous contents were "
+                    "put back. Fix that and run again, or choose another --mlx-path."
+                ) from e
             shutil.rmtree(old)
         else:
             try:

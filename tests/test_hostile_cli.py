@@ -105,6 +105,27 @@ def test_force_replaces_a_folder_it_wrote_and_says_what_it_removes(tmp_path, sou
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
 
 
+def test_force_puts_the_previous_folder_back_when_the_new_one_cannot_take_its_place(
+    tmp_path, source, capsys, monkeypatch
+):
+    out = tmp_path / "out"
+    assert run(["--hf-path", source, "--mlx-path", out], capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    rename = os.rename
+
+    def refused_into_place(src, dst):
+        if ".out.partial-" in os.fspath(src) and os.fspath(dst) == os.fspath(out):
+            raise PermissionError(13, "Permission denied")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", refused_into_place)
+    code, output = run(["--hf-path", source, "--mlx-path", out, "--force", "--dtype", "float16"], capsys)
+    assert code == 1
+    one_line(output, f"Cannot move the new MLX folder into {out} (Permission denied); its previous contents were put")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
 @pytest.mark.parametrize("where", [".", "..", "../.."])
 def test_the_current_folder_and_its_parents_are_never_the_destination(tmp_path, source, capsys, monkeypatch, where):
     work = tmp_path / "a" / "b"
