@@ -11,7 +11,6 @@ import errno
 import logging
 import os
 import re
-import secrets
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +24,7 @@ from ..hub import hub_kwargs, upload_model_folder
 from ..loading import checkpoint_model_class, fetch_config_folder, fetch_weights, has_pooler
 from ..model_card import render_model_card
 from ..modeling_utils import DTYPE_NAMES, DTYPES
-from ..publishing import write_atomically, write_model_folder
+from ..publishing import replace_folder, set_aside_folders, write_atomically, write_model_folder
 from ..quantization import (
     SKIPPABLE_GROUPS,
     SUPPORTED_BITS,
@@ -278,7 +277,7 @@ class _Destination:
         for partial in sorted(self.path.parent.glob(f".{self.path.name}.partial-*")):
             logger.warning("Removing %s, left by a conversion that did not finish.", partial)
             shutil.rmtree(partial, ignore_errors=True)
-        for old in sorted(self.path.parent.glob(f".{self.path.name}.old-*")):
+        for old in set_aside_folders(self.path):
             logger.warning(
                 "%s holds what %s held before a --force conversion that was interrupted; move it back or remove it.",
                 old,
@@ -316,6 +315,10 @@ class _Destination:
             shown += f" and {len(entries) - 20} more"
         logger.warning("--force: replacing %s and what it holds (%d): %s", path, len(entries), shown)
 
+    def _check_aside(self, old):
+        if _identity(old) != self._identity:
+            raise ConvertError(f"{self.path} was replaced during the conversion; nothing was changed.")
+
     def write(self, write):
         """Run `write(tmp)` on a fresh sibling folder, then rename it into place (see the class)."""
         write_atomically(self.path, write, place=self._place)
@@ -324,22 +327,7 @@ class _Destination:
         if _identity(path) != self._identity:
             raise ConvertError(f"{path} was replaced by something else during the conversion; nothing was changed.")
         if self._replaces:
-            old = path.with_name(f".{path.name}.old-{secrets.token_hex(4)}")
-            path.rename(old)
-            if _identity(old) != self._identity:
-                old.rename(path)
-                raise ConvertError(f"{path} was replaced during the conversion; nothing was changed.")
-            try:
-                os.rename(tmp, path)
-            except BaseException as e:
-                old.rename(path)  # the previous conversion goes back; write_atomically removes the new one
-                if not isinstance(e, OSError):
-                    raise
-                raise ConvertError(
-                    f"Cannot move the new MLX folder into {path} ({e.strerror or e}); its previous contents were "
-                    "put back. Fix that and run again, or choose another --mlx-path."
-                ) from e
-            shutil.rmtree(old)
+            replace_folder(tmp, path, check_aside=self._check_aside)
         else:
             try:
                 os.rename(tmp, path)  # replaces the empty folder, and only an empty one

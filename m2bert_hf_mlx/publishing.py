@@ -3,7 +3,8 @@
 `write_atomically` writes a folder beside its target and renames it into place, so an interrupted write never leaves
 a folder that looks complete; the trainer's checkpoints, the demo recipe and `convert` use it. `convert`, which writes
 into a folder the user names, gives its own placing step, which checks at the rename that the destination is still
-the folder it claimed and checked (`conversion/convert.py`'s `_Destination`).
+the folder it claimed and checked (`conversion/convert.py`'s `_Destination`). Both replace a folder that exists
+with `replace_folder`, which puts it back when its replacement cannot take its place.
 """
 
 import secrets
@@ -11,11 +12,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import OutputFileError
 from .hub import require_token, upload_model_folder
 from .model_card import render_model_card
 from .modeling_utils import DTYPE_NAMES
 from .quantization import float_groups
 from .tokenization import resolve_tokenizer, save_tokenizer
+
+# The suffix of the folder `replace_folder` sets aside, before its random part.
+_ASIDE = ".old-"
 
 
 def write_atomically(target, write, place=None):
@@ -34,17 +39,42 @@ def write_atomically(target, write, place=None):
 
 
 def _replace(tmp, target):
-    if not target.exists():
+    if target.exists():
+        replace_folder(tmp, target)
+    else:
         tmp.rename(target)
-        return
-    old = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}")
-    target.rename(old)
+
+
+def replace_folder(tmp, target, check_aside=None):
+    """Rename the folder `tmp` to `target`, a folder that exists: `target` is renamed aside to `.<name>.old-<hex>`,
+    `check_aside(old)` may refuse it by raising, and once `tmp` is in place the old folder is removed. On any
+    failure before that, a signal too, the old folder is renamed back, so `target` keeps what it held."""
+    old = target.with_name(f".{target.name}{_ASIDE}{secrets.token_hex(4)}")
     try:
-        tmp.rename(target)
-    except BaseException:
-        old.rename(target)
-        raise
+        target.rename(old)
+        try:
+            if check_aside is not None:
+                check_aside(old)
+            tmp.rename(target)
+        except BaseException:
+            old.rename(target)
+            raise
+    except OSError as e:
+        reason = e.strerror or e
+        if old.exists():
+            raise OutputFileError(
+                f"Cannot replace {target} ({reason}), and its previous contents could not be put back: they are in "
+                f"{old}; move them back to {target}."
+            ) from e
+        raise OutputFileError(
+            f"Cannot replace {target} ({reason}); it keeps its previous contents. Fix that and run again."
+        ) from e
     shutil.rmtree(old)
+
+
+def set_aside_folders(target):
+    """The folders `replace_folder` set aside for `target` and did not remove: a run killed between its renames."""
+    return sorted(target.parent.glob(f".{target.name}{_ASIDE}*"))
 
 
 def write_model_folder(folder, model, tokenizer, card):

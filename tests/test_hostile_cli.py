@@ -61,6 +61,16 @@ def test_the_lock_of_a_dead_run_and_its_partial_folder_are_cleaned_up(tmp_path, 
     assert "Removing" in caplog.text and ".out.partial-0badf00d" in caplog.text
 
 
+def test_the_previous_folder_an_interrupted_force_run_set_aside_is_kept_and_reported(tmp_path, source, capsys, caplog):
+    aside = tmp_path / ".out.old-0badf00d"
+    aside.mkdir()
+    (aside / "model.safetensors").write_bytes(bytes(1000))
+    code, output = run(["--hf-path", source, "--mlx-path", tmp_path / "out"], capsys)
+    assert code == 0, output
+    assert (aside / "model.safetensors").read_bytes() == bytes(1000)
+    assert ".out.old-0badf00d holds what" in caplog.text and "move it back or remove it" in caplog.text
+
+
 def test_a_folder_written_at_the_destination_during_the_run_is_kept(tmp_path, source, capsys, monkeypatch):
     from m2bert_hf_mlx.conversion import convert as convert_module
 
@@ -121,7 +131,7 @@ def test_force_puts_the_previous_folder_back_when_the_new_one_cannot_take_its_pl
     monkeypatch.setattr(os, "rename", refused_into_place)
     code, output = run(["--hf-path", source, "--mlx-path", out, "--force", "--dtype", "float16"], capsys)
     assert code == 1
-    one_line(output, f"Cannot move the new MLX folder into {out} (Permission denied); its previous contents were put")
+    one_line(output, f"Cannot replace {out} (Permission denied); it keeps its previous contents. Fix that and run")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
