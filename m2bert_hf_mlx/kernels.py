@@ -11,6 +11,7 @@ share one complex FFT (a "pair"). When P pairs of N points fit one threadgroup, 
 beyond that, the four-step decomposition N = N1 * N2 splits it into three passes through device memory.
 """
 
+import hashlib
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from importlib import resources
@@ -161,12 +162,13 @@ METAL = Target(
 # CUDA (H200; benchmarks/long_conv.py --sweep and benchmarks/mixer.py --sweep time the alternatives): blocks small
 # enough that several share a multiprocessor, so that one block's memory phase overlaps another's FFT: 2048 values
 # (256 threads of 8, radix 8) up to N = 1024, 4096 values (256 threads of 16, radix 16) up to N = 4096. Beyond, one
-# block of 16384 values (1024 threads of 16, radix 8; 139 KB of shared memory) still does the whole convolution up to
-# N = 16384 (L = 8192), about twice as fast as the four-step passes there. Those take 8192 values (512 threads of 16)
-# in radix-16 stages. The mixer's single pass holds two rows per channel pair and reads three taps of z per value: its
-# fastest tiles are larger, 4096 to 16384 values by N; two rows of N = 16384 do not fit, so at 4096 < L <= 8192 the
-# mixer runs as separate operations on the long convolution's single pass. A block's threads must fit the register
-# file as compiled (tests/test_long_conv_sources.py checks it): 1024-thread builds carry a launch bound for that.
+# block of 16384 values (1024 threads of 16, radix 8; 136 KiB of shared memory) still does the whole convolution up
+# to N = 16384 (L = 8192), 1.7 times as fast as the four-step passes there. Those take 8192 values (512 threads of
+# 16) in radix-16 stages. The mixer's single pass holds two rows per channel pair and reads three taps of z per value:
+# its fastest tiles are larger, 4096 or 8192 values by N, and at N = 8192 it takes the one tile that holds two rows;
+# two rows of N = 16384 do not fit, so at 4096 < L <= 8192 the mixer runs as separate operations on the long
+# convolution's single pass. A block's threads must fit the register file as compiled (tests/test_long_conv_sources.py
+# checks it): 1024-thread builds carry a launch bound for that.
 CUDA = Target(
     "cuda",
     single_pass=(
@@ -271,8 +273,8 @@ def _fft_rows(channels, mixer):
 
 def mixer_plan(target, batch, length, channels):
     """The mixer's plan on `target`, or None where its FFT split differs from the long convolution's, so that one
-    filter spectrum could not serve both: on Metal at 1024 < L <= 2048, whose 32 KB of threadgroup memory hold one
-    row of N = 4096, not the mixer's two."""
+    filter spectrum could not serve both: where one threadgroup holds a single pass of one row but not the mixer's
+    two, N = 4096 on Metal (1024 < L <= 2048, 32 KB) and N = 16384 on CUDA (4096 < L <= 8192)."""
     mixer = plan(target, batch, length, channels, mixer=True)
     return mixer if mixer.n1 == plan(target, batch, length, channels).n1 else None
 
@@ -447,13 +449,16 @@ _gpu_kernels = {}
 def _gpu_kernel(backend, spec, smem_bytes, threads):
     key = (backend, spec.name, smem_bytes, threads)
     if key not in _gpu_kernels:
-        # MLX caches a build by its name and template: the name carries the launch bound of the CUDA header.
+        text = header(backend, threads)
+        # MLX caches a build by its name and template arguments, in some versions on disk: a hash of the source in
+        # the name keeps a changed header (the launch bound among them) or body from ever running an older build.
+        digest = hashlib.sha256((text + spec.body).encode()).hexdigest()[:12]
         names = dict(
-            name=f"m2_long_conv_{spec.name}" + (f"_{threads}" if backend == "cuda" else ""),
+            name=f"m2_long_conv_{spec.name}_{digest}",
             input_names=[name for name, _ in spec.inputs],
             output_names=[name for name, _ in spec.outputs],
             source=spec.body,
-            header=header(backend, threads),
+            header=text,
             ensure_row_contiguous=False,
         )
         if backend == "metal":

@@ -4,7 +4,8 @@
 
 `monarch_mixer` is the part of the mixer between in_linear and out_linear: the gated short convolution, the long
 convolution of the gated value, the post-gate and the residual long convolution of the layer input, which the mixer
-kernels compute in one pass over in_linear's output and the input (three passes beyond the single-pass lengths).
+kernels compute in one pass over in_linear's output and the input (three passes beyond the single-pass lengths;
+separate operations where the long convolution's single pass reaches further than theirs, `kernels.mixer_plan`).
 
 Back ends: "metal" and "cuda" run the fused FFT kernel (``kernels.py``), "emulated" runs the Metal build of the
 same kernel on the CPU (``emulator.py``), "mlx" is the ``mx.fft`` reference. ``None`` picks Metal on an Apple GPU,

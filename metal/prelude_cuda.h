@@ -24,5 +24,8 @@ M2_FUNC float2 m2_f2(float x, float y) {
 // is free to give a thread more registers than a block of the launch's size can hold (a block of 1024 threads has
 // 64 each). Every __global__ after this point carries M2_LAUNCH_BOUND, which kernels.launch_bound defines for each
 // build.
+#ifndef M2_LAUNCH_BOUND
+#define M2_LAUNCH_BOUND
+#endif
 #undef __global__
 #define __global__ __location__(global) M2_LAUNCH_BOUND
