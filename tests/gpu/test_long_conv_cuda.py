@@ -16,8 +16,9 @@ pytestmark = [
     pytest.mark.filterwarnings("error::m2bert_hf_mlx.ops.LongConvFallbackWarning"),
 ]
 
-# Every plan of the CUDA target (the four single-pass tiers and the four-step passes), up to the longest published L.
-LONG = [(2, 1500, 40), (2, 2048, 96), (2, 4096, 96), (2, 8192, 33), (1, 8193, 8), (1, 16384, 770), (1, 32768, 768)]
+# Every plan of the CUDA target (each single-pass tier, the 16384-value one with one and two pairs a block, and the
+# four-step passes), up to the longest published L.
+LONG = [(2, 1500, 40), (1, 3000, 2), (2, 4096, 96), (2, 8192, 33), (1, 8193, 8), (1, 16384, 770), (1, 32768, 768)]
 
 
 @pytest.mark.parametrize("shape", AWKWARD + LONG, ids=lambda s: "x".join(map(str, s)))
