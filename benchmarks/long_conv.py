@@ -37,12 +37,15 @@ from _timing import median_seconds
 
 from m2bert_hf_mlx import kernels, ops
 
+_SHORT_SINGLE_PASS = tuple(tile for tile in kernels.CUDA.single_pass if tile.max_n <= 4096)
+
 
 def _cuda_variant(single_pass=None, four_step=None):
-    """The CUDA target with one tile for every single-pass or every four-step plan: (values, per thread, log radix)."""
+    """The CUDA target with one tile for every single-pass or every four-step plan: (values, per thread, log radix).
+    A four-step variant keeps the default single pass up to N = 4096 only, so that it runs from N = 8192."""
     return kernels.Target(
         "cuda",
-        (kernels.Tile(single_pass[0], *single_pass),) if single_pass else kernels.CUDA.single_pass,
+        (kernels.Tile(single_pass[0], *single_pass),) if single_pass else _SHORT_SINGLE_PASS,
         kernels.CUDA.mixer_single_pass,
         (kernels.Tile(1 << 62, *four_step),) if four_step else kernels.CUDA.four_step,
         pad=True,
@@ -57,9 +60,7 @@ FOUR_STEP_VARIANTS = [(4096, 16, 3), (4096, 16, 4), (8192, 16, 3), (8192, 16, 4)
 SWEEP = (
     {
         "default": kernels.CUDA,
-        "default, four-step beyond N = 4096": dataclasses.replace(
-            kernels.CUDA, single_pass=tuple(tile for tile in kernels.CUDA.single_pass if tile.max_n <= 4096)
-        ),
+        "default, four-step beyond N = 4096": dataclasses.replace(kernels.CUDA, single_pass=_SHORT_SINGLE_PASS),
     }
     | {
         f"single pass {v} values, {e} per thread, radix {1 << r}": _cuda_variant(single_pass=(v, e, r))

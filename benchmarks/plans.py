@@ -27,7 +27,7 @@ from test_long_conv_sources import compile_for_hopper  # MLX's CUDA source assem
 
 from m2bert_hf_mlx import kernels
 
-LENGTHS = [128, 512, 2048, 8192, 32768]
+LENGTHS = [128, 512, 2048, 4096, 8192, 32768]
 
 
 def registers(launches):

@@ -1,12 +1,13 @@
 """One call of the fused long convolution per length, for Nsight Compute: the kernels' own counters.
 
-    ncu --clock-control none --kernel-name regex:m2_long_conv --launch-skip 14 --launch-count 7 --csv --page details \
+    ncu --clock-control none --kernel-name regex:m2_long_conv --launch-skip 10 --launch-count 5 --csv --page details \
         --section SpeedOfLight --section Occupancy --section WarpStateStats --section ComputeWorkloadAnalysis \
         python benchmarks/profile_long_conv.py > benchmarks/results/long_conv-h200-ncu.csv
 
-fp32, C = 768, B = 16384 // L for L = 2048 (single pass), 8192 and 32768 (four-step, three launches each). Every
-convolution runs once first (with the back end's self-check before it): the 14 launches that --launch-skip passes
-over; the second round's 7 launches are the ones profiled.
+fp32, C = 768, B = 16384 // L for L = 2048 and 8192 (single pass on CUDA) and 32768 (four-step, three launches).
+Every convolution runs once first (with the back end's self-check before it): the 10 launches that --launch-skip
+passes over; the second round's 5 launches are the ones profiled. (The CSV in benchmarks/results was taken when
+L = 8192 was four-step too: --launch-skip 14 --launch-count 7.)
 """
 
 import os
