@@ -24,7 +24,7 @@ from ..hub import hub_kwargs, upload_model_folder
 from ..loading import checkpoint_model_class, fetch_config_folder, fetch_weights, has_pooler
 from ..model_card import render_model_card
 from ..modeling_utils import DTYPE_NAMES, DTYPES
-from ..publishing import replace_folder, set_aside_folders, write_atomically, write_model_folder
+from ..publishing import partial_folders, replace_folder, set_aside_folders, write_atomically, write_model_folder
 from ..quantization import (
     SKIPPABLE_GROUPS,
     SUPPORTED_BITS,
@@ -274,7 +274,7 @@ class _Destination:
         return False
 
     def _remove_partials(self):
-        for partial in sorted(self.path.parent.glob(f".{self.path.name}.partial-*")):
+        for partial in partial_folders(self.path):
             logger.warning("Removing %s, left by a conversion that did not finish.", partial)
             shutil.rmtree(partial, ignore_errors=True)
         for old in set_aside_folders(self.path):

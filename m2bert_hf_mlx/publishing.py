@@ -19,16 +19,19 @@ from .modeling_utils import DTYPE_NAMES
 from .quantization import float_groups
 from .tokenization import resolve_tokenizer, save_tokenizer
 
-# The suffix of the folder `replace_folder` sets aside, before its random part.
+# The suffixes, before their random part, of the folder `write_atomically` writes and of the one `replace_folder`
+# sets aside.
+_PARTIAL = ".partial-"
 _ASIDE = ".old-"
 
 
 def write_atomically(target, write, place=None):
-    """Run `write(tmp)` on a fresh sibling folder `.<name>.partial-<hex>`, then `place(tmp, target)` to put it at
-    `target`: by default a rename that replaces what is there. On any failure, a signal too, the sibling is removed."""
+    """Run `write(tmp)` on a fresh sibling folder `.<name>.partial-<hex>` (`partial_folders` finds it), then
+    `place(tmp, target)` to put it at `target`: by default a rename that replaces what is there. On any failure, a
+    signal too, the sibling is removed."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.partial-{secrets.token_hex(4)}")
+    tmp = target.with_name(f".{target.name}{_PARTIAL}{secrets.token_hex(4)}")
     tmp.mkdir()
     try:
         write(tmp)
@@ -70,6 +73,12 @@ def replace_folder(tmp, target, check_aside=None):
             f"Cannot replace {target} ({reason}); it keeps its previous contents. Fix that and run again."
         ) from e
     shutil.rmtree(old)
+
+
+def partial_folders(target):
+    """The folders `write_atomically` was writing for `target` and did not remove: a run killed while it wrote.
+    `target`'s name may be a glob pattern (`checkpoint-*`), for the folders of several targets."""
+    return sorted(target.parent.glob(f".{target.name}{_PARTIAL}*"))
 
 
 def set_aside_folders(target):

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from m2bert_hf_mlx.errors import OutputFileError
-from m2bert_hf_mlx.publishing import replace_folder, set_aside_folders, write_atomically
+from m2bert_hf_mlx.publishing import partial_folders, replace_folder, set_aside_folders, write_atomically
 
 
 def write_file(text):
@@ -40,6 +40,20 @@ def test_a_folder_is_replaced_and_leaves_no_sibling(tmp_path, target):
     write_atomically(target, write_file("after"))
     assert contents(target) == {"file.txt": "after"}
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_the_folder_being_written_is_the_partial_folder_of_its_target(tmp_path):
+    seen = {}
+
+    def write(folder):
+        seen.update(
+            {name: partial_folders(tmp_path / name) for name in ("checkpoint-3", "checkpoint-*", "checkpoint-4")}
+        )
+        seen["written"] = [folder]
+
+    write_atomically(tmp_path / "checkpoint-3", write)
+    assert seen["checkpoint-3"] == seen["checkpoint-*"] == seen["written"] and seen["checkpoint-4"] == []
+    assert partial_folders(tmp_path / "checkpoint-3") == []
 
 
 def test_a_failing_final_rename_puts_the_previous_folder_back(tmp_path, target, monkeypatch):
