@@ -44,8 +44,14 @@ def write_atomically(target, write, place=None):
 def _replace(tmp, target):
     if target.exists():
         replace_folder(tmp, target)
-    else:
+        return
+    try:
         tmp.rename(target)
+    except OSError as e:
+        raise OutputFileError(
+            f"Cannot write {target} ({e.strerror or e}); nothing was written there. Check that its folder is "
+            "writable and run again."
+        ) from e
 
 
 def replace_folder(tmp, target, check_aside=None):

@@ -56,6 +56,16 @@ def test_the_folder_being_written_is_the_partial_folder_of_its_target(tmp_path):
     assert partial_folders(tmp_path / "checkpoint-3") == []
 
 
+def test_a_failing_rename_into_a_new_folder_is_a_typed_error_and_leaves_nothing(tmp_path, monkeypatch):
+    target = tmp_path / "new"
+    failing_rename(monkeypatch, lambda src, dst: ".new.partial-" in src and dst == str(target))
+    with pytest.raises(
+        OutputFileError, match=f"^Cannot write {target} \\(Permission denied\\); nothing was written there. Check"
+    ):
+        write_atomically(target, write_file("after"))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_failing_final_rename_puts_the_previous_folder_back(tmp_path, target, monkeypatch):
     failing_rename(monkeypatch, lambda src, dst: ".out.partial-" in src and dst == str(target))
     with pytest.raises(OutputFileError, match=f"^Cannot replace {target} \\(Permission denied\\); it keeps its prev"):
