@@ -152,26 +152,32 @@ def has_pooler(keys):
 # Configs
 
 
-def _config_from_argument(config):
+def config_from_argument(config, flag=None):
+    """The config dict of a `config=` argument: an M2BertConfig, a dict, a JSON file or a preset name. A command
+    line passes the `flag` that gave it, for its error to name."""
     if isinstance(config, M2BertConfig):
         return config.to_dict()
     if isinstance(config, dict):
         return dict(config)
-    if isinstance(config, (str, os.PathLike)):
-        if str(config) in PRESETS:
-            return M2BertConfig.from_preset(str(config)).to_dict()
-        if Path(config).is_file():
-            return M2BertConfig.from_json_file(config).to_dict()
-    hint = did_you_mean(config, PRESETS, end=" ") if isinstance(config, (str, os.PathLike)) else ""
-    raise ConfigError(
-        f"config={quote(config)} is not an M2BertConfig, a dict, a JSON file or a preset name; {hint}give one of "
-        f"those (presets: {', '.join(PRESETS)})."
+    # A path is shown and matched as the text the user gave.
+    given = os.fspath(config) if isinstance(config, os.PathLike) else config
+    if isinstance(given, str):
+        if given in PRESETS:
+            return M2BertConfig.from_preset(given).to_dict()
+        if Path(given).is_file():
+            return M2BertConfig.from_json_file(given).to_dict()
+    hint = did_you_mean(given, PRESETS, end=" ") if isinstance(given, str) else ""
+    wrong = (
+        f"{flag} {quote(given)} is not a JSON file or a preset name"
+        if flag
+        else f"config={quote(given)} is not an M2BertConfig, a dict, a JSON file or a preset name"
     )
+    raise ConfigError(f"{wrong}; {hint}give one of those (presets: {', '.join(PRESETS)}).")
 
 
 def _read_config_dict(folder, name_or_path, config):
     if config is not None:
-        return _config_from_argument(config)
+        return config_from_argument(config)
     path = folder / "config.json" if folder.is_dir() else folder.parent / "config.json"
     if not path.is_file():
         raise ConfigError(

@@ -1,4 +1,5 @@
 import json
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -209,6 +210,9 @@ def test_bad_config_argument_and_dtype_are_clear_errors(tmp_path):
         M2BertForMaskedLM.from_pretrained(tmp_path, config="no-such-preset")
     with pytest.raises(ConfigError, match="preset name; did you mean 'm2-bert-80m'\\? give one of those \\(presets: "):
         M2BertForMaskedLM.from_pretrained(tmp_path, config="m2-bert-80M")
+    missing = tmp_path / "missing.json"
+    with pytest.raises(ConfigError, match=f"^config={re.escape(repr(str(missing)))} is not an M2BertConfig"):
+        M2BertForMaskedLM.from_pretrained(tmp_path, config=missing)
     with pytest.raises(ValueError, match="dtype='int8' is not supported"):
         M2BertForMaskedLM.from_pretrained(tmp_path, dtype="int8")
 

@@ -104,6 +104,13 @@ def test_fill_mask_on_a_retrieval_folder_names_the_right_pipeline(folders, capsy
     assert err.count("\n") == 1 and "'sentence-embedding'" in err and "strict=False" not in err
 
 
+def test_a_cli_config_that_is_no_file_or_preset_names_the_flag(folders, capsys):
+    for command in (["info"], ["fill-mask", "a [MASK]"], ["embed", "a text"]):
+        assert main([*command, "--model", folders["pooler"], "--config", "m2-bert-80M"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--config 'm2-bert-80M' is not a JSON file or a preset name; did you" in err
+
+
 def test_the_cli_truncation_warning_names_the_cli_flag_which_exists(folders, capsys, caplog):
     assert main(["fill-mask", "--model", folders["mlm"], "--top-k", "1", TOO_LONG]) == 0
     assert "truncated" in caplog.text and "--no-truncation" in caplog.text
