@@ -81,9 +81,12 @@ class ArgumentError(M2BertError, TypeError):
 
 def did_you_mean(name, accepted, end=""):
     """The hint "did you mean 'x'?", then `end`, for the accepted name x closest to `name` (a likely misspelling of
-    it); empty when none is close."""
-    close = difflib.get_close_matches(str(name), sorted(accepted), n=1, cutoff=0.6)
-    return f"did you mean {close[0]!r}?{end}" if close else ""
+    it, in any case: `MLM` for `mlm`); empty when none is close."""
+    spelling = {}
+    for known in sorted(accepted):
+        spelling.setdefault(known.lower(), known)
+    close = difflib.get_close_matches(str(name).lower(), sorted(spelling), n=1, cutoff=0.6)
+    return f"did you mean {spelling[close[0]]!r}?{end}" if close else ""
 
 
 def check_keywords(where, given, accepted):

@@ -125,6 +125,11 @@ def test_an_unknown_task_names_the_closest_one(tmp_path):
         TrainingError, match="^Unknown task 'clasification'; did you mean 'classification'\\? choose one"
     ):
         arguments(tmp_path, task="clasification")
+    # In any case, and the hint spells the name as it is accepted.
+    with pytest.raises(TrainingError, match="^Unknown task 'MLM'; did you mean 'mlm'\\? choose one"):
+        arguments(tmp_path, task="MLM")
+    with pytest.raises(TrainingError, match="^Unknown task 'Clasification'; did you mean 'classification'\\? "):
+        arguments(tmp_path, task="Clasification")
     with pytest.raises(TrainingError, match="^Unknown task 'ner'; choose one of mlm, classification, contrastive\\.$"):
         arguments(tmp_path, task="ner")
 
