@@ -369,8 +369,7 @@ def _mixer_reference(backend, spectra, count, residual_count):
     none)."""
 
     def conv(x, arrays, spectrum):
-        skip, *ks = arrays
-        return long_conv(x, *(tuple(ks) + (None, None))[:2], skip, backend=backend, spectrum=spectrum)
+        return long_conv(x, *_filters_of(arrays), backend=backend, spectrum=spectrum)
 
     def mix(z, u, weight, bias, *arrays):
         gated, x2 = short_conv_gate(z, weight, bias)
@@ -388,6 +387,12 @@ def _conv_arrays(filters, name):
     if not isinstance(filters, (tuple, list)) or len(filters) != 3:
         raise InputError(f"monarch_mixer takes {name} as (k_fwd, k_rev, skip); got {type(filters).__name__}.")
     return (filters[2], *(k for k in filters[:2] if k is not None))
+
+
+def _filters_of(arrays):
+    """(k_fwd, k_rev, skip) back from `_conv_arrays`' (skip, *filters), the missing filters None."""
+    skip, *ks = arrays
+    return (*(tuple(ks) + (None, None))[:2], skip)
 
 
 def monarch_mixer(z, u, short_weight, short_bias, filters, residual_filters=None, *, spectra=None, backend=None):
@@ -429,7 +434,7 @@ def monarch_mixer(z, u, short_weight, short_bias, filters, residual_filters=None
     for (name, conv_filters), spectrum in zip(convs, spectra):
         conv_arrays = _conv_arrays(conv_filters, name)
         try:
-            _check_convolution(u, *(conv_arrays[1:] + (None, None))[:2], conv_arrays[0], spectrum, backend)
+            _check_convolution(u, *_filters_of(conv_arrays), spectrum, backend)
         except InputError as e:
             raise type(e)(f"monarch_mixer {name}: {e}") from None
         arrays.append(conv_arrays)
@@ -445,8 +450,7 @@ def monarch_mixer(z, u, short_weight, short_bias, filters, residual_filters=None
     def packed(spectrum, conv_arrays):
         if spectrum is not None:
             return spectrum.values
-        skip, *ks = conv_arrays
-        return filter_spectrum(*(tuple(ks) + (None, None))[:2], skip, length, backend=backend).values
+        return filter_spectrum(*_filters_of(conv_arrays), length, backend=backend).values
 
     @mx.custom_function
     def fused(z, u, weight, bias, *conv_arrays):
