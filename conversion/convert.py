@@ -315,19 +315,21 @@ class _Destination:
             shown += f" and {len(entries) - 20} more"
         logger.warning("--force: replacing %s and what it holds (%d): %s", path, len(entries), shown)
 
-    def _check_aside(self, old):
-        if _identity(old) != self._identity:
-            raise ConvertError(f"{self.path} was replaced during the conversion; nothing was changed.")
+    def _check_claimed(self, folder):
+        """`folder` (the destination, or where it was set aside) is still the folder this conversion claimed."""
+        if _identity(folder) != self._identity:
+            raise ConvertError(
+                f"{self.path} was replaced by something else during the conversion; nothing was changed."
+            )
 
     def write(self, write):
         """Run `write(tmp)` on a fresh sibling folder, then rename it into place (see the class)."""
         write_atomically(self.path, write, place=self._place)
 
     def _place(self, tmp, path):
-        if _identity(path) != self._identity:
-            raise ConvertError(f"{path} was replaced by something else during the conversion; nothing was changed.")
+        self._check_claimed(path)
         if self._replaces:
-            replace_folder(tmp, path, check_aside=self._check_aside)
+            replace_folder(tmp, path, check_aside=self._check_claimed)
         else:
             try:
                 os.rename(tmp, path)  # replaces the empty folder, and only an empty one

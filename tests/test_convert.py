@@ -230,6 +230,33 @@ def test_output_folder_is_replaced_only_with_force_and_failures_leave_nothing(tm
     assert code == 1 and "would replace the source" in output
 
 
+@pytest.mark.parametrize("force", [False, True], ids=["new-folder", "force"])
+def test_a_destination_swapped_during_the_conversion_is_left_alone(tmp_path, capsys, monkeypatch, force):
+    # Another tool puts its own folder at --mlx-path while the weights are written: the conversion must not replace
+    # it (nor, with --force, what it set aside), and says so.
+    from m2bert_hf_mlx.conversion import convert as convert_module
+
+    source = hf_retrieval_folder(tmp_path / "src")
+    out = tmp_path / "out"
+    if force:
+        out.mkdir()
+        (out / "model.safetensors").write_bytes(b"old")
+    real = convert_module.write_model_folder
+
+    def write_then_swap(folder, *args, **kwargs):
+        real(folder, *args, **kwargs)
+        if out.exists():
+            out.rename(tmp_path / "moved")
+        out.mkdir()
+        (out / "theirs.txt").write_text("theirs")
+
+    monkeypatch.setattr(convert_module, "write_model_folder", write_then_swap)
+    code, output = run(["--hf-path", source, "--mlx-path", out, *(["--force"] if force else [])], capsys)
+    assert code == 1 and "was replaced by something else during the conversion; nothing was changed" in output
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
+    assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())
+
+
 def test_quantized_conversion_loads_quantized(tmp_path, capsys):
     source = hf_retrieval_folder(tmp_path / "src")
     code, output = run(
