@@ -148,6 +148,8 @@ def sweep(args, lengths, channels, path):
         for name, tiles in variants.items():
             target = kernels.Target("cuda", kernels.CUDA.single_pass, tiles, kernels.CUDA.four_step, pad=True)
             plan = kernels.plan(target, batch, length, channels, mixer=True)
+            # "four-step" is timed only where its passes differ from the default's single pass, every other
+            # variant only where it is a single pass.
             if (plan.n1 == 1) == (name == "four-step"):
                 continue
             packed = [kernels.packed_filter(*f, plan.n, plan.n1) for f in filters]
