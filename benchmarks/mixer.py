@@ -17,6 +17,10 @@ Times are medians as in benchmarks/long_conv.py. Effective bandwidth counts the 
 written once, plus both fp32 complex filter spectra read once; roofline_fraction divides it by the measured
 device-to-device copy bandwidth. Each fused output is compared with the mx_fft output (rel_error_vs_mx_fft).
 
+--gradients PATH times, instead, what a training step asks of the mixer (fp32, first C): the output and the VJP of
+ops.monarch_mixer in every argument, from the filters themselves, into PATH; run it with two builds of the package
+to compare them.
+
 --sweep PATH times, instead, the mixer kernels alone (fp32, first C) with each single-pass tile of SWEEP_TILES that
 covers the FFT size, beside the CUDA target's own choice and, where that is a single pass, the four-step passes,
 into PATH.
@@ -114,6 +118,44 @@ def measure(args, backend, torch, length, channels, dtype_name, results):
     print(f"L={length:6d} B={batch:4d} C={channels:5d} {dtype_name:9s} {line}  err {error:.1e}", flush=True)
 
 
+def gradient_ms(args, length, channels):
+    """Median ms of monarch_mixer's output and VJP, from the filters, at `length` (B = 16384 // length)."""
+    batch = max(1, 16384 // length)
+    rng = np.random.default_rng(length)
+
+    def normal(*shape, scale=1.0):
+        return mx.array((rng.standard_normal(shape) * scale).astype(np.float32))
+
+    z, u, cotangent = (
+        normal(batch, length, 3 * channels),
+        normal(batch, length, channels),
+        normal(batch, length, channels),
+    )
+    arrays = [normal(3 * channels, 3, 1, scale=0.5), normal(3 * channels)]
+    for _ in range(2):
+        arrays += [normal(channels, length, scale=length**-0.5), normal(channels, length, scale=length**-0.5)]
+        arrays.append(normal(channels))
+    mx.eval(z, u, cotangent, arrays)
+
+    def mixer(z, u, weight, bias, *filters):
+        return ops.monarch_mixer(z, u, weight, bias, tuple(filters[:3]), tuple(filters[3:]))
+
+    return median_ms(
+        lambda: mx.async_eval(mx.vjp(mixer, [z, u, *arrays], [cotangent])), mlx_sync, args.calls, args.repeats
+    )
+
+
+def gradients(args, lengths, channels, path):
+    records = []
+    for length in lengths:
+        ms = gradient_ms(args, length, channels)
+        batch = max(1, 16384 // length)
+        print(f"gradients L={length:6d} B={batch:4d} C={channels:5d} {ms:8.4f} ms", flush=True)
+        records.append({"L": length, "B": batch, "C": channels, "dtype": "float32", "forward_and_vjp_ms": round(ms, 5)})
+        with open(path, "w") as f:
+            json.dump([{**record, **args.context} for record in records], f, indent=1)
+
+
 # Single-pass tiles for the mixer sweep: values per block, per thread and the log2 of the FFT radix.
 SWEEP_TILES = [(2048, 8, 3), (4096, 8, 3), (4096, 16, 4), (8192, 16, 3), (8192, 16, 4)]
 
@@ -181,12 +223,17 @@ def main():
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--sweep", help="time the mixer's single-pass tile variants instead, into this JSON file")
+    parser.add_argument("--gradients", help="time the mixer's output and VJP instead, into this JSON file")
     parser.add_argument("--out")
     args = parser.parse_args()
-    if not (args.out or args.sweep):
-        parser.error("give --out (the comparison) or --sweep (the tile variants)")
+    if not (args.out or args.sweep or args.gradients):
+        parser.error("give --out (the comparison), --sweep (the tile variants) or --gradients (the VJP)")
 
     backend, torch, args.copy_gbs, context = gpu_setup("the mixer kernels")
+    args.context = context
+    if args.gradients:
+        gradients(args, args.lengths, args.channels[0], args.gradients)
+        return
     if args.sweep:
         sweep(args, args.lengths, args.channels[0], args.sweep)
         return

@@ -438,27 +438,30 @@ def monarch_mixer(z, u, short_weight, short_bias, filters, residual_filters=None
         except InputError as e:
             raise type(e)(f"monarch_mixer {name}: {e}") from None
         arrays.append(conv_arrays)
+    batch, length, channels = u.shape
+    if backend != "mlx":
+        # Transform each convolution's filters once, for the forward pass and its VJP alike: the separate operations
+        # of the VJP would otherwise transform them twice more (their forward pass, then their own VJP). The filter
+        # gradients never pass through the spectrum (long_conv's VJP correlates instead). On "mlx", autodiff
+        # through the FFTs keeps what they computed; there, there is nothing to save.
+        spectra = tuple(
+            filter_spectrum(*_filters_of(conv_arrays), length, backend=backend) if spectrum is None else spectrum
+            for spectrum, conv_arrays in zip(spectra, arrays)
+        )
     counts = [len(conv_arrays) for conv_arrays in arrays] + [0]
     mix = _mixer_reference(backend, spectra + (None,), counts[0], counts[1])
     inputs = (z, u, short_weight, short_bias, *(a for conv_arrays in arrays for a in conv_arrays))
-    batch, length, channels = u.shape
     plan = mixer_plan(backend, batch, length, channels) if len(arrays) == 2 and z.dtype == u.dtype else None
     if plan is None:
         return mix(*inputs)
-    count = counts[0]
-
-    def packed(spectrum, conv_arrays):
-        if spectrum is not None:
-            return spectrum.values
-        return filter_spectrum(*_filters_of(conv_arrays), length, backend=backend).values
 
     @mx.custom_function
     def fused(z, u, weight, bias, *conv_arrays):
         if not _kernels_pass(backend, plan, u.dtype):
             return mix(z, u, weight, bias, *conv_arrays)
-        spectrum, residual = packed(spectra[0], conv_arrays[:count]), packed(spectra[1], conv_arrays[count:])
         taps = kernels.short_conv_taps(weight, bias)
-        return kernels.run_plan(plan, u, spectrum, _launch_fn(backend, _target(backend)), (z, taps, residual))
+        launch = _launch_fn(backend, _target(backend))
+        return kernels.run_plan(plan, u, spectra[0].values, launch, (z, taps, spectra[1].values))
 
     @fused.vjp
     def fused_vjp(primals, cotangent, output):

@@ -170,6 +170,17 @@ def test_gradients_match_the_separate_operations(length):
         assert rel_error(np.asarray(fused), np.asarray(separate)) < 1e-5
 
 
+@pytest.mark.parametrize("length", [40, 2049], ids=["single-pass", "four-step"])
+def test_a_gradient_transforms_each_filter_once(monkeypatch, length):
+    arrays = mixer_inputs(np.random.default_rng(15), 2, length, 4)
+    mixer_gradients("emulated", arrays)  # the kernels' self-check transforms filters of its own
+    transforms = []
+    packed_filter = kernels.packed_filter
+    monkeypatch.setattr(kernels, "packed_filter", lambda *a: transforms.append(a[0].shape) or packed_filter(*a))
+    mx.eval(mixer_gradients("emulated", arrays))
+    assert transforms == [(4, length), (4, length)]
+
+
 def test_spectra_give_the_same_output():
     arrays = mixer_inputs(np.random.default_rng(17), 2, 300, 6)
     z, u, weight, bias, filters, residual = to_mx(arrays)
