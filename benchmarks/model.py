@@ -10,6 +10,8 @@ float32 matrix products run in one of two modes on a GPU, on both sides alike: `
 torch with `allow_tf32`, which the canonical code switches on when it is imported) or `--precision strict` (MLX with
 MLX_ENABLE_TF32=0, torch at "highest"). `--precision tf32 strict` runs both, each in a child process, since MLX reads
 its setting once. Every record carries `matmul_precision`, the mode each side actually ran in; the CPU is strict.
+It also carries `mlx_compiled`: whether MLX ran the encoder's layers compiled (on a GPU unless M2BERT_COMPILE=0;
+a shape's first forward, a warm-up, runs uncompiled). torch runs eagerly, as the canonical code does.
 
 `--canonical-src` is the `bert` folder of a checkout of github.com/HazyResearch/m2 (with `bert/src/__init__.py`
 emptied, as its CPU/GPU imports need; see the architecture doc §4); that code is read for the run, never shipped.
@@ -32,6 +34,7 @@ from pathlib import Path
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, M2BertModel, __version__, cpu_blas  # isort: skip
 from m2bert_hf_mlx import ops  # isort: skip
 from m2bert_hf_mlx.loading import apply_weights, cast_model  # isort: skip
+from m2bert_hf_mlx.modeling_m2_bert import compiles_inference  # isort: skip
 from _timing import median_seconds  # isort: skip
 
 import mlx.core as mx  # noqa: E402
@@ -244,6 +247,7 @@ def main():
                     machine=machine,
                     versions=versions,
                     matmul_precision=matmul_precision(args.gpu),
+                    mlx_compiled=compiles_inference(),
                 )
                 mlx_s, mlx_mem = bench_mlx(model, mx.array(ids_np), dtype, args.warmup, args.repeats)
                 mlx_rec = dict(

@@ -5,15 +5,18 @@ its parameter names, so a checkpoint key such as `bert.encoder.layer.0.attention
 array here. Hidden states are channels-last (B, L, D) throughout; the canonical (B, D, L) transposes are not needed.
 """
 
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from . import ops
 from .activations import ACT2FN, gelu, glu
 from .blockdiag_linear import BlockdiagLinear, from_blocks, to_blocks
 from .configuration_m2_bert import M2BertConfig, validate_config
-from .errors import InputError, WeightsMismatchError, quote
+from .errors import ConfigError, InputError, WeightsMismatchError, quote
 from .hyena_filter import HyenaFilter
 from .initialization import normal
 from .losses import classification_loss, masked_lm_loss
@@ -26,6 +29,8 @@ from .modeling_utils import PreTrainedModel
 from .recompute import reference_vjp
 from .short_conv import CausalShortConv
 from .similarity import check_similarity_fn_name, similarity, similarity_pairwise
+
+COMPILE_ENV = "M2BERT_COMPILE"
 
 
 class M2BertEmbeddings(nn.Module):
@@ -65,16 +70,24 @@ class MonarchMixerSequenceMixing(nn.Module):
         if config.residual_long_conv:
             self.filter_fn2 = HyenaFilter(config)
 
-    def __call__(self, u):
+    def __call__(self, u, spectra=None):
+        """`spectra`: at inference, the `inference_spectra` of this input (None: they are looked up here)."""
         if "layernorm" in self:
             u = self.layernorm(u)
-        return self.out_linear(self._mix(self.in_linear(u), u))
+        return self.out_linear(self._mix(self.in_linear(u), u, spectra))
 
-    def _mix(self, z, u):
+    def _filters(self):
+        return [self.filter_fn] + ([self.filter_fn2] if "filter_fn2" in self else [])
+
+    def inference_spectra(self, u):
+        """The cached spectrum of each long convolution's filters at u's length (see HyenaFilter)."""
+        return [f.inference_spectrum(u) for f in self._filters()]
+
+    def _mix(self, z, u, spectra=None):
         """ops.monarch_mixer of in_linear's output z and the layer input u (the residual long conv's input); at
         inference from the filters' cached spectra, with the gradients of the filters themselves."""
         short = self.short_filter
-        filters = [self.filter_fn] + ([self.filter_fn2] if "filter_fn2" in self else [])
+        filters = self._filters()
         L = u.shape[1]
 
         def mix(z, u, spectra=None, with_filters=True):
@@ -83,7 +96,8 @@ class MonarchMixerSequenceMixing(nn.Module):
 
         if self.training:
             return mix(z, u)
-        spectra = [f.inference_spectrum(u) for f in filters]
+        if spectra is None:
+            spectra = self.inference_spectra(u)
         return reference_vjp(
             self,
             lambda z, u: mix(z, u, spectra, with_filters=False),
@@ -153,19 +167,88 @@ class M2BertLayer(nn.Module):
         self.attention = MonarchMixerSequenceMixing(config)
         self.mlp = M2BertMLP(config)
 
-    def __call__(self, hidden_states):
-        return self.mlp(self.attention(hidden_states))
+    def __call__(self, hidden_states, spectra=None):
+        return self.mlp(self.attention(hidden_states, spectra))
+
+
+def compiles_inference():
+    """Whether the encoder runs its layers through `mx.compile` at inference: M2BERT_COMPILE=1 or 0, unset on a GPU
+    only (the CPU back end compiles with the system C++ compiler, which takes seconds for each new shape). Never on
+    the "emulated" long-convolution back end, whose kernels run on numpy arrays outside MLX's graph."""
+    value = os.environ.get(COMPILE_ENV, "")
+    if value not in ("", "0", "1"):
+        raise ConfigError(f"{COMPILE_ENV}={value!r} is not a valid setting; use 1 (compile), 0 (do not) or unset it.")
+    if ops.resolve_backend() == "emulated":
+        return False
+    return mx.default_device().type == mx.gpu if value == "" else value == "1"
 
 
 class M2BertEncoder(nn.Module):
+    """The layers in turn. At inference they run compiled (`compiles_inference`): MLX then fuses the element-wise
+    work of a layer, and launches a few large kernels instead of many small ones, which on a GPU cost more time
+    than the arithmetic at every length (docs/benchmarks.md). One compiled function serves every layer of the same
+    structure: the weights and filter spectra are its inputs, so new weights never run stale values."""
+
     def __init__(self, config):
         super().__init__()
         self.layer = [M2BertLayer(config) for _ in range(config.num_hidden_layers)]
+        self._compiled = _CompiledLayers(self)
 
     def __call__(self, hidden_states):
-        for layer in self.layer:
-            hidden_states = layer(hidden_states)
+        if self.training or not compiles_inference():
+            for layer in self.layer:
+                hidden_states = layer(hidden_states)
+            return hidden_states
+        return self._compiled(hidden_states)
+
+
+class _CompiledLayers:
+    """M2BertEncoder's compiled inference; a plain object, so MLX never takes it for parameters.
+
+    A shape's first forward runs uncompiled and only a repeated shape is compiled, so inputs of ever-changing
+    shapes never pay for a trace they would not reuse.
+    """
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+        self.seen = set()
+        self.step = mx.compile(self._layer)
+
+    def __call__(self, hidden_states):
+        layers = self.encoder.layer
+        key = (tuple(hidden_states.shape), hidden_states.dtype)
+        compiled = key in self.seen
+        self.seen.add(key)
+        templates = {}
+        for index, layer in enumerate(layers):
+            spectra = layer.attention.inference_spectra(hidden_states)
+            if not compiled:
+                hidden_states = layer(hidden_states, spectra)
+                continue
+            template = templates.setdefault(_structure(layer), index)
+            values = [spectrum.values for spectrum in spectra]
+            hidden_states = self.step(template, spectra[0].backend, layer.parameters(), values, hidden_states)
         return hidden_states
+
+    def _layer(self, template, backend, weights, values, hidden_states):
+        """Layer `template` with `weights` and spectra `values` instead of its own (traced once per structure and
+        shape)."""
+        layer = self.encoder.layer[template]
+        originals = layer.parameters()
+        layer.update(weights)
+        try:
+            L, C = hidden_states.shape[1:]
+            spectra = [ops.FilterSpectrum(backend, L, C, v) for v in values]
+            return layer(hidden_states, spectra)
+        finally:
+            layer.update(originals)
+
+
+def _structure(layer):
+    """What a compiled layer's trace depends on beyond the shapes and dtypes of its inputs: its modules and weights."""
+    return tuple((name, type(module).__name__) for name, module in layer.named_modules()) + tuple(
+        name for name, _ in tree_flatten(layer.parameters())
+    )
 
 
 class M2BertPooler(nn.Module):
