@@ -5,12 +5,12 @@ its parameter names, so a checkpoint key such as `bert.encoder.layer.0.attention
 array here. Hidden states are channels-last (B, L, D) throughout; the canonical (B, D, L) transposes are not needed.
 """
 
+import operator
 import os
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
 from . import ops
 from .activations import ACT2FN, gelu, glu
@@ -70,24 +70,16 @@ class MonarchMixerSequenceMixing(nn.Module):
         if config.residual_long_conv:
             self.filter_fn2 = HyenaFilter(config)
 
-    def __call__(self, u, spectra=None):
-        """`spectra`: at inference, the `inference_spectra` of this input (None: they are looked up here)."""
+    def __call__(self, u):
         if "layernorm" in self:
             u = self.layernorm(u)
-        return self.out_linear(self._mix(self.in_linear(u), u, spectra))
+        return self.out_linear(self._mix(self.in_linear(u), u))
 
-    def _filters(self):
-        return [self.filter_fn] + ([self.filter_fn2] if "filter_fn2" in self else [])
-
-    def inference_spectra(self, u):
-        """The cached spectrum of each long convolution's filters at u's length (see HyenaFilter)."""
-        return [f.inference_spectrum(u) for f in self._filters()]
-
-    def _mix(self, z, u, spectra=None):
+    def _mix(self, z, u):
         """ops.monarch_mixer of in_linear's output z and the layer input u (the residual long conv's input); at
         inference from the filters' cached spectra, with the gradients of the filters themselves."""
         short = self.short_filter
-        filters = self._filters()
+        filters = [self.filter_fn] + ([self.filter_fn2] if "filter_fn2" in self else [])
         L = u.shape[1]
 
         def mix(z, u, spectra=None, with_filters=True):
@@ -96,8 +88,7 @@ class MonarchMixerSequenceMixing(nn.Module):
 
         if self.training:
             return mix(z, u)
-        if spectra is None:
-            spectra = self.inference_spectra(u)
+        spectra = [f.inference_spectrum(u) for f in filters]
         return reference_vjp(
             self,
             lambda z, u: mix(z, u, spectra, with_filters=False),
@@ -167,8 +158,8 @@ class M2BertLayer(nn.Module):
         self.attention = MonarchMixerSequenceMixing(config)
         self.mlp = M2BertMLP(config)
 
-    def __call__(self, hidden_states, spectra=None):
-        return self.mlp(self.attention(hidden_states, spectra))
+    def __call__(self, hidden_states):
+        return self.mlp(self.attention(hidden_states))
 
 
 def compiles_inference():
@@ -184,71 +175,60 @@ def compiles_inference():
 
 
 class M2BertEncoder(nn.Module):
-    """The layers in turn. At inference they run compiled (`compiles_inference`): MLX then fuses the element-wise
-    work of a layer, and launches a few large kernels instead of many small ones, which on a GPU cost more time
-    than the arithmetic at every length (docs/benchmarks.md). One compiled function serves every layer of the same
-    structure: the weights and filter spectra are its inputs, so new weights never run stale values."""
+    """The layers in turn; at inference compiled (`compiles_inference`), since launching a layer's many small
+    kernels one by one costs a GPU more time than their arithmetic (docs/benchmarks.md)."""
 
     def __init__(self, config):
         super().__init__()
         self.layer = [M2BertLayer(config) for _ in range(config.num_hidden_layers)]
-        self._compiled = _CompiledLayers(self)
+        self._compiled = _CompiledForward()
 
     def __call__(self, hidden_states):
         if self.training or not compiles_inference():
-            for layer in self.layer:
-                hidden_states = layer(hidden_states)
-            return hidden_states
-        return self._compiled(hidden_states)
+            return self._layers(hidden_states)
+        return self._compiled(self, hidden_states)
 
-
-class _CompiledLayers:
-    """M2BertEncoder's compiled inference; a plain object, so MLX never takes it for parameters.
-
-    A shape's first forward runs uncompiled and only a repeated shape is compiled, so inputs of ever-changing
-    shapes never pay for a trace they would not reuse.
-    """
-
-    def __init__(self, encoder):
-        self.encoder = encoder
-        self.seen = set()
-        self.step = mx.compile(self._layer)
-
-    def __call__(self, hidden_states):
-        layers = self.encoder.layer
-        key = (tuple(hidden_states.shape), hidden_states.dtype)
-        compiled = key in self.seen
-        self.seen.add(key)
-        templates = {}
-        for index, layer in enumerate(layers):
-            spectra = layer.attention.inference_spectra(hidden_states)
-            if not compiled:
-                hidden_states = layer(hidden_states, spectra)
-                continue
-            template = templates.setdefault(_structure(layer), index)
-            values = [spectrum.values for spectrum in spectra]
-            hidden_states = self.step(template, spectra[0].backend, layer.parameters(), values, hidden_states)
+    def _layers(self, hidden_states):
+        for layer in self.layer:
+            hidden_states = layer(hidden_states)
         return hidden_states
 
-    def _layer(self, template, backend, weights, values, hidden_states):
-        """Layer `template` with `weights` and spectra `values` instead of its own (traced once per structure and
-        shape)."""
-        layer = self.encoder.layer[template]
-        originals = layer.parameters()
-        layer.update(weights)
-        try:
-            L, C = hidden_states.shape[1:]
-            spectra = [ops.FilterSpectrum(backend, L, C, v) for v in values]
-            return layer(hidden_states, spectra)
-        finally:
-            layer.update(originals)
+
+class _CompiledForward:
+    """M2BertEncoder's compiled inference; a plain object, so MLX never takes it for parameters.
+
+    The compiled function reads the weights and the filters' cached spectra as constants, so it serves only the very
+    arrays and modules it was traced with, at one shape: any other makes a new one. Like the spectrum cache it keeps
+    the latest only, and it compiles at the second forward of the same shape and weights, so that inputs of
+    ever-changing shapes, and calls under mx.grad (whose weights are new arrays at every call), run uncompiled and
+    pay for no trace. The first forward also runs the kernels' self-checks and fills the spectrum caches.
+    """
+
+    def __init__(self):
+        self.key, self.contents, self.function = None, [], None
+
+    def __call__(self, encoder, hidden_states):
+        key = (tuple(hidden_states.shape), hidden_states.dtype, ops.resolve_backend())
+        contents = _contents(encoder)
+        if (
+            key != self.key
+            or len(contents) != len(self.contents)
+            or not all(map(operator.is_, contents, self.contents))
+        ):
+            self.key, self.contents, self.function = key, contents, None
+            return encoder._layers(hidden_states)
+        if self.function is None:
+            self.function = mx.compile(encoder._layers)
+        return self.function(hidden_states)
 
 
-def _structure(layer):
-    """What a compiled layer's trace depends on beyond the shapes and dtypes of its inputs: its modules and weights."""
-    return tuple((name, type(module).__name__) for name, module in layer.named_modules()) + tuple(
-        name for name, _ in tree_flatten(layer.parameters())
-    )
+def _contents(tree):
+    """Every module, container and array of a module tree, depth first: what identifies the weights a compiled
+    forward read (MLX arrays are immutable, so new weights are new objects)."""
+    found = [tree]
+    for value in tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else ():
+        found += _contents(value)
+    return found
 
 
 class M2BertPooler(nn.Module):

@@ -10,7 +10,7 @@ import pytest
 
 from m2bert_hf_mlx import M2BertConfig, M2BertModel
 from m2bert_hf_mlx.loading import cast_model
-from m2bert_hf_mlx.modeling_m2_bert import _CompiledLayers
+from m2bert_hf_mlx.modeling_m2_bert import M2BertEncoder
 
 pytestmark = [
     pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX with its CUDA back end and a GPU"),
@@ -19,13 +19,14 @@ pytestmark = [
 
 
 # The mixer's single pass, the long convolution's single pass with the mixer as separate operations, and the
-# four-step passes.
+# four-step passes. float32 multiplies in TF32 (MLX's CUDA default), whose rounding a different order of the fused
+# element-wise work moves; a wrong kernel input would be off by far more.
 @pytest.mark.parametrize("length, batch", [(2048, 2), (8192, 1), (16384, 1)])
-@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-4), ("bfloat16", 3e-2)])
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 2e-3), ("bfloat16", 3e-2)])
 def test_compiled_layers_compute_what_the_uncompiled_ones_do(length, batch, dtype, tolerance, monkeypatch):
-    traces = []
-    original = _CompiledLayers._layer
-    monkeypatch.setattr(_CompiledLayers, "_layer", lambda self, *args: traces.append(args[0]) or original(self, *args))
+    runs = []
+    original = M2BertEncoder._layers
+    monkeypatch.setattr(M2BertEncoder, "_layers", lambda self, h: runs.append(h.shape) or original(self, h))
     config = M2BertConfig.from_preset(
         "m2-bert-80m-8k-retrieval", num_hidden_layers=2, max_position_embeddings=length, long_conv_l_max=length
     )
@@ -37,7 +38,8 @@ def test_compiled_layers_compute_what_the_uncompiled_ones_do(length, batch, dtyp
     eager = model(ids).last_hidden_state.astype(mx.float32)
     monkeypatch.setenv("M2BERT_COMPILE", "1")
     model(ids)
+    model(ids)
     compiled = model(ids).last_hidden_state.astype(mx.float32)
-    assert traces == [0]
+    assert len(runs) == 3  # uncompiled twice, traced once, then replayed
     error = (mx.linalg.norm(compiled - eager) / mx.linalg.norm(eager)).item()
-    assert error < tolerance
+    assert error < tolerance, f"relative error {error:.2e}"
