@@ -7,6 +7,7 @@ the folder it claimed and checked (`conversion/convert.py`'s `_Destination`). Bo
 with `replace_folder`, which puts it back when its replacement cannot take its place.
 """
 
+import re
 import secrets
 import shutil
 import tempfile
@@ -23,6 +24,8 @@ from .tokenization import resolve_tokenizer, save_tokenizer
 # sets aside.
 _PARTIAL = ".partial-"
 _ASIDE = ".old-"
+# Either folder's whole name: `.<name>`, the suffix, the random hex part.
+_LEFTOVER = re.compile(rf"\.(.+)(?:{re.escape(_PARTIAL)}|{re.escape(_ASIDE)})[0-9a-f]+")
 
 
 def write_atomically(target, write, place=None):
@@ -88,8 +91,16 @@ def partial_folders(target):
 
 
 def set_aside_folders(target):
-    """The folders `replace_folder` set aside for `target` and did not remove: a run killed between its renames."""
+    """The folders `replace_folder` set aside for `target` and did not remove: a run killed between its renames.
+    `target`'s name may be a glob pattern, as for `partial_folders`."""
     return sorted(target.parent.glob(f".{target.name}{_ASIDE}*"))
+
+
+def leftover_target(folder):
+    """The target that a folder of `partial_folders` or `set_aside_folders` was written for or set aside from, or None
+    for a folder whose name these helpers did not give."""
+    match = _LEFTOVER.fullmatch(folder.name)
+    return folder.with_name(match[1]) if match else None
 
 
 def write_model_folder(folder, model, tokenizer, card):

@@ -6,7 +6,13 @@ import os
 import pytest
 
 from m2bert_hf_mlx.errors import OutputFileError
-from m2bert_hf_mlx.publishing import partial_folders, replace_folder, set_aside_folders, write_atomically
+from m2bert_hf_mlx.publishing import (
+    leftover_target,
+    partial_folders,
+    replace_folder,
+    set_aside_folders,
+    write_atomically,
+)
 
 
 def write_file(text):
@@ -50,9 +56,11 @@ def test_the_folder_being_written_is_the_partial_folder_of_its_target(tmp_path):
             {name: partial_folders(tmp_path / name) for name in ("checkpoint-3", "checkpoint-*", "checkpoint-4")}
         )
         seen["written"] = [folder]
+        seen["target"] = leftover_target(folder)
 
     write_atomically(tmp_path / "checkpoint-3", write)
     assert seen["checkpoint-3"] == seen["checkpoint-*"] == seen["written"] and seen["checkpoint-4"] == []
+    assert seen["target"] == tmp_path / "checkpoint-3" and leftover_target(tmp_path / ".checkpoint-3") is None
     assert partial_folders(tmp_path / "checkpoint-3") == []
 
 
@@ -88,6 +96,7 @@ def test_when_the_previous_folder_cannot_go_back_the_error_says_where_it_is(tmp_
         write_atomically(target, write_file("after"))
     (aside,) = set_aside_folders(target)
     assert str(aside) in str(error.value) and contents(aside) == {"file.txt": "before"}
+    assert leftover_target(aside) == target
     assert sorted(p.name for p in tmp_path.iterdir()) == [aside.name]
 
 

@@ -24,6 +24,7 @@ from m2bert_hf_mlx.training import (
     load_task_data,
     masked_lm_loss_sum,
 )
+from m2bert_hf_mlx.training.checkpoints import claim_output_dir
 
 MAX_LENGTH = 24
 LINES = [
@@ -292,8 +293,21 @@ def test_a_checkpoint_a_killed_run_was_writing_is_removed_by_the_next_run(tmp_pa
     partial = tmp_path / ".checkpoint-3.partial-0badf00d"
     partial.mkdir(parents=True)
     (partial / "model.safetensors").write_bytes(bytes(100))
+    theirs = tmp_path / ".checkpoint-notes.partial-0badf00d"  # not a checkpoint's: the trainer names none so
+    theirs.mkdir()
     Trainer(new_model(), arguments(tmp_path, max_steps=1), MaskedLMData(LINES, tokenizer, MAX_LENGTH)).train()
-    assert not partial.exists() and not list(tmp_path.glob(".*partial*"))
+    assert not partial.exists() and list(tmp_path.glob(".*partial*")) == [theirs]
+
+
+def test_force_removes_the_runs_checkpoints_and_nothing_else(tmp_path):
+    # The trainer's checkpoint-<step> folders, and the partial and set-aside ones publishing names for them.
+    removed = ["checkpoint-2", "checkpoint-10", ".checkpoint-3.partial-0badf00d", ".checkpoint-2.old-0badf00d"]
+    # A user's folders whose names only look like those.
+    kept = ["checkpoint-notes", ".checkpoint-backup", "checkpoint-2b", ".checkpoint-notes.partial-0badf00d", "notes"]
+    for name in removed + kept:
+        (tmp_path / name).mkdir()
+    claim_output_dir(tmp_path, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
 
 
 def test_classification_training_lowers_the_loss(tmp_path, tokenizer):

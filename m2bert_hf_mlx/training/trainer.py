@@ -39,7 +39,7 @@ from ..modeling_m2_bert import (
     M2BertForSequenceClassification,
     M2BertModel,
 )
-from ..publishing import partial_folders, write_atomically
+from ..publishing import write_atomically
 from ..tokenization import save_tokenizer
 from .checkpoints import (
     CHECKPOINT_PREFIX,
@@ -47,6 +47,7 @@ from .checkpoints import (
     STATE_FILE,
     complete_checkpoints,
     latest_checkpoint,
+    partial_checkpoints,
 )
 from .losses import classification_loss_sum, contrastive_loss_sum, masked_lm_loss_sum
 from .optimizer import build_optimizer
@@ -233,7 +234,7 @@ class Trainer:
         (weights, optimizer state, step). Returns the log history (a list of dicts)."""
         args = self.args
         # Checkpoints a killed run was writing (see `save_checkpoint`); this run owns the output folder.
-        for partial in partial_folders(Path(args.output_dir) / f"{CHECKPOINT_PREFIX}*"):
+        for partial in partial_checkpoints(args.output_dir):
             self.log(f"Removing {partial}, left by a run that did not finish saving it.")
             shutil.rmtree(partial, ignore_errors=True)
         if resume:
