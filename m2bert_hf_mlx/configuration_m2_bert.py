@@ -335,7 +335,9 @@ def read_config_file(path):
     except OSError as e:
         raise ConfigError(f"Cannot read the config {path}: {e.strerror or e}.") from e
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ConfigError(f"{path} is not a readable JSON config ({type(e).__name__}); download it again.") from e
+        raise ConfigError(
+            f"{path} is not a readable JSON config ({type(e).__name__}); fix it or download it again."
+        ) from e
     if not isinstance(config_dict, dict):
         raise ConfigError(f"{path} must hold a JSON object of config fields, not {quote(config_dict)}.")
     return config_dict

@@ -161,18 +161,18 @@ def config_from_argument(config, flag=None):
         return dict(config)
     # A path is shown and matched as the text the user gave.
     given = os.fspath(config) if isinstance(config, os.PathLike) else config
+    argument = f"{flag} {quote(given)}" if flag else f"config={quote(given)}"
     if isinstance(given, str):
         if given in PRESETS:
             return M2BertConfig.from_preset(given).to_dict()
         if Path(given).is_file():
-            return M2BertConfig.from_json_file(given).to_dict()
+            try:
+                return M2BertConfig.from_json_file(given).to_dict()
+            except ConfigError as e:
+                raise ConfigError(f"{argument}: {e}") from e
     hint = did_you_mean(given, PRESETS, end=" ") if isinstance(given, str) else ""
-    wrong = (
-        f"{flag} {quote(given)} is not a JSON file or a preset name"
-        if flag
-        else f"config={quote(given)} is not an M2BertConfig, a dict, a JSON file or a preset name"
-    )
-    raise ConfigError(f"{wrong}; {hint}give one of those (presets: {', '.join(PRESETS)}).")
+    takes = "a JSON file or a preset name" if flag else "an M2BertConfig, a dict, a JSON file or a preset name"
+    raise ConfigError(f"{argument} is not {takes}; {hint}give one of those (presets: {', '.join(PRESETS)}).")
 
 
 def _read_config_dict(folder, name_or_path, config):

@@ -213,6 +213,10 @@ def test_bad_config_argument_and_dtype_are_clear_errors(tmp_path):
     missing = tmp_path / "missing.json"
     with pytest.raises(ConfigError, match=f"^config={re.escape(repr(str(missing)))} is not an M2BertConfig"):
         M2BertForMaskedLM.from_pretrained(tmp_path, config=missing)
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    with pytest.raises(ConfigError, match=f"^config={re.escape(repr(str(broken)))}: .+ is not a readable JSON config"):
+        M2BertForMaskedLM.from_pretrained(tmp_path, config=broken)
     with pytest.raises(ValueError, match="dtype='int8' is not supported"):
         M2BertForMaskedLM.from_pretrained(tmp_path, dtype="int8")
 

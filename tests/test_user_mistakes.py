@@ -155,6 +155,27 @@ def test_train_refuses_a_used_output_folder_unless_resumed_or_forced(tmp_path, c
     assert usage.value.code == 2
 
 
+def test_train_config_mistakes_are_the_other_commands_lines_and_touch_nothing(folders, tmp_path, capsys):
+    (tmp_path / "bad.json").write_text("{")
+    (tmp_path / "gpt2.json").write_text(json.dumps({"model_type": "gpt2"}))
+    data = tmp_path / "train.txt"
+    data.write_text("\n".join(LINES) + "\n")
+    output = tmp_path / "run"
+    (output / "checkpoint-2").mkdir(parents=True)
+    for given in ("missing.json", "m2-bert-80M", "bad.json", "gpt2.json"):
+        config = tmp_path / given if given.endswith(".json") else given
+        assert main(train_argv(data, output, config, 16, "--steps", "1", "--force")) == 1
+        train_err = capsys.readouterr().err
+        assert main(["info", "--model", folders["pooler"], "--config", str(config)]) == 1
+        info_err = capsys.readouterr().err
+        assert train_err.count("\n") == 1 and train_err.startswith("m2bert-mlx train: error: --config "), train_err
+        assert train_err.removeprefix("m2bert-mlx train") == info_err.removeprefix("m2bert-mlx info")
+        # Read before --force clears the folder.
+        assert (output / "checkpoint-2").is_dir()
+    # A preset name is a config too, as for the other commands.
+    assert main(train_argv(data, output, "tiny", 16, "--steps", "1", "--force")) == 0
+
+
 def test_an_output_that_is_a_file_is_one_line(tmp_path, capsys):
     output = tmp_path / "file"
     output.write_text("x")

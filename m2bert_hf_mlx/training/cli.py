@@ -7,6 +7,7 @@ import mlx.core as mx
 from ..configuration_m2_bert import PRESETS, M2BertConfig
 from ..distributed import DEFAULT_TIMEOUT, add_distributed_arguments, init_group
 from ..errors import TrainingError
+from ..loading import config_from_argument
 from ..tokenization import check_tokenizer_fits, resolve_tokenizer
 from .arguments import TASKS, TrainingArguments
 from .checkpoints import claim_output_dir
@@ -32,7 +33,7 @@ def register(subparsers):
         metavar="NAME",
         help=f"a new model of a preset configuration: {', '.join(PRESETS)}",
     )
-    source.add_argument("--config", metavar="FILE", help="a new model of a JSON config")
+    source.add_argument("--config", metavar="CONFIG", help="a new model of a JSON config file or a preset name")
     source.add_argument("--init", metavar="MODEL", help="start from a model folder or Hub repo (fine-tuning)")
     parser.add_argument("--task", choices=TASKS, default="mlm", help="training objective (default: mlm)")
     parser.add_argument("--steps", type=int, required=True, help="optimizer steps")
@@ -97,6 +98,8 @@ def run_train(args):
         temperature=args.temperature,
         compile=args.compile,
     )
+    # Read here, so that its errors name the flag, and before --force clears anything.
+    config = None if args.config is None else config_from_argument(args.config, flag="--config")
     group = init_group(args.backend)
     # Under mlx.launch, rank 0 alone checks (and with --force clears) the folder it alone writes.
     if group.rank() == 0:
@@ -104,7 +107,7 @@ def run_train(args):
     trainer = build_trainer(
         training_args,
         preset=args.preset,
-        config=args.config,
+        config=config,
         init=args.init,
         data=args.data,
         eval_data=args.eval_data,
@@ -122,8 +125,9 @@ def build_trainer(
     args, *, preset=None, config=None, init=None, data, eval_data=None, pack=False, group=None, timeout=DEFAULT_TIMEOUT
 ):
     """A `Trainer` for `args.task` on the data files (MLM lines packed with `pack`), with a new model of a preset or
-    JSON config, or a model loaded from `init` (a folder or Hub repo; task heads it lacks are initialised), over
-    the processes of `group` (see `Trainer`)."""
+    a `config` (what `from_pretrained`'s `config=` takes: an M2BertConfig, a dict, a JSON file or a preset name), or
+    a model loaded from `init` (a folder or Hub repo; task heads it lacks are initialised), over the processes of
+    `group` (see `Trainer`)."""
     if sum(x is not None for x in (preset, config, init)) != 1:
         raise TrainingError("Give exactly one of preset, config (a new model) or init (a model to start from).")
     mx.random.seed(args.seed)
@@ -131,7 +135,8 @@ def build_trainer(
     if init is not None:
         model_config = M2BertConfig.from_pretrained(init)
     else:
-        model_config = M2BertConfig.from_preset(preset) if preset is not None else M2BertConfig.from_json_file(config)
+        config_dict = M2BertConfig.from_preset(preset).to_dict() if preset is not None else config_from_argument(config)
+        model_config = M2BertConfig.from_upstream_dict(config_dict)
     max_length = args.max_length or model_config.max_sequence_length
     if max_length > model_config.max_sequence_length:
         raise TrainingError(
