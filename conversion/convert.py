@@ -21,7 +21,7 @@ from ..checkpoint_reader import checkpoint_keys
 from ..configuration_m2_bert import PRESETS, M2BertConfig
 from ..errors import ConvertError, quote
 from ..hub import hub_kwargs, upload_model_folder
-from ..loading import checkpoint_model_class, fetch_config_folder, fetch_weights, has_pooler
+from ..loading import checkpoint_model_class, fetch_config_folder, fetch_weights, has_pooler, read_config_dict
 from ..model_card import render_model_card
 from ..modeling_utils import DTYPE_NAMES, DTYPES
 from ..publishing import partial_folders, replace_folder, set_aside_folders, write_atomically, write_model_folder
@@ -67,8 +67,8 @@ def convert(
 ) -> Path:
     """Convert `hf_path` (Hub repo id, folder or file) into the MLX folder `mlx_path` and return its path.
 
-    `config` is a JSON file with the canonical config fields, or `preset` a preset name, for checkpoints without
-    config.json. `weights` names the weight file to convert when the source holds several (see
+    `config` (a JSON config file or a preset name) or `preset` (a preset name) gives the config of a checkpoint
+    without config.json. `weights` names the weight file to convert when the source holds several (see
     `m2bert_hf_mlx.weight_files`). `tokenizer` is a folder or repo id (default: the source's tokenizer files, else
     the bert-base-uncased vocabulary shipped with this package). `dtype` is "float32", "float16" or "bfloat16"
     (default: the source's). With `quantize`, the weights are quantized (see
@@ -355,15 +355,8 @@ def _resolve_config(hf_path, folder, config, preset):
         raise ConvertError("Give either --config or --preset, not both.")
     if preset is not None:
         return M2BertConfig.from_preset(preset)
-    if config is not None:
-        return M2BertConfig.from_json_file(config)
-    config_path = folder / "config.json" if folder.is_dir() else folder.parent / "config.json"
-    if not config_path.is_file():
-        raise ConvertError(
-            f"{hf_path} has no config.json (Composer .pt checkpoints ship none). Pass --config FILE (a JSON file with "
-            f"the canonical config fields) or --preset NAME ({', '.join(PRESETS)})."
-        )
-    return M2BertConfig.from_json_file(config_path)
+    # convert's messages name its flags, from Python too.
+    return M2BertConfig.from_upstream_dict(read_config_dict(folder, hf_path, config, flag="--config"))
 
 
 def _revision_of(source_folder, revision, is_local):
@@ -392,8 +385,8 @@ def register(subparsers):
     source_config = parser.add_mutually_exclusive_group()
     source_config.add_argument(
         "--config",
-        metavar="FILE",
-        help="JSON config with the canonical field names, for checkpoints without config.json",
+        metavar="CONFIG",
+        help="a JSON config file or a preset name, for checkpoints without config.json",
     )
     source_config.add_argument(
         "--preset", choices=list(PRESETS), metavar="NAME", help=f"a published configuration: {', '.join(PRESETS)}"

@@ -13,7 +13,7 @@ from .distributed import MANIFEST_FILE, add_distributed_arguments, embed_corpus,
 from .embedding_precision import PRECISIONS, quantize_embeddings
 from .errors import InputError, quote
 from .hub import DEFAULT_COMMIT_MESSAGE, hub_kwargs, upload_model_folder
-from .loading import checkpoint_model_class, config_from_argument, fetch_config_folder, fetch_weights
+from .loading import checkpoint_model_class, fetch_config_folder, fetch_weights, model_config_dict
 from .modeling_m2_bert import M2BertModel
 from .modeling_utils import DTYPE_NAMES
 from .pipelines import PADDING_CHOICES, pipeline
@@ -92,9 +92,10 @@ def add_model_arguments(parser):
     parser.add_argument("--weights", metavar="NAME", help="the weight file to read, when the model holds several")
 
 
-def _config(args):
-    """The --config of `add_model_arguments`, read here so that its error names the flag."""
-    return None if args.config is None else config_from_argument(args.config, flag="--config")
+def model_config(args):
+    """The config dict of `add_model_arguments`' --model: its --config, else its config.json, read before the model
+    loads so that the errors name --config."""
+    return model_config_dict(args.model, args.config, flag="--config")
 
 
 def add_padding_argument(parser):
@@ -128,7 +129,9 @@ def positive_int(text):
 
 
 def run_fill_mask(args):
-    fill_mask = pipeline("fill-mask", model=args.model, model_kwargs={"config": _config(args), "weights": args.weights})
+    fill_mask = pipeline(
+        "fill-mask", model=args.model, model_kwargs={"config": model_config(args), "weights": args.weights}
+    )
     results = fill_mask(args.texts, top_k=args.top_k, padding=args.padding, truncation=args.truncation)
     # transformers' nesting: a list of one text gives that text's result, and one mask a flat list.
     results = [results] if len(args.texts) == 1 else results
@@ -179,7 +182,7 @@ def run_embed(args):
     if args.shard_size and args.precision != "float32":
         args.parser.error("--precision quantizes the whole corpus at once: shards hold float32; quantize after reading")
     group = init_group(args.backend)
-    model = M2BertModel.from_pretrained(args.model, config=_config(args), weights=args.weights)
+    model = M2BertModel.from_pretrained(args.model, config=model_config(args), weights=args.weights)
     # Under mlx.launch every rank runs this; rank 0 alone writes and prints.
     sharded = args.shard_size is not None
     embeddings = embed_corpus(
@@ -253,7 +256,7 @@ def _read_lines(path):
 
 def run_info(args):
     model_class, source = _model_class_and_source(args.model, args.weights)
-    model = model_class.from_pretrained(str(source), config=_config(args), weights=args.weights)
+    model = model_class.from_pretrained(str(source), config=model_config(args), weights=args.weights)
     config = model.config
     tokenizer, tokenizer_origin = resolve_tokenizer(source=model.source_folder)
     base = model.bert if "bert" in model else model

@@ -175,16 +175,28 @@ def config_from_argument(config, flag=None):
     raise ConfigError(f"{argument} is not {takes}; {hint}give one of those (presets: {', '.join(PRESETS)}).")
 
 
-def _read_config_dict(folder, name_or_path, config):
+def read_config_dict(folder, name_or_path, config=None, flag=None):
+    """The config dict of the model `name_or_path` whose files are in `folder` (see `fetch_config_folder`): that of
+    `config` when given (see `config_from_argument`), else its config.json. A command line passes the `flag` that
+    gives the config, for the errors to name."""
     if config is not None:
-        return config_from_argument(config)
+        return config_from_argument(config, flag)
     path = folder / "config.json" if folder.is_dir() else folder.parent / "config.json"
     if not path.is_file():
+        takes = f"{flag} with a JSON file" if flag else "config= with an M2BertConfig, a JSON file,"
         raise ConfigError(
-            f"{name_or_path} has no config.json (Composer .pt checkpoints ship none). Pass config= with an "
-            f"M2BertConfig, a JSON file, or a preset name: {', '.join(PRESETS)}."
+            f"{name_or_path} has no config.json (Composer .pt checkpoints ship none). Pass {takes} or a preset name: "
+            f"{', '.join(PRESETS)}."
         )
     return read_config_file(path)
+
+
+def model_config_dict(name_or_path, config=None, flag=None):
+    """`read_config_dict` of a local path or Hub repo (fetched with the default Hub settings when `config` is not
+    given): what `load_model` reads, for a command line to read before the model loads, with its `flag`."""
+    hub = hub_kwargs(None, None, False, None, False, None)
+    folder = fetch_config_folder(name_or_path, hub, "") if config is None else None
+    return read_config_dict(folder, name_or_path, config, flag)
 
 
 def _check_overrides(where, function, overrides):
@@ -208,7 +220,7 @@ def load_config(
     _check_overrides("M2BertConfig.from_pretrained()", load_config, overrides)
     hub = hub_kwargs(revision, cache_dir, local_files_only, token, force_download, endpoint)
     folder = fetch_config_folder(name_or_path, hub, subfolder)
-    return M2BertConfig.from_upstream_dict(_read_config_dict(folder, name_or_path, None), **overrides)
+    return M2BertConfig.from_upstream_dict(read_config_dict(folder, name_or_path), **overrides)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -366,7 +378,7 @@ def load_model(
     _check_overrides(f"{cls.__name__}.from_pretrained()", load_model, config_overrides)
     hub = hub_kwargs(revision, cache_dir, local_files_only, token, force_download, endpoint)
     folder = fetch_config_folder(name_or_path, hub, subfolder)
-    config_dict = _read_config_dict(folder, name_or_path, config)
+    config_dict = read_config_dict(folder, name_or_path, config)
     # Building the config validates the model type before any weight file is fetched.
     config_obj = M2BertConfig.from_upstream_dict(config_dict, **config_overrides)
     if not Path(name_or_path).exists():

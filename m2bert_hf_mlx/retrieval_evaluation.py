@@ -25,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .commands import add_model_arguments, add_padding_argument, positive_int
+from .commands import add_model_arguments, add_padding_argument, model_config, positive_int
 from .errors import InputError, InputTypeError, OutputFileError
 from .modeling_m2_bert import M2BertModel
 from .similarity import SIMILARITY_FUNCTIONS, semantic_search, similarity_function
@@ -258,7 +258,7 @@ def register(subparsers):
 
 def run_evaluate_retrieval(args):
     data = load_beir(args.data, args.split)
-    model = M2BertModel.from_pretrained(args.model, config=args.config, weights=args.weights)
+    model = M2BertModel.from_pretrained(args.model, config=model_config(args), weights=args.weights)
     cache = None if args.no_cache else args.cache or default_cache_path(args.data, model, args.padding)
     print(
         f"{len(data.query_ids)} queries, {len(data.corpus_ids)} documents ({args.data}, qrels/{args.split}.tsv)",

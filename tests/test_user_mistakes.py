@@ -2,11 +2,13 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import mlx.core as mx
 import pytest
+from test_retrieval_evaluation import write_beir
 from tiny_models import MAX_LENGTH, save_tiny_model, train_argv
 
 from m2bert_hf_mlx import DEMO_MODEL, M2BertConfig, M2BertForMaskedLM, M2BertModel, ops, pipeline, tokenization
@@ -104,11 +106,46 @@ def test_fill_mask_on_a_retrieval_folder_names_the_right_pipeline(folders, capsy
     assert err.count("\n") == 1 and "'sentence-embedding'" in err and "strict=False" not in err
 
 
-def test_a_cli_config_that_is_no_file_or_preset_names_the_flag(folders, capsys):
-    for command in (["info"], ["fill-mask", "a [MASK]"], ["embed", "a text"]):
+def test_a_cli_config_that_is_no_file_or_preset_names_the_flag(folders, tmp_path, capsys):
+    beir = str(write_beir(tmp_path / "beir", [("d1", "", "a text")], [("q1", "a query")], {"q1": {"d1": 1}}))
+    commands = (["info"], ["fill-mask", "a [MASK]"], ["embed", "a text"], ["evaluate-retrieval", "--data", beir])
+    for command in commands:
         assert main([*command, "--model", folders["pooler"], "--config", "m2-bert-80M"]) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "--config 'm2-bert-80M' is not a JSON file or a preset name; did you" in err
+
+
+def test_a_model_without_config_json_is_told_of_config_as_it_was_called(folders, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(os.path.join(folders["pooler"], "model.safetensors"), bare)
+    beir = write_beir(tmp_path / "beir", [("d1", "", "a text")], [("q1", "a query")], {"q1": {"d1": 1}})
+    data = tmp_path / "train.txt"
+    data.write_text("\n".join(LINES) + "\n")
+    train = ["train", "--data", data, "--output", tmp_path / "run", "--init", bare, "--steps", "1", "--seed", "0"]
+    commands = {
+        "info": ["info", "--model", bare],
+        "fill-mask": ["fill-mask", "--model", bare, "a [MASK]"],
+        "embed": ["embed", "--model", bare, "a text"],
+        "evaluate-retrieval": ["evaluate-retrieval", "--model", bare, "--data", beir, "--no-cache"],
+        "train": [*train, "--batch-size", "4"],
+        "convert": ["convert", "--hf-path", bare, "--mlx-path", tmp_path / "out"],
+    }
+    for name, argv in commands.items():
+        assert main([str(a) for a in argv]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"m2bert-mlx {name}: error: {bare} has no config.json (Composer .pt checkpoints ship"), (
+            err
+        )
+        assert err.count("\n") == 1 and "Pass --config with a JSON file or a preset name: m2-bert-80m, " in err
+    with pytest.raises(
+        ConfigError, match=r"^\S+ has no config.json .+ Pass config= with an M2BertConfig, a JSON file,"
+    ):
+        M2BertModel.from_pretrained(bare)
+    # What the message says works, train --init included.
+    config = os.path.join(folders["pooler"], "config.json")
+    assert main(["info", "--model", str(bare), "--config", config]) == 0
+    assert main([str(a) for a in [*train, "--batch-size", "4", "--max-length", "16", "--config", config]]) == 0
 
 
 def test_the_cli_truncation_warning_names_the_cli_flag_which_exists(folders, capsys, caplog):

@@ -7,7 +7,7 @@ import mlx.core as mx
 from ..configuration_m2_bert import PRESETS, M2BertConfig
 from ..distributed import DEFAULT_TIMEOUT, add_distributed_arguments, init_group
 from ..errors import TrainingError
-from ..loading import config_from_argument
+from ..loading import config_from_argument, model_config_dict
 from ..tokenization import check_tokenizer_fits, resolve_tokenizer
 from .arguments import TASKS, TrainingArguments
 from .checkpoints import claim_output_dir
@@ -26,15 +26,22 @@ def register(subparsers):
     )
     parser.add_argument("--data", required=True, metavar="FILE", help="training data (see above)")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for the model and its checkpoints")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument(
+    # A new model of --preset or --config, or the weights of --init (fine-tuning) with the config of its config.json,
+    # or of --preset or --config for a checkpoint that has none.
+    config = parser.add_mutually_exclusive_group()
+    config.add_argument(
         "--preset",
         choices=list(PRESETS),
         metavar="NAME",
         help=f"a new model of a preset configuration: {', '.join(PRESETS)}",
     )
-    source.add_argument("--config", metavar="CONFIG", help="a new model of a JSON config file or a preset name")
-    source.add_argument("--init", metavar="MODEL", help="start from a model folder or Hub repo (fine-tuning)")
+    config.add_argument(
+        "--config",
+        metavar="CONFIG",
+        help="a new model of a JSON config file or a preset name; with --init, the config of a checkpoint without "
+        "config.json (Composer .pt files)",
+    )
+    parser.add_argument("--init", metavar="MODEL", help="start from a model folder or Hub repo (fine-tuning)")
     parser.add_argument("--task", choices=TASKS, default="mlm", help="training objective (default: mlm)")
     parser.add_argument("--steps", type=int, required=True, help="optimizer steps")
     parser.add_argument(
@@ -74,10 +81,12 @@ def register(subparsers):
     restart.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     restart.add_argument("--force", action="store_true", help="start over in a used --output, removing its checkpoints")
     add_distributed_arguments(parser)
-    parser.set_defaults(func=run_train)
+    parser.set_defaults(func=run_train, parser=parser)
 
 
 def run_train(args):
+    if args.preset is None and args.config is None and args.init is None:
+        args.parser.error("one of the arguments --preset --config --init is required")
     training_args = TrainingArguments(
         output_dir=args.output,
         max_steps=args.steps,
@@ -98,8 +107,8 @@ def run_train(args):
         temperature=args.temperature,
         compile=args.compile,
     )
-    # Read here, so that its errors name the flag, and before --force clears anything.
-    config = None if args.config is None else config_from_argument(args.config, flag="--config")
+    # Read here, so that the errors name --config, and before --force clears anything.
+    config = None if args.preset is not None else model_config_dict(args.init, args.config, flag="--config")
     group = init_group(args.backend)
     # Under mlx.launch, rank 0 alone checks (and with --force clears) the folder it alone writes.
     if group.rank() == 0:
@@ -124,19 +133,22 @@ def run_train(args):
 def build_trainer(
     args, *, preset=None, config=None, init=None, data, eval_data=None, pack=False, group=None, timeout=DEFAULT_TIMEOUT
 ):
-    """A `Trainer` for `args.task` on the data files (MLM lines packed with `pack`), with a new model of a preset or
-    a `config` (what `from_pretrained`'s `config=` takes: an M2BertConfig, a dict, a JSON file or a preset name), or
-    a model loaded from `init` (a folder or Hub repo; task heads it lacks are initialised), over the processes of
-    `group` (see `Trainer`)."""
-    if sum(x is not None for x in (preset, config, init)) != 1:
-        raise TrainingError("Give exactly one of preset, config (a new model) or init (a model to start from).")
+    """A `Trainer` for `args.task` on the data files (MLM lines packed with `pack`), over the processes of `group`
+    (see `Trainer`). The model is a new one of a `preset` or a `config` (what `from_pretrained`'s `config=` takes:
+    an M2BertConfig, a dict, a JSON file or a preset name), or one loaded from `init` (a folder or Hub repo; task
+    heads it lacks are initialised) with the config of its config.json, or of `preset` or `config` when given."""
+    if preset is not None and config is not None:
+        raise TrainingError("Give preset or config, not both: each is the whole config of the model.")
+    if preset is None and config is None and init is None:
+        raise TrainingError("Give preset or config (a new model), or init (a model to start from).")
     mx.random.seed(args.seed)
     tokenizer = resolve_tokenizer(source=init)[0]
-    if init is not None:
-        model_config = M2BertConfig.from_pretrained(init)
-    else:
-        config_dict = M2BertConfig.from_preset(preset).to_dict() if preset is not None else config_from_argument(config)
-        model_config = M2BertConfig.from_upstream_dict(config_dict)
+    config = M2BertConfig.from_preset(preset) if preset is not None else config
+    model_config = (
+        M2BertConfig.from_pretrained(init)
+        if config is None
+        else M2BertConfig.from_upstream_dict(config_from_argument(config))
+    )
     max_length = args.max_length or model_config.max_sequence_length
     if max_length > model_config.max_sequence_length:
         raise TrainingError(
@@ -156,7 +168,7 @@ def build_trainer(
         overrides["add_pooling_layer"] = True
     if init is not None:
         # A head the checkpoint lacks (a new classifier, a pooler) starts from the canonical initialisation.
-        model = cls.from_pretrained(init, strict=False, dtype="float32", **overrides)
+        model = cls.from_pretrained(init, config=config, strict=False, dtype="float32", **overrides)
     else:
         for key, value in overrides.items():
             setattr(model_config, key, value)
