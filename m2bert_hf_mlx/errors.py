@@ -71,6 +71,10 @@ class LongConvKernelError(M2BertError, RuntimeError):
     """A long-convolution kernel failed to build or computed a wrong result, and its back end was forced."""
 
 
+class CompileError(M2BertError, RuntimeError):
+    """mx.compile failed on the encoder, and M2BERT_COMPILE=1 forbids running it uncompiled."""
+
+
 class DistributedError(M2BertError, RuntimeError):
     """Ranks of a distributed run that cannot go on together: they differ, or one died or stopped answering."""
 

@@ -7,6 +7,7 @@ array here. Hidden states are channels-last (B, L, D) throughout; the canonical 
 
 import operator
 import os
+import warnings
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -16,7 +17,7 @@ from . import ops
 from .activations import ACT2FN, gelu, glu
 from .blockdiag_linear import BlockdiagLinear, from_blocks, to_blocks
 from .configuration_m2_bert import M2BertConfig, validate_config
-from .errors import ConfigError, InputError, WeightsMismatchError, quote
+from .errors import CompileError, ConfigError, InputError, WeightsMismatchError, quote
 from .hyena_filter import HyenaFilter
 from .initialization import normal
 from .losses import classification_loss, masked_lm_loss
@@ -31,6 +32,12 @@ from .short_conv import CausalShortConv
 from .similarity import check_similarity_fn_name, similarity, similarity_pairwise
 
 COMPILE_ENV = "M2BERT_COMPILE"
+# Why mx.compile failed on an encoder in this process, if it did: inference then stays uncompiled.
+_compile_failures = []
+
+
+class CompileFallbackWarning(RuntimeWarning):
+    """mx.compile failed on the encoder: inference runs uncompiled for the rest of the process."""
 
 
 class M2BertEmbeddings(nn.Module):
@@ -169,7 +176,7 @@ def compiles_inference():
     value = os.environ.get(COMPILE_ENV, "")
     if value not in ("", "0", "1"):
         raise ConfigError(f"{COMPILE_ENV}={value!r} is not a valid setting; use 1 (compile), 0 (do not) or unset it.")
-    if ops.resolve_backend() == "emulated":
+    if ops.resolve_backend() == "emulated" or _compile_failures:
         return False
     return mx.default_device().type == mx.gpu if value == "" else value == "1"
 
@@ -217,9 +224,34 @@ class _CompiledForward:
         ):
             self.key, self.contents, self.function = key, contents, None
             return encoder._layers(hidden_states)
-        if self.function is None:
-            self.function = mx.compile(encoder._layers)
-        return self.function(hidden_states)
+        if self.function is not None:
+            return self.function(hidden_states)
+        self.function = mx.compile(encoder._layers)
+        try:
+            return self.function(hidden_states)  # traced here
+        except Exception as e:  # noqa: BLE001 -- the same forward just ran uncompiled: this failure is compile's
+            self.function = None
+            _compile_failed(e)
+            return encoder._layers(hidden_states)
+
+
+def _compile_failed(error):
+    """Warn once and stay uncompiled for the rest of the process, unless M2BERT_COMPILE=1 asks for compiling."""
+    what = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    if os.environ.get(COMPILE_ENV) == "1":
+        raise CompileError(
+            f"mx.compile failed on the M2-BERT encoder ({what}); {COMPILE_ENV}=1 forbids running it uncompiled: "
+            "unset it, and please report this to the m2bert-hf-mlx issue tracker."
+        ) from error
+    warnings.warn(
+        f"mx.compile failed on the M2-BERT encoder ({what}). Inference now runs uncompiled for the rest of this "
+        "process, which took up to 1.65x as long on an NVIDIA H200 (docs/benchmarks.md of m2bert-hf-mlx). Please "
+        f"report this message with your device, OS and MLX versions to the m2bert-hf-mlx issue tracker; set "
+        f"{COMPILE_ENV}=0 to skip compiling.",
+        CompileFallbackWarning,
+        stacklevel=4,
+    )
+    _compile_failures.append(what)
 
 
 def _contents(tree):

@@ -1,13 +1,15 @@
 """The encoder's compiled inference (M2BERT_COMPILE): the same numbers as the layers run one operation at a time,
 compiled at the second forward of one shape and set of weights, and never with a stale weight or spectrum."""
 
+import warnings
+
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
-from m2bert_hf_mlx import M2BertConfig, M2BertModel
-from m2bert_hf_mlx.errors import ConfigError
+from m2bert_hf_mlx import M2BertConfig, M2BertModel, modeling_m2_bert
+from m2bert_hf_mlx.errors import CompileError, ConfigError
 from m2bert_hf_mlx.modeling_m2_bert import M2BertEncoder, compiles_inference
 
 IDS = mx.array([[101, 2023, 2003, 1037, 3231, 102, 0, 0]] * 2)
@@ -121,3 +123,40 @@ def test_the_setting_is_checked_and_the_emulator_never_compiles(monkeypatch):
     monkeypatch.delenv("M2BERT_COMPILE")
     monkeypatch.delenv("M2BERT_LONG_CONV_BACKEND")
     assert compiles_inference() == (mx.default_device().type == mx.gpu)
+
+
+@pytest.fixture
+def failing_compile(monkeypatch):
+    """mx.compile as the encoder sees it, giving functions whose trace fails; a fresh process-wide verdict."""
+
+    def compile_(function):
+        def traced(*args):
+            raise RuntimeError("[compile] a stand-in failure\nsecond line")
+
+        return traced
+
+    monkeypatch.setattr(modeling_m2_bert, "_compile_failures", [])
+    monkeypatch.setattr(modeling_m2_bert.mx, "compile", compile_)
+
+
+def test_a_failing_compile_falls_back_with_one_warning(runs, failing_compile, monkeypatch):
+    monkeypatch.delenv("M2BERT_COMPILE")
+    monkeypatch.setattr(modeling_m2_bert.mx, "default_device", lambda: mx.Device(mx.gpu))  # where it compiles
+    model = tiny_model()
+    expected = model(IDS).last_hidden_state
+    with pytest.warns(modeling_m2_bert.CompileFallbackWarning, match=r"RuntimeError: \[compile\] a stand-in failure\)"):
+        out = model(IDS).last_hidden_state
+    assert close(out, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            assert close(model(IDS).last_hidden_state, expected)
+    assert len(runs) == 4  # uncompiled every time (the stand-in fails before it would trace), never compiled again
+    assert not compiles_inference()
+
+
+def test_a_forced_compile_raises_instead(runs, failing_compile):
+    model = tiny_model()
+    model(IDS)
+    with pytest.raises(CompileError, match=r"stand-in failure\); M2BERT_COMPILE=1 forbids running it uncompiled"):
+        model(IDS)
