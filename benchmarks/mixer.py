@@ -21,9 +21,9 @@ device-to-device copy bandwidth. Each fused output is compared with the mx_fft o
 ops.monarch_mixer in every argument, from the filters themselves, into PATH; run it with two builds of the package
 to compare them.
 
---sweep PATH times, instead, the mixer kernels alone (fp32, first C) with each single-pass tile of SWEEP_TILES that
-covers the FFT size, beside the CUDA target's own choice and, where that is a single pass, the four-step passes,
-into PATH.
+--sweep PATH times, instead, the mixer kernels alone (each of --dtypes, first C; the reference is fp32) with each
+single-pass tile of SWEEP_TILES that covers the FFT size, beside the CUDA target's own choice and, where that is a
+single pass, the four-step passes, into PATH.
 """
 
 import argparse
@@ -197,22 +197,24 @@ def sweep(args, lengths, channels, path):
             packed = [kernels.packed_filter(*f, plan.n, plan.n1) for f in filters]
             taps = kernels.short_conv_taps(weight, bias)
             mx.eval(z, u, packed, taps, reference)
+            for dtype in args.dtypes:
+                key = {"variant": name, "L": length, "B": batch, "C": channels, "dtype": dtype}
+                z_io, u_io = z.astype(getattr(mx, dtype)), u.astype(getattr(mx, dtype))
 
-            def call(plan=plan, packed=packed, taps=taps, u=u, z=z):
-                return kernels.run_plan(plan, u, packed[0], launch_fn, (z, taps, packed[1]))
+                def call(plan=plan, packed=packed, taps=taps, u=u_io, z=z_io):
+                    return kernels.run_plan(plan, u, packed[0], launch_fn, (z, taps, packed[1]))
 
-            try:
-                error = float(mx.linalg.norm(call() - reference) / mx.linalg.norm(reference))
-                ms = median_ms(lambda: mx.async_eval(call()), mlx_sync, args.calls, args.repeats)
-            except RuntimeError as e:  # a variant whose blocks do not fit the GPU
-                records.append({"variant": name, "L": length, "B": batch, "C": channels, "error": str(e)[:500]})
-                continue
-            print(f"sweep {name:32s} L={length:6d} {ms:8.4f} ms err {error:.1e}", flush=True)
-            records.append(
-                {"variant": name, "L": length, "B": batch, "C": channels, "ms": round(ms, 5), "rel_error": error}
-            )
-            with open(path, "w") as f:
-                json.dump(records, f, indent=1)
+                try:
+                    y = call().astype(mx.float32)
+                    error = float(mx.linalg.norm(y - reference) / mx.linalg.norm(reference))
+                    ms = median_ms(lambda: mx.async_eval(call()), mlx_sync, args.calls, args.repeats)
+                except RuntimeError as e:  # a variant whose blocks do not fit the GPU
+                    records.append({**key, "error": str(e)[:500]})
+                    continue
+                print(f"sweep {name:32s} L={length:6d} {dtype:9s} {ms:8.4f} ms err {error:.1e}", flush=True)
+                records.append({**key, "ms": round(ms, 5), "rel_error": error})
+                with open(path, "w") as f:
+                    json.dump(records, f, indent=1)
 
 
 def main():
