@@ -8,6 +8,7 @@ array here. Hidden states are channels-last (B, L, D) throughout; the canonical 
 import operator
 import os
 import warnings
+import weakref
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -226,7 +227,10 @@ class _CompiledForward:
             return encoder._layers(hidden_states)
         if self.function is not None:
             return self.function(hidden_states)
-        self.function = mx.compile(encoder._layers)
+        # Through a weak reference: the encoder holds this object, and a cycle would keep a deleted model's arrays
+        # alive until Python's cycle collector happens to run.
+        encoder_ref = weakref.ref(encoder)
+        self.function = mx.compile(lambda hidden_states: encoder_ref()._layers(hidden_states))
         try:
             return self.function(hidden_states)  # traced here
         except Exception as e:  # noqa: BLE001 -- the same forward just ran uncompiled: this failure is compile's
@@ -255,11 +259,11 @@ def _compile_failed(error):
 
 
 def _contents(tree):
-    """Every module, container and array of a module tree, depth first: what identifies the weights a compiled
-    forward read (MLX arrays are immutable, so new weights are new objects)."""
-    found = [tree]
+    """Every module, container and array below a module, depth first: what identifies the weights a compiled forward
+    read (MLX arrays are immutable, so new weights are new objects)."""
+    found = []
     for value in tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else ():
-        found += _contents(value)
+        found += [value, *_contents(value)]
     return found
 
 

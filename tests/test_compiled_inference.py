@@ -1,7 +1,9 @@
 """The encoder's compiled inference (M2BERT_COMPILE): the same numbers as the layers run one operation at a time,
 compiled at the second forward of one shape and set of weights, and never with a stale weight or spectrum."""
 
+import gc
 import warnings
+import weakref
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -160,3 +162,16 @@ def test_a_forced_compile_raises_instead(runs, failing_compile):
     model(IDS)
     with pytest.raises(CompileError, match=r"stand-in failure\); M2BERT_COMPILE=1 forbids running it uncompiled"):
         model(IDS)
+
+
+def test_a_deleted_model_is_freed_without_the_cycle_collector(runs):
+    model = tiny_model()
+    for _ in range(3):
+        mx.eval(model(IDS).last_hidden_state)
+    encoder = weakref.ref(model.encoder)
+    gc.disable()
+    try:
+        del model
+        assert encoder() is None
+    finally:
+        gc.enable()
