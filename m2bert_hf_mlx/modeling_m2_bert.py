@@ -218,6 +218,10 @@ class _CompiledForward:
     def __call__(self, encoder, hidden_states):
         key = (tuple(hidden_states.shape), hidden_states.dtype, ops.resolve_backend())
         contents = _contents(encoder)
+        # Every module's mode, not only the encoder's: a trace of a layer in training mode would replay one dropout
+        # mask at every call.
+        if any(isinstance(item, nn.Module) and item.training for item in contents):
+            return encoder._layers(hidden_states)
         if (
             key != self.key
             or len(contents) != len(self.contents)

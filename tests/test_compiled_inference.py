@@ -114,6 +114,15 @@ def test_gradients_at_inference_run_uncompiled_and_equal_the_training_path(runs)
         assert mx.allclose(trained[key], cached[key], rtol=1e-4, atol=1e-5), key
 
 
+def test_a_layer_in_training_mode_never_runs_compiled(runs):
+    model = M2BertModel(M2BertConfig.from_preset("tiny", hidden_dropout_prob=0.5, num_hidden_layers=3))
+    model.eval()
+    model.encoder.layer[1].train()  # the encoder itself stays in inference mode
+    outputs = [model(IDS).last_hidden_state for _ in range(4)]
+    assert len(runs) == 4
+    assert not any(mx.array_equal(a, b).item() for a, b in zip(outputs, outputs[1:]))  # a new dropout mask each time
+
+
 def test_the_setting_is_checked_and_the_emulator_never_compiles(monkeypatch):
     monkeypatch.setenv("M2BERT_COMPILE", "yes")
     with pytest.raises(ConfigError, match=r"M2BERT_COMPILE='yes' .* use 1 \(compile\), 0"):
