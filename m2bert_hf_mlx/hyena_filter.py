@@ -151,10 +151,16 @@ class HyenaFilter(nn.Module):
             and all(map(operator.is_, cache.weights, weights))
         ):
             return cache.spectrum
-        # The filters do not depend on the input, so MLX could compute those of every layer first and hold all
-        # their spectra at once (about 5 GB at L = 32768): tying them to this layer's input keeps one at a time.
-        k_fwd, k_rev = self.filters(L, after=u)
+        k_fwd, k_rev = self.filters(L)
         spectrum = ops.filter_spectrum(k_fwd, k_rev, self.bias, L, backend=backend)
         if spectrum.values.nbytes <= max_cached_filter_bytes():
+            # Kept, it is made from the weights alone: tied to u, it would hold u's graph, which no later forward
+            # could evaluate when u was a placeholder of a trace (an outer mx.compile), and which the encoder's
+            # compiled forward would compute again at every call when the forward that made it was not evaluated.
             self._filter_cache = _FilterCache((L, backend), weights, spectrum)
-        return spectrum
+            return spectrum
+        # Not kept: since the filters do not depend on the input, MLX could compute those of every layer first and
+        # hold all their spectra at once (about 5 GB at L = 32768); tying them to this layer's input keeps one at a
+        # time.
+        k_fwd, k_rev = self.filters(L, after=u)
+        return ops.filter_spectrum(k_fwd, k_rev, self.bias, L, backend=backend)

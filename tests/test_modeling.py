@@ -189,6 +189,24 @@ def test_filter_spectra_are_cached_at_inference_and_dropped_when_weights_change(
     assert mixer._filter_cache.key[0] == 4
 
 
+@pytest.mark.parametrize("transform", ["compile", "vmap"])
+def test_a_spectrum_cached_under_a_transformation_serves_the_later_forwards(transform):
+    """The first forward at inference may run inside mx.compile or mx.vmap, whose inputs are placeholders: the
+    spectra it keeps must not depend on them."""
+    model = M2BertModel(M2BertConfig.from_preset("tiny", hidden_dropout_prob=0.0))
+    ids = mx.array([[101, 2023, 2003, 1037, 3231, 102]] * 2)
+    hidden = model.embeddings(ids, mx.zeros_like(ids))
+    model.train()  # without the cache
+    expected = model.encoder(hidden)
+    model.eval()
+    if transform == "compile":
+        first = mx.compile(model.encoder)(hidden)
+    else:
+        first = mx.vmap(model.encoder)(hidden[None])[0]
+    assert mx.allclose(first, expected, atol=1e-5)
+    assert mx.allclose(model.encoder(hidden), expected, atol=1e-5)
+
+
 def test_gradients_at_inference_reach_the_filter_weights_like_in_training():
     from mlx.utils import tree_flatten
 
