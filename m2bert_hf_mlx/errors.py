@@ -142,3 +142,10 @@ def one_line(text, limit=1000):
     characters, so that every error is one line and no text from a file or a server can move the cursor."""
     text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def first_line(error):
+    """An exception in a few words, for a message that names a failure it recovers from: its type and the first
+    line of its text."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"

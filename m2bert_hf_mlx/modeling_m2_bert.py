@@ -18,7 +18,7 @@ from . import ops
 from .activations import ACT2FN, gelu, glu
 from .blockdiag_linear import BlockdiagLinear, from_blocks, to_blocks
 from .configuration_m2_bert import M2BertConfig, validate_config
-from .errors import CompileError, ConfigError, InputError, WeightsMismatchError, quote
+from .errors import CompileError, ConfigError, InputError, WeightsMismatchError, first_line, quote
 from .hyena_filter import HyenaFilter
 from .initialization import normal
 from .losses import classification_loss, masked_lm_loss
@@ -245,7 +245,7 @@ class _CompiledForward:
 
 def _compile_failed(error):
     """Warn once and stay uncompiled for the rest of the process, unless M2BERT_COMPILE=1 asks for compiling."""
-    what = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    what = first_line(error)
     if os.environ.get(COMPILE_ENV) == "1":
         raise CompileError(
             f"mx.compile failed on the M2-BERT encoder ({what}); {COMPILE_ENV}=1 forbids running it uncompiled: "

@@ -26,7 +26,15 @@ import mlx.core as mx
 import numpy as np
 
 from . import emulator, kernels
-from .errors import BackendUnavailableError, ConfigError, InputError, InputTypeError, LongConvKernelError, did_you_mean
+from .errors import (
+    BackendUnavailableError,
+    ConfigError,
+    InputError,
+    InputTypeError,
+    LongConvKernelError,
+    did_you_mean,
+    first_line,
+)
 from .short_conv import short_conv_gate
 
 BACKENDS = ("metal", "cuda", "mlx", "emulated")
@@ -295,7 +303,7 @@ def _self_check(backend, plan, dtype):
             y = kernels.run_plan(small, u, packed[0], launch)
         error = float(mx.linalg.norm(y.astype(mx.float32) - expected) / mx.linalg.norm(expected))
     except Exception as e:  # noqa: BLE001 -- any failure to build or run fails the check; the message says which
-        return f"{what}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        return f"{what}: {first_line(e)}"
     if not error <= _CHECK_TOLERANCE[dtype]:
         return f"{what}: relative error {error:.2g} against mx.fft"
     return None
