@@ -136,10 +136,10 @@ class HyenaFilter(nn.Module):
         `reference_vjp` with `filters` (as the mixer does): the filters themselves are not kept, which halves the
         cache.
 
-        MLX arrays are immutable, so new weights (load_weights, update, a training step) are new array objects:
-        the cache is valid while it holds the very arrays the filter has now. It keeps the latest length only, and
-        only up to `max_cached_filter_bytes()`: at L = 32768 one spectrum takes 200 MB, and caching all 24 of them
-        would put the 32k model out of reach of small machines.
+        New weights (load_weights, update, a training step) are new array objects: the cache is valid while it
+        holds the very arrays the filter has now (an in-place update, `w[...] = v` or `w += v`, is not seen). It
+        keeps the latest length only, and only up to `max_cached_filter_bytes()`: at L = 32768 one spectrum takes
+        200 MB, and caching all 24 of them would put the 32k model out of reach of small machines.
         """
         L = u.shape[1]
         backend = ops.resolve_backend()

@@ -208,8 +208,8 @@ class _CompiledForward:
     The compiled function reads the weights and the filters' cached spectra as constants, so it serves only the very
     arrays and modules it was traced with, at one shape: any other makes a new one. Like the spectrum cache it keeps
     the latest only, and it compiles at the second forward of the same shape and weights, so that inputs of
-    ever-changing shapes, and calls under mx.grad (whose weights are new arrays at every call), run uncompiled and
-    pay for no trace. The first forward also runs the kernels' self-checks and fills the spectrum caches.
+    ever-changing shapes, and gradients of the weights (whose traced copies are new arrays at every call), run
+    uncompiled and pay for no trace. The first forward also runs the kernels' self-checks and fills the spectrum caches.
     """
 
     def __init__(self):
@@ -264,7 +264,8 @@ def _compile_failed(error):
 
 def _contents(tree):
     """Every module, container and array below a module, depth first: what identifies the weights a compiled forward
-    read (MLX arrays are immutable, so new weights are new objects)."""
+    read. New weights (load_weights, update, an optimizer step) are new array objects; an in-place update
+    (`w[...] = v`, `w += v`) keeps the object and is not seen, as the README says."""
     found = []
     for value in tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else ():
         found += [value, *_contents(value)]
