@@ -196,6 +196,14 @@ class M2BertEncoder(nn.Module):
             return self._layers(hidden_states)
         return self._compiled(self, hidden_states)
 
+    def _set_training_mode(self, mode):
+        # What nn.Module.train() and eval() call on every module. Training replaces the weights at every step, and
+        # the compiled forward holds the arrays it was traced with: kept, they would be a second copy of the
+        # encoder's weights until the next inference.
+        super()._set_training_mode(mode)
+        if mode:
+            self._compiled = _CompiledForward()
+
     def _layers(self, hidden_states):
         for layer in self.layer:
             hidden_states = layer(hidden_states)

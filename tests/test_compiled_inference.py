@@ -8,7 +8,7 @@ import weakref
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 
 from m2bert_hf_mlx import M2BertConfig, M2BertModel, modeling_m2_bert
 from m2bert_hf_mlx.errors import CompileError, ConfigError
@@ -90,6 +90,24 @@ def test_new_weights_or_modules_are_never_replayed_stale(runs, monkeypatch, chan
     assert not close(after, before)
     assert close(after, uncompiled(model, IDS, monkeypatch))
     assert close(model(IDS).last_hidden_state, after) and len(runs) == 5
+
+
+def test_training_mode_lets_go_of_what_inference_kept(runs):
+    model = tiny_model()
+    expected = model(IDS).last_hidden_state
+    mx.eval(expected)
+    for _ in range(2):
+        mx.eval(model(IDS).last_hidden_state)  # compiled
+    weights = sum(array.nbytes for _, array in tree_flatten(model.encoder.parameters()))
+    model.update(tree_map(lambda array: array + 0, model.parameters()))  # as an optimizer step does
+    mx.eval(model.parameters())
+    gc.collect()
+    held = mx.get_active_memory()
+    model.train()
+    gc.collect()
+    assert held - mx.get_active_memory() >= weights  # the old weights and their spectra
+    model.eval()
+    assert close(model(IDS).last_hidden_state, expected)
 
 
 def test_gradients_at_inference_run_uncompiled_and_equal_the_training_path(runs):
