@@ -4,7 +4,8 @@
 
 torch's profiler records every CUDA kernel of the process, MLX's included, with its device time. The table sums them
 over `--forwards` forwards of the retrieval encoder after three untimed ones; "Self CUDA time total" divided by the
-number of forwards against the forward's wall time says how much of it the GPU was busy. CUDA only.
+number of forwards, against the median wall time of one forward printed first (timed without the profiler), says how
+much of it the GPU was busy. CUDA only.
 """
 
 import argparse
@@ -12,6 +13,7 @@ import argparse
 # m2bert_hf_mlx before mlx.core: on Linux it gives MLX's CPU back end an optimized BLAS (m2bert_hf_mlx.cpu_blas).
 from m2bert_hf_mlx import M2BertConfig, M2BertModel  # isort: skip
 from m2bert_hf_mlx.loading import cast_model  # isort: skip
+from _timing import median_seconds  # isort: skip
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
@@ -32,14 +34,14 @@ def main():
     cast_model(model, args.dtype)
     model.eval()
     ids = mx.array(np.random.default_rng(0).integers(1, 30522, (args.batch, L)))
-    for _ in range(3):
-        mx.eval(model(ids).pooler_output)
+    wall = median_seconds(lambda: mx.eval(model(ids).pooler_output), 7, warmup=3)
+    print(f"L={L} B={args.batch} {args.dtype}: {wall * 1e3:.2f} ms a forward (median of 7)")
     torch.zeros(1, device="cuda")  # torch's CUDA context, for its profiler
     with profile(activities=[ProfilerActivity.CUDA]) as trace:
         for _ in range(args.forwards):
             mx.eval(model(ids).pooler_output)
         mx.synchronize()
-    print(f"L={L} B={args.batch} {args.dtype}, {args.forwards} forwards")
+    print(f"{args.forwards} forwards traced")
     print(trace.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
 
 

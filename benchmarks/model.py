@@ -10,8 +10,9 @@ float32 matrix products run in one of two modes on a GPU, on both sides alike: `
 torch with `allow_tf32`, which the canonical code switches on when it is imported) or `--precision strict` (MLX with
 MLX_ENABLE_TF32=0, torch at "highest"). `--precision tf32 strict` runs both, each in a child process, since MLX reads
 its setting once. Every record carries `matmul_precision`, the mode each side actually ran in; the CPU is strict.
-It also carries `mlx_compiled`: whether MLX ran the encoder's layers compiled (on a GPU unless M2BERT_COMPILE=0;
-a shape's first forward, a warm-up, runs uncompiled). torch runs eagerly, as the canonical code does.
+It also carries `mlx_compiled`: whether MLX ran the encoder's layers compiled (on a GPU unless M2BERT_COMPILE=0).
+A shape's first forward runs uncompiled and its second is traced, so with `--warmup 2` or more (the default) every
+timed forward replays the compiled one. torch runs eagerly, as the canonical code does.
 
 `--canonical-src` is the `bert` folder of a checkout of github.com/HazyResearch/m2 (with `bert/src/__init__.py`
 emptied, as its CPU/GPU imports need; see the architecture doc §4); that code is read for the run, never shipped.
