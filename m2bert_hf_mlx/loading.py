@@ -175,18 +175,22 @@ def config_from_argument(config, flag=None):
     raise ConfigError(f"{argument} is not {takes}; {hint}give one of those (presets: {', '.join(PRESETS)}).")
 
 
-def read_config_dict(folder, name_or_path, config=None, flag=None):
+def read_config_dict(folder, name_or_path, config=None, flag=None, *, takes_config=True):
     """The config dict of the model `name_or_path` whose files are in `folder` (see `fetch_config_folder`): that of
     `config` when given (see `config_from_argument`), else its config.json. A command line passes the `flag` that
-    gives the config, for the errors to name."""
+    gives the config, for the errors to name; a caller with no config argument says so with `takes_config=False`."""
     if config is not None:
         return config_from_argument(config, flag)
     path = folder / "config.json" if folder.is_dir() else folder.parent / "config.json"
     if not path.is_file():
-        takes = f"{flag} with a JSON file" if flag else "config= with an M2BertConfig, a JSON file,"
+        if not takes_config:
+            remedy = "Build its config with M2BertConfig.from_preset(name) or M2BertConfig.from_json_file(path)"
+        elif flag:
+            remedy = f"Pass {flag} with a JSON file or a preset name"
+        else:
+            remedy = "Pass config= with an M2BertConfig, a JSON file, or a preset name"
         raise ConfigError(
-            f"{name_or_path} has no config.json (Composer .pt checkpoints ship none). Pass {takes} or a preset name: "
-            f"{', '.join(PRESETS)}."
+            f"{name_or_path} has no config.json (Composer .pt checkpoints ship none). {remedy}: {', '.join(PRESETS)}."
         )
     return read_config_file(path)
 
@@ -220,7 +224,8 @@ def load_config(
     _check_overrides("M2BertConfig.from_pretrained()", load_config, overrides)
     hub = hub_kwargs(revision, cache_dir, local_files_only, token, force_download, endpoint)
     folder = fetch_config_folder(name_or_path, hub, subfolder)
-    return M2BertConfig.from_upstream_dict(read_config_dict(folder, name_or_path), **overrides)
+    config_dict = read_config_dict(folder, name_or_path, takes_config=False)
+    return M2BertConfig.from_upstream_dict(config_dict, **overrides)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -142,6 +142,10 @@ def test_a_model_without_config_json_is_told_of_config_as_it_was_called(folders,
         ConfigError, match=r"^\S+ has no config.json .+ Pass config= with an M2BertConfig, a JSON file,"
     ):
         M2BertModel.from_pretrained(bare)
+    with pytest.raises(
+        ConfigError, match=r"has no config.json .+ Build its config with M2BertConfig.from_preset\(name\)"
+    ):
+        M2BertConfig.from_pretrained(bare)
     # What the message says works, train --init included.
     config = os.path.join(folders["pooler"], "config.json")
     assert main(["info", "--model", str(bare), "--config", config]) == 0
