@@ -19,10 +19,9 @@ import importlib.metadata
 import importlib.util
 import os
 import sys
-import warnings
 from pathlib import Path
 
-from .errors import BlasLoadError
+from .errors import BlasLoadError, warn_at_caller
 
 ENV = "M2BERT_BLAS"
 
@@ -67,12 +66,11 @@ def _load(library):
 
 
 def _warn(reason):
-    warnings.warn(
+    warn_at_caller(
         f"{reason}, so MLX's CPU back end keeps its reference BLAS and M2-BERT runs about 10x slower. Install the "
         "package with the `cpu` extra (pip install 'm2bert-hf-mlx[cpu]', which brings MKL or NVPL BLAS), or set "
         f"{ENV} to the path of a CBLAS library ({ENV}=off silences this).",
         SlowCPUWarning,
-        stacklevel=3,
     )
 
 

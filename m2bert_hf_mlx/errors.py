@@ -2,12 +2,15 @@
 
 Each subclasses the built-in exception that code written before them caught (ValueError, OSError), so those
 `except` clauses keep working; the message says what was wrong and what to do. `quote` and `one_line` build the
-parts of that text that come from a file, a server or a user.
+parts of that text that come from a file, a server or a user; `warn_at_caller` issues the package's warnings.
 """
 
 import difflib
 import functools
 import inspect
+import os
+import sys
+import warnings
 
 
 class M2BertError(Exception):
@@ -149,3 +152,32 @@ def first_line(error):
     line of its text."""
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Warnings
+
+_PACKAGE_FOLDER = os.path.dirname(__file__) + os.sep
+
+
+def _skipped(filename):
+    # The package's own frames, and those of the import system (as warnings.warn skips them) between the package's
+    # import-time code and the import statement that ran it.
+    return filename.startswith(_PACKAGE_FOLDER) or ("importlib" in filename and "_bootstrap" in filename)
+
+
+def warn_at_caller(message, category):
+    """warnings.warn(message, category), attributed to the nearest line outside this package and the import system:
+    the caller's call of the model or function, or their import statement. A fixed stacklevel would name a line of
+    the package as soon as more or fewer of its frames lay in between."""
+    frame = sys._getframe(1)
+    while frame.f_back is not None and _skipped(frame.f_code.co_filename):
+        frame = frame.f_back
+    warnings.warn_explicit(
+        message,
+        category,
+        frame.f_code.co_filename,
+        frame.f_lineno,
+        module=frame.f_globals.get("__name__", "<string>"),
+        registry=frame.f_globals.setdefault("__warningregistry__", {}),
+    )

@@ -7,7 +7,6 @@ array here. Hidden states are channels-last (B, L, D) throughout; the canonical 
 
 import operator
 import os
-import warnings
 import weakref
 
 import mlx.core as mx
@@ -18,7 +17,7 @@ from . import ops
 from .activations import ACT2FN, gelu, glu
 from .blockdiag_linear import BlockdiagLinear, from_blocks, to_blocks
 from .configuration_m2_bert import M2BertConfig, validate_config
-from .errors import CompileError, ConfigError, InputError, WeightsMismatchError, first_line, quote
+from .errors import CompileError, ConfigError, InputError, WeightsMismatchError, first_line, quote, warn_at_caller
 from .hyena_filter import HyenaFilter
 from .initialization import normal
 from .losses import classification_loss, masked_lm_loss
@@ -259,13 +258,12 @@ def _compile_failed(error):
             f"mx.compile failed on the M2-BERT encoder ({what}); {COMPILE_ENV}=1 forbids running it uncompiled: "
             "unset it, and please report this to the m2bert-hf-mlx issue tracker."
         ) from error
-    warnings.warn(
+    warn_at_caller(
         f"mx.compile failed on the M2-BERT encoder ({what}). Inference now runs uncompiled for the rest of this "
         "process, which took up to 1.65x as long on an NVIDIA H200 (docs/benchmarks.md of m2bert-hf-mlx). Please "
         f"report this message with your device, OS and MLX versions to the m2bert-hf-mlx issue tracker; set "
         f"{COMPILE_ENV}=0 to skip compiling.",
         CompileFallbackWarning,
-        stacklevel=4,
     )
     _compile_failures.append(what)
 

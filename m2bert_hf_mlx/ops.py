@@ -19,7 +19,6 @@ function, slower) after one `LongConvFallbackWarning`; when M2BERT_LONG_CONV_BAC
 """
 
 import os
-import warnings
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -34,6 +33,7 @@ from .errors import (
     LongConvKernelError,
     did_you_mean,
     first_line,
+    warn_at_caller,
 )
 from .short_conv import short_conv_gate
 
@@ -249,13 +249,12 @@ def _kernels_pass(backend, plan, dtype):
             "forbids the fallback: unset it to run on mx.fft, and please report this to the m2bert-hf-mlx issue "
             "tracker."
         )
-    warnings.warn(
+    warn_at_caller(
         f"The {backend} long-convolution kernel failed its self-check ({failure}). Long convolutions now run on "
         "mx.fft for the rest of this process, which took 1.2-4.7x as long as the kernel on an NVIDIA H200 "
         "(docs/benchmarks.md of m2bert-hf-mlx). Please report this message with your device, OS and MLX versions "
         f"to the m2bert-hf-mlx issue tracker; set {BACKEND_ENV}=mlx to skip the check.",
         LongConvFallbackWarning,
-        stacklevel=2,
     )
     _failed_backends[backend] = failure
     return False

@@ -2,6 +2,7 @@
 compiled at the second forward of one shape and set of weights, and never with a stale weight or spectrum."""
 
 import gc
+import linecache
 import warnings
 import weakref
 
@@ -10,7 +11,7 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-from m2bert_hf_mlx import M2BertConfig, M2BertModel, modeling_m2_bert
+from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, M2BertModel, modeling_m2_bert
 from m2bert_hf_mlx.errors import CompileError, ConfigError
 from m2bert_hf_mlx.modeling_m2_bert import M2BertEncoder, compiles_inference
 
@@ -182,6 +183,22 @@ def test_a_failing_compile_falls_back_with_one_warning(runs, failing_compile, mo
             assert close(model(IDS).last_hidden_state, expected)
     assert len(runs) == 4  # uncompiled every time (the stand-in fails before it would trace), never compiled again
     assert not compiles_inference()
+
+
+@pytest.mark.parametrize("through", ["a head around the model", "the encoder alone"])
+def test_the_fallback_warning_names_the_line_that_called_the_model(failing_compile, monkeypatch, through):
+    monkeypatch.delenv("M2BERT_COMPILE", raising=False)
+    monkeypatch.setattr(modeling_m2_bert.mx, "default_device", lambda: mx.Device(mx.gpu))
+    model = M2BertForMaskedLM(M2BertConfig.from_preset("tiny", hidden_dropout_prob=0.0, num_hidden_layers=2))
+    model.eval()
+    hidden = model.bert.embeddings(IDS, mx.zeros_like(IDS))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):  # the second forward compiles, and fails
+            model(IDS) if through == "a head around the model" else model.bert.encoder(hidden)
+    assert [(w.category, w.filename) for w in caught] == [(modeling_m2_bert.CompileFallbackWarning, __file__)]
+    line = 'model(IDS) if through == "a head around the model" else model.bert.encoder(hidden)'
+    assert linecache.getline(caught[0].filename, caught[0].lineno).strip() == line
 
 
 def test_a_forced_compile_raises_instead(runs, failing_compile):

@@ -46,6 +46,7 @@ def test_failed_check_falls_back_to_mx_fft_with_one_warning(request, failure, dt
     with pytest.warns(ops.LongConvFallbackWarning) as caught:
         y, ref = conv("emulated", (2, 300, 6), dtype=dtype)
     assert rel_error(y, ref) < (1e-6 if dtype == mx.float32 else 1e-2)
+    assert caught[0].filename == __file__  # the line calling long_conv, not one of the package
     message = str(caught[0].message)
     name = "float32" if dtype == mx.float32 else "bfloat16"
     assert f"emulated long-convolution kernel failed its self-check (L=300, {name}: " in message
