@@ -54,8 +54,17 @@ def _cuda_variant(single_pass=None, four_step=None):
 
 # Tile variants of the CUDA plan beside the default: values per block, per thread (threads = values / per thread)
 # and the log2 of the FFT radix, for the single pass (which then covers N up to the block's values) or the four-step
-# passes.
-SINGLE_PASS_VARIANTS = [(16384, 16, 3), (8192, 16, 3), (8192, 16, 4), (4096, 16, 3), (2048, 16, 4), (2048, 8, 3)]
+# passes; single passes with a fourth entry True are split tiles (kernels.Tile: half the shared memory).
+SINGLE_PASS_VARIANTS = [
+    (16384, 16, 3),
+    (8192, 16, 3),
+    (8192, 16, 4),
+    (8192, 16, 4, True),
+    (4096, 16, 3),
+    (4096, 16, 4, True),
+    (2048, 16, 4),
+    (2048, 8, 3),
+]
 FOUR_STEP_VARIANTS = [(4096, 16, 3), (4096, 16, 4), (8192, 16, 3), (8192, 16, 4), (4096, 8, 3)]
 SWEEP = (
     {
@@ -63,8 +72,10 @@ SWEEP = (
         "default, four-step beyond N = 4096": dataclasses.replace(kernels.CUDA, single_pass=_SHORT_SINGLE_PASS),
     }
     | {
-        f"single pass {v} values, {e} per thread, radix {1 << r}": _cuda_variant(single_pass=(v, e, r))
-        for v, e, r in SINGLE_PASS_VARIANTS
+        f"single pass {v} values, {e} per thread, radix {1 << r}{', split' if split else ''}": _cuda_variant(
+            single_pass=(v, e, r, *split)
+        )
+        for v, e, r, *split in SINGLE_PASS_VARIANTS
     }
     | {
         f"four-step {v} values, {e} per thread, radix {1 << r}": _cuda_variant(four_step=(v, e, r))

@@ -39,6 +39,11 @@ class KernelSpec:
     def uses_io_dtype(self):
         return any(kind == "io" for _, kind in self.inputs + self.outputs)
 
+    @property
+    def split(self):
+        """Whether the body keeps its values in registers (a split tile's kernel, see Tile)."""
+        return self.name.endswith("_split")
+
 
 _SINGLE_PASS_CONSTANTS = ("LOG_RADIX", "LOG_N", "LOG_P", "PAD", "SMEM")
 _COLUMN_CONSTANTS = ("LOG_RADIX", "LOG_N1", "LOG_N2", "LOG_P", "LOG_Q", "PAD", "SMEM")
@@ -51,6 +56,12 @@ KERNELS = {
     for spec in (
         KernelSpec(
             "single_pass",
+            (("u", "io"), ("dims", "i32"), ("spectrum", "f32"), ("tw", "f32")),
+            (("y", "io"),),
+            _SINGLE_PASS_CONSTANTS,
+        ),
+        KernelSpec(
+            "single_pass_split",
             (("u", "io"), ("dims", "i32"), ("spectrum", "f32"), ("tw", "f32")),
             (("y", "io"),),
             _SINGLE_PASS_CONSTANTS,
@@ -77,6 +88,12 @@ KERNELS = {
             _SINGLE_PASS_CONSTANTS,
         ),
         KernelSpec(
+            "mixer_single_pass_split",
+            _MIXER_INPUTS + (("spectrum", "f32"), ("residual_spectrum", "f32"), ("tw", "f32")),
+            (("y", "io"),),
+            _SINGLE_PASS_CONSTANTS,
+        ),
+        KernelSpec(
             "mixer_columns_forward",
             _MIXER_INPUTS + (("tw", "f32"),),
             (("scratch", "f32"),),
@@ -97,34 +114,45 @@ def _read_source(filename):
     return resources.files("m2bert_hf_mlx.metal").joinpath(filename).read_text()
 
 
-def header(target, threads=None):
+def header(target, threads=None, split=False):
     """The header a kernel of `target` ("metal", "cuda" or "cpu") is compiled with: prelude + long_conv.h, and for
-    CUDA the launch bound of a build launched with blocks of `threads`."""
+    CUDA the launch bound of a build launched with blocks of `threads` (of a split kernel if `split`)."""
     text = _read_source(f"prelude_{target}.h") + "\n" + _read_source("long_conv.h")
-    return text + launch_bound(threads) if target == "cuda" else text
+    return text + launch_bound(threads, split) if target == "cuda" else text
 
 
-def launch_bound(threads):
+def launch_bound(threads, split=False):
     """The CUDA prelude's launch bound (prelude_cuda.h) for the kernels that follow it, launched in blocks of
-    `threads`: only blocks of 1024 threads carry one (there it caps a thread at 64 registers). Bounding the
-    smaller blocks too changed the code of the four-step passes and cost them about 25 % on the H200 (L = 32768)."""
-    bound = "__launch_bounds__(1024)" if threads == 1024 else ""
+    `threads`: blocks of 1024 threads carry one (there it caps a thread at 64 registers), and split kernels, which
+    nvcc left alone gives more registers than a block of 512 can hold (168 at N = 8192). Bounding the other blocks
+    changed the code of the four-step passes and cost them about 25 % on the H200 (L = 32768)."""
+    bound = f"__launch_bounds__({threads})" if threads == 1024 or (split and threads) else ""
     return f"\n#undef M2_LAUNCH_BOUND\n#define M2_LAUNCH_BOUND {bound}\n"
 
 
 @dataclass(frozen=True)
 class Tile:
     """One tier of a target's plans: FFTs of up to `max_n` points, `values` complex values per threadgroup, `elems`
-    per thread (threads = values / elems) and FFT stages of radix 2^log_radix (3 or 4; 4 needs elems >= 16)."""
+    per thread (threads = values / elems) and FFT stages of radix 2^log_radix (3 or 4; 4 needs elems >= 16).
+
+    split (single passes only): the values stay in registers and pass between threads through threadgroup memory
+    one part at a time, real then imaginary (long_conv.h), so a threadgroup needs half the memory: the `*_split`
+    kernels, at twice the barriers per exchange, for FFTs of at least 2^log_radix points."""
 
     max_n: int
     values: int
     elems: int
     log_radix: int
+    split: bool = False
 
     def __post_init__(self):
         if self.log_radix not in (3, 4) or (self.log_radix == 4 and self.elems < 16):
             raise ValueError(f"radix 2^{self.log_radix} with {self.elems} values per thread has no kernel")
+
+    def buffer_slots(self, values, log_row, pad):
+        """float2 slots of the threadgroup buffer of `values` in rows of 2^log_row (one float per value if split)."""
+        slots = _smem(values, log_row, pad)
+        return -(-slots // 2) if self.split else slots
 
 
 @dataclass(frozen=True)
@@ -147,15 +175,18 @@ class Target:
     @property
     def threadgroup_bytes_limit(self):
         """The most threadgroup memory a plan of this target may use (rows of 2 values at the worst)."""
-        return 8 * _smem(max(tile.values for tile in self.tiles), 1, self.pad)
+        return 8 * max(tile.buffer_slots(tile.values, 1, self.pad) for tile in self.tiles)
 
 
 _ANY_N = 1 << 62
-# Metal: 32 KB of threadgroup memory holds 4096 complex fp32 values, without room for padding.
+# Metal: 32 KB of threadgroup memory holds 4096 complex fp32 values, without room for padding, and 8192 values of a
+# split tile: one row of N = 8192 (L <= 4096) or the mixer's two rows of N = 4096 (L <= 2048) in one pass instead of
+# the four-step passes' three through device memory (on the H200 the one-block pass was 1.7 times as fast as those
+# at N = 16384). Untimed: no Apple GPU was available; the first-use self-check guards the build.
 METAL = Target(
     "metal",
-    single_pass=(Tile(4096, 4096, 16, 4),),
-    mixer_single_pass=(Tile(2048, 4096, 16, 4),),
+    single_pass=(Tile(4096, 4096, 16, 4), Tile(8192, 8192, 16, 4, split=True)),
+    mixer_single_pass=(Tile(2048, 4096, 16, 4), Tile(4096, 8192, 16, 4, split=True)),
     four_step=(Tile(_ANY_N, 4096, 16, 4),),
     pad=False,
 )
@@ -274,7 +305,7 @@ def _fft_rows(channels, mixer):
 def mixer_plan(target, batch, length, channels):
     """The mixer's plan on `target`, or None where its FFT split differs from the long convolution's, so that one
     filter spectrum could not serve both: where one threadgroup holds a single pass of one row but not the mixer's
-    two, N = 4096 on Metal (1024 < L <= 2048, 32 KB) and N = 16384 on CUDA (4096 < L <= 8192)."""
+    two, N = 8192 on Metal (2048 < L <= 4096, 32 KB) and N = 16384 on CUDA (4096 < L <= 8192)."""
     mixer = plan(target, batch, length, channels, mixer=True)
     return mixer if mixer.n1 == plan(target, batch, length, channels).n1 else None
 
@@ -293,7 +324,7 @@ def plan(target, batch, length, channels, mixer=False):
             p = min(tile.values // n, _pow2_at_least(pairs))
             values = p * n
             launch = Launch(
-                prefix + "single_pass",
+                prefix + "single_pass" + ("_split" if tile.split else ""),
                 (-(-pairs // p), batch, 1),
                 _threads(values, tile.elems),
                 tile.elems,
@@ -302,10 +333,12 @@ def plan(target, batch, length, channels, mixer=False):
                     ("LOG_N", _log2(n)),
                     ("LOG_P", _log2(p)),
                     ("PAD", pad),
-                    ("SMEM", _smem(values, _log2(n), pad)),
+                    ("SMEM", tile.buffer_slots(values, _log2(n), pad)),
                 ),
             )
             assert p >= min_pairs, (target.name, tile)
+            # A split kernel's threads hold every value of their group, `elems` each, from its first radix stage on.
+            assert not tile.split or (launch.threads * tile.elems == values and n >> tile.log_radix), (tile, n)
             return Plan(batch, length, channels, n, 1, (launch,), mixer)
 
     tile = next(tile for tile in target.four_step if n <= tile.max_n)
@@ -449,7 +482,7 @@ _gpu_kernels = {}
 def _gpu_kernel(backend, spec, smem_bytes, threads):
     key = (backend, spec.name, smem_bytes, threads)
     if key not in _gpu_kernels:
-        text = header(backend, threads)
+        text = header(backend, threads, spec.split)
         # MLX caches a build by its name and template arguments, in some versions on disk: a hash of the source in
         # the name keeps a changed header (the launch bound among them) or body from ever running an older build.
         digest = hashlib.sha256((text + spec.body).encode()).hexdigest()[:12]

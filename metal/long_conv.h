@@ -7,6 +7,8 @@
 //   M2_THREAD
 //   M2_BARRIER()         threadgroup barrier over threadgroup memory
 //   M2_UNROLL            full unroll of the next loop (register arrays are only indexed by unrolled counters)
+//   M2_UNROLL_4,         unroll by 4, and no unrolling (where an unrolled copy would let the compiler keep each
+//   M2_UNROLL_NONE       copy's addresses live: the split exchanges' loop over the two parts)
 //   m2_f2(x, y)          makes a float2
 // Kernel bodies also use M2_THREADGROUP_BUFFER(name, count) to declare their one float2 threadgroup array, and
 // Metal's names for thread indices (thread_position_in_threadgroup, threadgroup_position_in_grid,
@@ -14,10 +16,11 @@
 //
 // The FFT is a Stockham transform of radix B = 16 or 8 (the plan's LOG_RADIX), with one stage of a smaller radix
 // last, over rows held in threadgroup memory. Each thread keeps at most E complex values in registers between the
-// two barriers of a stage, so a threadgroup of `nthreads` threads transforms up to E * nthreads values. Twiddle factors come from a host-side table (float64, rounded once), so every back end
-// multiplies by the same numbers. The stage after sub-transforms of length ns = B^i reads block i of the table,
-// tw[B (B^i - 1) / (B - 1) + r * ns + k] = exp(-2 pi i r k / (B ns)) for r < B, k < ns: adjacent threads (adjacent k)
-// read adjacent entries.
+// two barriers of a stage, so a threadgroup of `nthreads` threads transforms up to E * nthreads values; the split
+// kernels keep theirs in registers throughout (see "Register-resident convolutions" below). Twiddle factors come
+// from a host-side table (float64, rounded once), so every back end multiplies by the same numbers. The stage after
+// sub-transforms of length ns = B^i reads block i of the table, tw[B (B^i - 1) / (B - 1) + r * ns + k] =
+// exp(-2 pi i r k / (B ns)) for r < B, k < ns: adjacent threads (adjacent k) read adjacent entries.
 
 struct m2c {
   float re;
@@ -169,10 +172,24 @@ M2_FUNC void m2_dft<16>(M2_THREAD m2c* v) {
   }
 }
 
+// One butterfly of a Stockham stage of radix R = 2^LOG_R whose sub-transforms of length 2^log_ns (a power of
+// B = 2^LOG_B) are done, on the R values v of its position k < 2^log_ns: twiddle exp(-2 pi i r k / (R ns)), entry
+// (B / R) r of the stage's block (the first stage, ns = 1, has none), then the DFT of R.
+template <int LOG_R, int LOG_B>
+M2_FUNC void m2_butterfly(M2_THREAD m2c* v, int k, int log_ns, const M2_GLOBAL float* tw) {
+  const int B = 1 << LOG_B;
+  if (log_ns != 0) {
+    const int tw_block = B * ((1 << log_ns) - 1) / (B - 1);
+    M2_UNROLL for (int r = 1; r < (1 << LOG_R); ++r) {
+      v[r] = m2_mul(v[r], m2_load_complex(tw, tw_block + ((r << (LOG_B - LOG_R)) << log_ns) + k));
+    }
+  }
+  m2_dft<1 << LOG_R>(v);
+}
+
 // One Stockham stage of radix R = 2^LOG_R over `total` values forming rows of length 2^log_n, with sub-transforms
-// of length 2^log_ns (a power of B = 2^LOG_B) done. Reads every value into registers, then writes every value: the
-// two barriers make the stage safe in place. Twiddle exp(-2 pi i r k / (R ns)) is entry (B / R) r of the stage's
-// block; the first stage (ns = 1) has none.
+// of length 2^log_ns done (m2_butterfly). Reads every value into registers, then writes every value: the two
+// barriers make the stage safe in place.
 template <int LOG_R, int LOG_B, int E>
 M2_FUNC void m2_fft_stage(
     M2_TG float2* buf,
@@ -184,27 +201,18 @@ M2_FUNC void m2_fft_stage(
     int nthreads,
     int layout) {
   const int R = 1 << LOG_R;
-  const int B = 1 << LOG_B;
   const int log_m = log_n - LOG_R;
   const int butterflies = total >> LOG_R;
-  const int tw_block = B * ((1 << log_ns) - 1) / (B - 1);
   m2c v[E];
   M2_UNROLL for (int i = 0; i < E / R; ++i) {
     const int w = tid + i * nthreads;
     if (w < butterflies) {
       const int base = (w >> log_m) << log_n;
       const int j = w & ((1 << log_m) - 1);
-      const int k = j & ((1 << log_ns) - 1);
       M2_UNROLL for (int r = 0; r < R; ++r) {
         v[i * R + r] = m2_tg_load(buf, base + j + (r << log_m), layout);
       }
-      if (log_ns != 0) {
-        M2_UNROLL for (int r = 1; r < R; ++r) {
-          v[i * R + r] =
-              m2_mul(v[i * R + r], m2_load_complex(tw, tw_block + ((r << (LOG_B - LOG_R)) << log_ns) + k));
-        }
-      }
-      m2_dft<R>(v + i * R);
+      m2_butterfly<LOG_R, LOG_B>(v + i * R, j & ((1 << log_ns) - 1), log_ns, tw);
     }
   }
   M2_BARRIER();
@@ -347,6 +355,274 @@ M2_FUNC void m2_convolve_rows(
   }
   M2_BARRIER();
   m2_fft_rows<E>(buf, log_radix, log_n, total, tw, tid, nthreads, layout);
+}
+
+// Register-resident convolutions ("split" tiles). A thread keeps its E values in registers from the load to the
+// store, and threadgroup memory only carries values between threads, one part at a time (all real parts, then all
+// imaginary parts): a threadgroup convolves twice the values its memory holds as complex numbers (on Metal, one row
+// of N = 8192 in 32 KB). The buffer is a float array of the rows' values (m2_slot layout); total = E * nthreads.
+//
+// An arrangement says which value index register slot s of a thread holds: the inputs of a Stockham stage of radix
+// 2^LOG_R (STAGE_IN), its outputs after sub-transforms of 2^log_ns (STAGE_OUT), or the bin pairs of the spectral
+// product (BINS: slots 2i and 2i + 1 hold bins p and N - p, or 0 and N / 2 for p = 0, of pair q = tid + i nthreads
+// of the rows). The outputs of a row's last stage are in natural order at their STAGE_IN indices of the same radix.
+#define M2_STAGE_IN 0
+#define M2_STAGE_OUT 1
+#define M2_BINS 2
+
+template <int KIND, int LOG_R>
+M2_FUNC int m2_arranged_index(int s, int log_n, int log_ns, int tid, int nthreads) {
+  if (KIND == M2_BINS) {
+    const int q = tid + (s >> 1) * nthreads;
+    const int half = 1 << (log_n - 1);
+    const int p = q & (half - 1);
+    const int base = (q >> (log_n - 1)) << log_n;
+    return base + ((s & 1) == 0 ? p : (p == 0 ? half : 2 * half - p));
+  }
+  const int w = tid + (s >> LOG_R) * nthreads;
+  const int r = s & ((1 << LOG_R) - 1);
+  const int log_m = log_n - LOG_R;
+  const int base = (w >> log_m) << log_n;
+  const int j = w & ((1 << log_m) - 1);
+  if (KIND == M2_STAGE_IN) {
+    return base + j + (r << log_m);
+  }
+  return base + ((j >> log_ns) << (log_ns + LOG_R)) + (j & ((1 << log_ns) - 1)) + (r << log_ns);
+}
+
+// Writes part `part` (0: real, 1: imaginary) of every register value at its index in the arrangement.
+template <int KIND, int LOG_R, int E>
+M2_FUNC void m2_split_put(
+    M2_TG float* buf,
+    M2_THREAD m2c* v,
+    int part,
+    int log_n,
+    int log_ns,
+    int tid,
+    int nthreads,
+    int layout) {
+  M2_UNROLL for (int s = 0; s < E; ++s) {
+    buf[m2_slot(m2_arranged_index<KIND, LOG_R>(s, log_n, log_ns, tid, nthreads), layout)] =
+        part == 0 ? v[s].re : v[s].im;
+  }
+}
+
+// Reads part `part` of every register value from its index in the arrangement; the other part keeps its value, so
+// that the values of the previous arrangement can still put it.
+template <int KIND, int LOG_R, int E>
+M2_FUNC void m2_split_get(
+    M2_TG float* buf,
+    M2_THREAD m2c* v,
+    int part,
+    int log_n,
+    int log_ns,
+    int tid,
+    int nthreads,
+    int layout) {
+  M2_UNROLL for (int s = 0; s < E; ++s) {
+    const float x = buf[m2_slot(m2_arranged_index<KIND, LOG_R>(s, log_n, log_ns, tid, nthreads), layout)];
+    if (part == 0) {
+      v[s].re = x;
+    } else {
+      v[s].im = x;
+    }
+  }
+}
+
+// Moves the register values from arrangement OUT to arrangement IN, one part at a time. The caller has put a
+// barrier after the buffer's last read; the exchange ends with one.
+template <int KIND_OUT, int LOG_R_OUT, int KIND_IN, int LOG_R_IN, int E>
+M2_FUNC void m2_split_exchange(
+    M2_TG float* buf,
+    M2_THREAD m2c* v,
+    int log_n,
+    int log_ns_out,
+    int log_ns_in,
+    int tid,
+    int nthreads,
+    int layout) {
+  M2_UNROLL_NONE for (int part = 0; part < 2; ++part) {
+    m2_split_put<KIND_OUT, LOG_R_OUT, E>(buf, v, part, log_n, log_ns_out, tid, nthreads, layout);
+    M2_BARRIER();
+    m2_split_get<KIND_IN, LOG_R_IN, E>(buf, v, part, log_n, log_ns_in, tid, nthreads, layout);
+    M2_BARRIER();
+  }
+}
+
+// One Stockham stage on the register values, in the stage's STAGE_IN arrangement.
+template <int LOG_R, int LOG_B, int E>
+M2_FUNC void m2_split_stage(M2_THREAD m2c* v, int log_n, int log_ns, const M2_GLOBAL float* tw, int tid, int nthreads) {
+  const int log_m = log_n - LOG_R;
+  M2_UNROLL for (int i = 0; i < (E >> LOG_R); ++i) {
+    const int w = tid + i * nthreads;
+    m2_butterfly<LOG_R, LOG_B>(v + (i << LOG_R), w & ((1 << log_m) - 1) & ((1 << log_ns) - 1), log_ns, tw);
+  }
+}
+
+// Forward FFT of every row (2^log_n >= 2^LOG_B values) in registers: from the first stage's STAGE_IN arrangement
+// (radix 2^LOG_B) to the last stage's outputs, which m2_split_put_spectrum writes.
+template <int E, int LOG_B>
+M2_FUNC void m2_split_fft(
+    M2_TG float* buf,
+    M2_THREAD m2c* v,
+    int log_n,
+    const M2_GLOBAL float* tw,
+    int tid,
+    int nthreads,
+    int layout) {
+  const int stages = log_n / LOG_B;
+  M2_UNROLL for (int s = 0; s < stages; ++s) {
+    if (s > 0) {
+      m2_split_exchange<M2_STAGE_OUT, LOG_B, M2_STAGE_IN, LOG_B, E>(
+          buf, v, log_n, LOG_B * (s - 1), LOG_B * s, tid, nthreads, layout);
+    }
+    m2_split_stage<LOG_B, LOG_B, E>(v, log_n, LOG_B * s, tw, tid, nthreads);
+  }
+  const int log_ns = LOG_B * stages;
+  if (log_n - log_ns == 3) {
+    m2_split_exchange<M2_STAGE_OUT, LOG_B, M2_STAGE_IN, 3, E>(
+        buf, v, log_n, log_ns - LOG_B, log_ns, tid, nthreads, layout);
+    m2_split_stage<3, LOG_B, E>(v, log_n, log_ns, tw, tid, nthreads);
+  } else if (log_n - log_ns == 2) {
+    m2_split_exchange<M2_STAGE_OUT, LOG_B, M2_STAGE_IN, 2, E>(
+        buf, v, log_n, log_ns - LOG_B, log_ns, tid, nthreads, layout);
+    m2_split_stage<2, LOG_B, E>(v, log_n, log_ns, tw, tid, nthreads);
+  } else if (log_n - log_ns == 1) {
+    m2_split_exchange<M2_STAGE_OUT, LOG_B, M2_STAGE_IN, 1, E>(
+        buf, v, log_n, log_ns - LOG_B, log_ns, tid, nthreads, layout);
+    m2_split_stage<1, LOG_B, E>(v, log_n, log_ns, tw, tid, nthreads);
+  }
+}
+
+// Writes part `part` of the values an m2_split_fft left in registers at their natural-order indices.
+template <int E, int LOG_B>
+M2_FUNC void m2_split_put_spectrum(
+    M2_TG float* buf,
+    M2_THREAD m2c* v,
+    int part,
+    int log_n,
+    int tid,
+    int nthreads,
+    int layout) {
+  const int tail = log_n % LOG_B;
+  if (tail == 3) {
+    m2_split_put<M2_STAGE_IN, 3, E>(buf, v, part, log_n, 0, tid, nthreads, layout);
+  } else if (tail == 2) {
+    m2_split_put<M2_STAGE_IN, 2, E>(buf, v, part, log_n, 0, tid, nthreads, layout);
+  } else if (tail == 1) {
+    m2_split_put<M2_STAGE_IN, 1, E>(buf, v, part, log_n, 0, tid, nthreads, layout);
+  } else {
+    m2_split_put<M2_STAGE_IN, LOG_B, E>(buf, v, part, log_n, 0, tid, nthreads, layout);
+  }
+}
+
+// m2_convolve_rows on register values in the first stage's STAGE_IN arrangement: FFT, spectral product in the BINS
+// arrangement, FFT; the result, conj(y_c + i y_d), is left for m2_split_put_spectrum.
+template <int E, int LOG_B>
+M2_FUNC void m2_split_convolve_rows_radix(
+    M2_TG float* buf,
+    M2_THREAD m2c* v,
+    int log_n,
+    int pair0,
+    int pairs,
+    const M2_GLOBAL float* spectrum,
+    const M2_GLOBAL float* residual,
+    int mixer,
+    const M2_GLOBAL float* tw,
+    int tid,
+    int nthreads,
+    int layout) {
+  const int half = 1 << (log_n - 1);
+  m2_split_fft<E, LOG_B>(buf, v, log_n, tw, tid, nthreads, layout);
+  M2_UNROLL_NONE for (int part = 0; part < 2; ++part) {
+    m2_split_put_spectrum<E, LOG_B>(buf, v, part, log_n, tid, nthreads, layout);
+    M2_BARRIER();
+    m2_split_get<M2_BINS, 1, E>(buf, v, part, log_n, 0, tid, nthreads, layout);
+    M2_BARRIER();
+  }
+  M2_UNROLL for (int i = 0; i < E / 2; ++i) {
+    const int q = tid + i * nthreads;
+    const int row = q >> (log_n - 1);
+    const int p = q & (half - 1);
+    if (pair0 + row < pairs) {
+      const float4 gf = m2_row_filter(spectrum, residual, mixer, pair0 + row, half + 1, p);
+      const m2c g = m2_cx(gf.x, gf.y);
+      const m2c f = m2_cx(gf.z, gf.w);
+      const m2c a = v[2 * i];
+      const m2c b = v[2 * i + 1];
+      if (p == 0) {
+        // Bins 0 and N / 2, each its own partner.
+        const float4 gh = m2_row_filter(spectrum, residual, mixer, pair0 + row, half + 1, half);
+        v[2 * i] = m2_product_at_k(a, a, g, f);
+        v[2 * i + 1] = m2_product_at_k(b, b, m2_cx(gh.x, gh.y), m2_cx(gh.z, gh.w));
+      } else {
+        v[2 * i] = m2_product_at_k(a, b, g, f);
+        v[2 * i + 1] = m2_product_at_partner(a, b, g, f);
+      }
+    }
+  }
+  m2_split_exchange<M2_BINS, 1, M2_STAGE_IN, LOG_B, E>(buf, v, log_n, 0, 0, tid, nthreads, layout);
+  m2_split_fft<E, LOG_B>(buf, v, log_n, tw, tid, nthreads, layout);
+}
+
+// The split kernels' entry points, radix 2^log_radix (3 or 4, 4 needs E >= 16; a compile-time constant on the GPUs):
+// the load's arrangement, the convolution, and the store's.
+template <int E>
+M2_FUNC void m2_split_get_rows(
+    M2_TG float* buf,
+    M2_THREAD m2c* v,
+    int part,
+    int log_radix,
+    int log_n,
+    int tid,
+    int nthreads,
+    int layout) {
+  if (log_radix == 4 && E >= 16) {
+    m2_split_get<M2_STAGE_IN, 4, E>(buf, v, part, log_n, 0, tid, nthreads, layout);
+  } else {
+    m2_split_get<M2_STAGE_IN, 3, E>(buf, v, part, log_n, 0, tid, nthreads, layout);
+  }
+}
+
+template <int E>
+M2_FUNC void m2_split_convolve_rows(
+    M2_TG float* buf,
+    M2_THREAD m2c* v,
+    int log_radix,
+    int log_n,
+    int pair0,
+    int pairs,
+    const M2_GLOBAL float* spectrum,
+    const M2_GLOBAL float* residual,
+    int mixer,
+    const M2_GLOBAL float* tw,
+    int tid,
+    int nthreads,
+    int layout) {
+  if (log_radix == 4 && E >= 16) {
+    m2_split_convolve_rows_radix<E, 4>(
+        buf, v, log_n, pair0, pairs, spectrum, residual, mixer, tw, tid, nthreads, layout);
+  } else {
+    m2_split_convolve_rows_radix<E, 3>(
+        buf, v, log_n, pair0, pairs, spectrum, residual, mixer, tw, tid, nthreads, layout);
+  }
+}
+
+template <int E>
+M2_FUNC void m2_split_put_rows(
+    M2_TG float* buf,
+    M2_THREAD m2c* v,
+    int part,
+    int log_radix,
+    int log_n,
+    int tid,
+    int nthreads,
+    int layout) {
+  if (log_radix == 4 && E >= 16) {
+    m2_split_put_spectrum<E, 4>(buf, v, part, log_n, tid, nthreads, layout);
+  } else {
+    m2_split_put_spectrum<E, 3>(buf, v, part, log_n, tid, nthreads, layout);
+  }
 }
 
 // Four-step pass 1, after the columns are loaded: the length-N1 FFTs, then element i = (pair, k1, q), q fastest,

@@ -63,6 +63,7 @@ struct m2_bfloat16 {
 #define M2_BARRIER() m2_emu_barrier()
 #define M2_UNROLL
 #define M2_UNROLL_4
+#define M2_UNROLL_NONE
 #define M2_THREADGROUP_BUFFER(name, count) float2* name = m2_emu_threadgroup_alloc(count)
 
 inline float2 m2_f2(float x, float y) {

@@ -8,6 +8,7 @@
 #define M2_BARRIER() __syncthreads()
 #define M2_UNROLL _Pragma("unroll")
 #define M2_UNROLL_4 _Pragma("unroll 4")
+#define M2_UNROLL_NONE _Pragma("unroll 1")
 #define M2_THREADGROUP_BUFFER(name, count) \
   static_assert((count) > 0, "empty threadgroup buffer"); \
   extern __shared__ float2 name[]

@@ -49,9 +49,20 @@ def rel_error(y, ref):
     return np.linalg.norm(y - ref) / np.linalg.norm(ref)
 
 
-# B = 1, C = 1, L = 1, odd L and C, one threadgroup with channels left over, and the four-step path of the
-# Metal plan (N > 4096: L = 2049 and L = 4097).
+# B = 1, C = 1, L = 1, odd L and C, one threadgroup with channels left over, the split single pass of the Metal
+# plan (N = 8192: L = 2049) and its four-step path (L = 4097).
 AWKWARD = [(1, 1, 1), (2, 1, 3), (1, 2, 1), (3, 37, 5), (2, 300, 70), (1, 2049, 3), (2, 4097, 2)]
+
+# Split tiles (kernels.Tile) of both radixes with the padded layout and several rows per threadgroup, for the long
+# convolution and the mixer: FFTs of 16 to 2048 points, whose last stage is a full one or of radix 2, 4 or 8.
+SPLIT = kernels.Target(
+    "split",
+    single_pass=(kernels.Tile(64, 256, 8, 3, split=True), kernels.Tile(2048, 2048, 16, 4, split=True)),
+    mixer_single_pass=(kernels.Tile(64, 512, 8, 3, split=True), kernels.Tile(2048, 4096, 16, 4, split=True)),
+    four_step=kernels.METAL.four_step,
+    pad=True,
+)
+SPLIT_SHAPES = [(2, 5, 7), (1, 16, 4), (2, 20, 9), (1, 33, 3), (3, 100, 6), (1, 300, 5), (2, 1000, 3)]
 
 
 @pytest.mark.parametrize("backend", ["emulated", "mlx"])
@@ -265,6 +276,24 @@ def test_cuda_plan_on_the_emulator(shape):
     launch_fn = emulator.launch_fn(kernels.CUDA.threadgroup_bytes_limit)
     y = np.asarray(kernels.run_plan(plan, mx.array(u), packed, launch_fn))
     assert rel_error(y, reference(u, k_fwd, k_rev, skip)) < 1e-6
+
+
+@pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_split_tiles_on_the_emulator(shape):
+    rng = np.random.default_rng(29)
+    u, k_fwd, k_rev, skip = inputs(rng, *shape)
+    plan = kernels.plan(SPLIT, *shape)
+    assert plan.launches[0].kernel == "single_pass_split"
+    packed = kernels.packed_filter(mx.array(k_fwd), mx.array(k_rev), mx.array(skip), plan.n, plan.n1)
+    y = np.asarray(kernels.run_plan(plan, mx.array(u), packed, emulator.launch_fn(SPLIT.threadgroup_bytes_limit)))
+    assert rel_error(y, reference(u, k_fwd, k_rev, skip)) < 1e-6
+
+
+def test_split_tile_holds_twice_the_values():
+    # One row of N = 8192 in Metal's 32 KB: as 8192 complex values it needs 64 KB (the test below), split 32 KB.
+    (launch,) = kernels.plan(kernels.METAL, 1, 3000, 2).launches
+    assert launch.kernel == "single_pass_split" and 8 * launch.smem_values == 32768
+    assert kernels.METAL.threadgroup_bytes_limit == 32768
 
 
 def test_emulator_enforces_the_metal_threadgroup_limit():

@@ -55,7 +55,7 @@ def test_failed_check_falls_back_to_mx_fft_with_one_warning(request, failure, dt
     error = re.search(r"relative error (\S+) against mx.fft", message)
     assert (error is not None) == (failure == "wrong_kernel")
     assert error is None or 0.04 < float(error[1]) < 0.06
-    # Later calls, other plans (the four-step path), causal filters and dtypes included, stay silent and right.
+    # Later calls, other plans (the split single pass), causal filters and dtypes included, stay silent and right.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for shape, causal, dtype, tolerance in [

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from random_checkpoint import canonical_config
+from test_long_conv import SPLIT, SPLIT_SHAPES, rel_error
 from test_long_conv import reference as long_conv_reference
-from test_long_conv import rel_error
 
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, emulator, kernels, ops
 from m2bert_hf_mlx.errors import InputError, InputTypeError
@@ -59,8 +59,8 @@ def mix(backend, arrays, dtype=mx.float32, **kwargs):
     return np.asarray(y.astype(mx.float32))
 
 
-# Metal plans: single pass (one threadgroup, channels left over, odd C), separate operations at 1024 < L <= 2048
-# (N = 4096), four-step from L = 2049.
+# Metal plans: single pass (one threadgroup, channels left over, odd C), the split single pass at 1024 < L <= 2048
+# (N = 4096), separate operations at 2048 < L <= 4096 (N = 8192), four-step from L = 4097.
 AWKWARD = [(1, 1, 1), (2, 2, 3), (3, 37, 5), (2, 300, 70), (1, 1500, 3), (1, 2049, 3), (2, 4097, 2)]
 
 
@@ -87,12 +87,24 @@ def test_cuda_plans_on_the_emulator(shape):
     assert rel_error(np.asarray(y), mixer_reference(*arrays)) < 2e-6
 
 
+@pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=str)
+def test_split_tiles_on_the_emulator(shape):
+    arrays = mixer_inputs(np.random.default_rng(31), *shape)
+    z, u, weight, bias, filters, residual = to_mx(arrays)
+    plan = kernels.plan(SPLIT, *shape, mixer=True)
+    assert plan.launches[0].kernel == "mixer_single_pass_split"
+    packed = [kernels.packed_filter(*f, plan.n, plan.n1) for f in (filters, residual)]
+    launch = emulator.launch_fn(SPLIT.threadgroup_bytes_limit)
+    y = kernels.run_plan(plan, u, packed[0], launch, (z, kernels.short_conv_taps(weight, bias), packed[1]))
+    assert rel_error(np.asarray(y), mixer_reference(*arrays)) < 2e-6
+
+
 def test_mixer_plans_share_the_long_convolution_split():
     # Every FFT size to N = 65536: a mixer plan exists exactly where its N1 is the long convolution's, and its
     # threadgroups hold both rows of a channel pair (at least 2 mixer pairs). The long convolution's single pass
-    # reaches one N further than the mixer's, whose two rows of that N do not fit: N = 4096 on Metal (32 KB), 16384
-    # on CUDA (227 KB).
-    without = {kernels.METAL: {4096}, kernels.CUDA: {16384}}
+    # reaches one N further than the mixer's, whose two rows of that N do not fit: N = 8192 on Metal (32 KB, split
+    # tiles), 16384 on CUDA (227 KB).
+    without = {kernels.METAL: {8192}, kernels.CUDA: {16384}}
     for target in (kernels.METAL, kernels.CUDA):
         for log_n in range(1, 17):
             length = 1 << (log_n - 1)
@@ -102,9 +114,9 @@ def test_mixer_plans_share_the_long_convolution_split():
             assert same_split == ((1 << log_n) not in without[target]), (target.name, length)
             first = dict(mixer.launches[0].constants)
             assert first["LOG_P"] >= 1
-    assert ops.mixer_plan("emulated", 1, 1024, 8) is not None
-    assert ops.mixer_plan("emulated", 1, 1025, 8) is None  # Metal: two rows of N = 4096 exceed 32 KB
-    assert ops.mixer_plan("emulated", 1, 2049, 8) is not None
+    assert ops.mixer_plan("emulated", 1, 2048, 8).launches[0].kernel == "mixer_single_pass_split"
+    assert ops.mixer_plan("emulated", 1, 2049, 8) is None  # Metal: two rows of N = 8192 exceed 32 KB, even split
+    assert ops.mixer_plan("emulated", 1, 4097, 8) is not None
     assert ops.mixer_plan("mlx", 1, 128, 8) is None
 
 
@@ -163,14 +175,14 @@ def mixer_gradients(backend, arrays, seed=14):
     return mx.vjp(f, [z, u, weight, bias, k_fwd, k_rev, skip, r_fwd, r_rev, r_skip], [cotangent])[1]
 
 
-@pytest.mark.parametrize("length", [40, 2049])
+@pytest.mark.parametrize("length", [40, 1500, 4097], ids=["single-pass", "split", "four-step"])
 def test_gradients_match_the_separate_operations(length):
     arrays = mixer_inputs(np.random.default_rng(13), 2, length, 4)
     for fused, separate in zip(mixer_gradients("emulated", arrays), mixer_gradients("mlx", arrays)):
         assert rel_error(np.asarray(fused), np.asarray(separate)) < 1e-5
 
 
-@pytest.mark.parametrize("length", [40, 2049], ids=["single-pass", "four-step"])
+@pytest.mark.parametrize("length", [40, 4097], ids=["single-pass", "four-step"])
 def test_a_gradient_transforms_each_filter_once(monkeypatch, length):
     arrays = mixer_inputs(np.random.default_rng(15), 2, length, 4)
     mixer_gradients("emulated", arrays)  # the kernels' self-check transforms filters of its own
@@ -229,7 +241,7 @@ def wrong_mixer(monkeypatch):
 
 
 @pytest.mark.parametrize("failure", ["wrong_mixer", "failing_build"])
-@pytest.mark.parametrize("shape", [(2, 300, 6), (1, 2049, 3)], ids=["single-pass", "four-step"])
+@pytest.mark.parametrize("shape", [(2, 300, 6), (1, 4097, 2)], ids=["single-pass", "four-step"])
 def test_failed_mixer_check_falls_back_with_one_warning(request, fresh_checks, failure, shape):
     request.getfixturevalue(failure)
     arrays = mixer_inputs(np.random.default_rng(19), *shape)
@@ -256,7 +268,7 @@ def tiny_config(length):
     )
 
 
-@pytest.mark.parametrize("length", [30, 2049], ids=["single-pass", "four-step"])
+@pytest.mark.parametrize("length", [30, 1500, 4097], ids=["single-pass", "split", "four-step"])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_model_outputs_and_gradients_equal_the_separate_operations(monkeypatch, training, length):
     mx.random.seed(0)
@@ -289,8 +301,12 @@ def test_model_outputs_and_gradients_equal_the_separate_operations(monkeypatch, 
     assert results["emulated"][0] == pytest.approx(results["mlx"][0], rel=1e-5)
     # The forward ran the mixer kernels (once per layer, and the emulator runs eagerly what a GPU would skip), the
     # backward the long convolutions' kernels.
-    first = "mixer_single_pass" if length < 1025 else "mixer_columns_forward"
-    assert kernels_run.count(first) >= 2 and (first[6:] in kernels_run)
+    mixer, long_conv = {
+        30: ("mixer_single_pass", "single_pass"),
+        1500: ("mixer_single_pass_split", "single_pass"),
+        4097: ("mixer_columns_forward", "columns_forward"),
+    }[length]
+    assert kernels_run.count(mixer) >= 2 and long_conv in kernels_run
     fused, separate = dict(tree_flatten(results["emulated"][1])), dict(tree_flatten(results["mlx"][1]))
     assert all(float(mx.abs(grad).max()) > 0 for grad in fused.values())
     assert any("filter_fn2.implicit_filter" in name for name in fused)

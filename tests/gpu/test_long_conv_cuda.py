@@ -6,9 +6,9 @@ Skipped where MLX has no CUDA device (CI). On the GPU machine: python -m pytest 
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_long_conv import AWKWARD, inputs, reference, rel_error, run
+from test_long_conv import AWKWARD, SPLIT, SPLIT_SHAPES, inputs, reference, rel_error, run
 
-from m2bert_hf_mlx import ops
+from m2bert_hf_mlx import kernels, ops
 
 pytestmark = [
     pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX with its CUDA back end and a GPU"),
@@ -90,3 +90,24 @@ def test_every_output_is_written():
         del poison
         y = run("cuda", *inputs(rng, *shape))
         assert np.isfinite(y).all()
+
+
+# The Metal target's plans, split tiles included, built for CUDA: the same bodies on a real GPU's concurrent threads,
+# the nearest check of them to an Apple GPU that this project has.
+METAL_PLANS = kernels.Target(
+    "metal-plans", kernels.METAL.single_pass, kernels.METAL.mixer_single_pass, kernels.METAL.four_step, pad=False
+)
+
+
+@pytest.mark.parametrize(
+    ("target", "shape"),
+    [(SPLIT, shape) for shape in SPLIT_SHAPES] + [(METAL_PLANS, shape) for shape in [(2, 1500, 40), (2, 3000, 9)]],
+    ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else x.name,
+)
+def test_split_tiles_match_float64(target, shape):
+    rng = np.random.default_rng(sum(shape))
+    u, k_fwd, k_rev, skip = inputs(rng, *shape)
+    plan = kernels.plan(target, *shape)
+    packed = kernels.packed_filter(mx.array(k_fwd), mx.array(k_rev), mx.array(skip), plan.n, plan.n1)
+    y = np.asarray(kernels.run_plan(plan, mx.array(u), packed, kernels.gpu_launch("cuda")))
+    assert rel_error(y, reference(u, k_fwd, k_rev, skip)) < 1e-6
