@@ -228,14 +228,22 @@ def _run_kernels(backend, u, packed):
     return _packed_fft_conv(u, packed, plan.n, plan.n1)
 
 
-# Self-check state of the process: the verdict per (back end, kernel builds, dtype), and the back ends that failed.
+# Self-check state of the process: the verdict per (back end, kernel builds, dtype), and what failed (_failure_scope).
 _kernel_checks = {}
-_failed_backends = {}
+_failed_scopes = {}
+
+
+def _failure_scope(backend, plan):
+    """What a failed self-check of `plan` turns off: the back end's split kernels alone where the plan uses them
+    (kernels.Tile.split: groups of 512 register-heavy threads, which a GPU's compiler may refuse while the smaller
+    builds run), else every kernel of the back end."""
+    return (backend, "split") if any(launch.spec.split for launch in plan.launches) else backend
 
 
 def _kernels_pass(backend, plan, dtype):
     """Whether `plan` runs on the kernels of `backend` for `dtype`: checks them first if that was never done."""
-    if backend in _failed_backends:
+    scope = _failure_scope(backend, plan)
+    if backend in _failed_scopes or scope in _failed_scopes:
         return False
     key = (backend, plan.builds, dtype)
     if key not in _kernel_checks:
@@ -243,20 +251,29 @@ def _kernels_pass(backend, plan, dtype):
     failure = _kernel_checks[key]
     if failure is None:
         return True
+    split = scope != backend
+    failed = f"{backend} long-convolution {'split kernels failed their' if split else 'kernel failed its'} self-check"
     if os.environ.get(BACKEND_ENV) == backend:
         raise LongConvKernelError(
-            f"The {backend} long-convolution kernel failed its self-check ({failure}); {BACKEND_ENV}={backend} "
-            "forbids the fallback: unset it to run on mx.fft, and please report this to the m2bert-hf-mlx issue "
-            "tracker."
+            f"The {failed} ({failure}); {BACKEND_ENV}={backend} forbids the fallback: unset it to run on mx.fft, and "
+            "please report this to the m2bert-hf-mlx issue tracker."
+        )
+    if split:
+        fallback = (
+            "The plans that use them (the longest single passes) now run without them for the rest of this process, "
+            "the long convolution on mx.fft and the mixer as separate operations; the other kernels keep running."
+        )
+    else:
+        fallback = (
+            "Long convolutions now run on mx.fft for the rest of this process, which took 1.2-4.7x as long as the "
+            "kernel on an NVIDIA H200 (docs/benchmarks.md of m2bert-hf-mlx)."
         )
     warn_at_caller(
-        f"The {backend} long-convolution kernel failed its self-check ({failure}). Long convolutions now run on "
-        "mx.fft for the rest of this process, which took 1.2-4.7x as long as the kernel on an NVIDIA H200 "
-        "(docs/benchmarks.md of m2bert-hf-mlx). Please report this message with your device, OS and MLX versions "
-        f"to the m2bert-hf-mlx issue tracker; set {BACKEND_ENV}=mlx to skip the check.",
+        f"The {failed} ({failure}). {fallback} Please report this message with your device, "
+        f"OS and MLX versions to the m2bert-hf-mlx issue tracker; set {BACKEND_ENV}=mlx to skip the check.",
         LongConvFallbackWarning,
     )
-    _failed_backends[backend] = failure
+    _failed_scopes[scope] = failure
     return False
 
 

@@ -95,7 +95,7 @@ def _load_hypothesis_profile(config):
 def fresh_checks(monkeypatch):
     """A process whose kernel back ends have checked nothing yet, and no forced back end."""
     monkeypatch.setattr(ops, "_kernel_checks", {})
-    monkeypatch.setattr(ops, "_failed_backends", {})
+    monkeypatch.setattr(ops, "_failed_scopes", {})
     monkeypatch.delenv(ops.BACKEND_ENV, raising=False)
 
 

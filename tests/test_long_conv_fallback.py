@@ -8,6 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from test_long_conv import inputs, reference, rel_error
+from test_monarch_mixer import mix, mixer_inputs, mixer_reference
 
 from m2bert_hf_mlx import ops
 
@@ -116,3 +117,51 @@ def test_a_passing_check_runs_once_per_build_and_dtype():
     # L = 260 and 300 share the N = 1024 build, and 6, 8 or 70 channels its 4-pair tile; float16 builds its own.
     assert sorted(str(dtype) for _, _, dtype in ops._kernel_checks) == ["mlx.core.float16", "mlx.core.float32"]
     assert all(failure is None for failure in ops._kernel_checks.values())
+
+
+@pytest.fixture(params=["refused_threadgroup", "wrong_numbers"])
+def failing_split_kernels(request, monkeypatch):
+    """The split kernels alone fail: a dispatch refused as MLX refuses a threadgroup larger than the pipeline allows
+    (a register-heavy build on some GPU), or wrong numbers. Returns the kernels that ran."""
+    real, ran = ops._launch_fn, []
+
+    def launch_fn(backend, target):
+        run = real(backend, target)
+
+        def launch(launch_, inputs, outputs, io_dtype):
+            ran.append(launch_.kernel)
+            if not launch_.spec.split:
+                return run(launch_, inputs, outputs, io_dtype)
+            if request.param == "refused_threadgroup":
+                raise ValueError("Thread group size (512) is greater than the maximum allowed threads per threadgroup")
+            return [y * 1.05 for y in run(launch_, inputs, outputs, io_dtype)]
+
+        return launch
+
+    monkeypatch.setattr(ops, "_launch_fn", launch_fn)
+    return ran
+
+
+def test_failed_split_kernels_leave_the_other_kernels_running(failing_split_kernels):
+    with pytest.warns(ops.LongConvFallbackWarning) as caught:
+        y, ref = conv("emulated", (1, 3000, 2))
+    assert rel_error(y, ref) < 1e-6
+    assert len(caught) == 1 and "emulated long-convolution split kernels failed their" in str(caught[0].message)
+    assert "the other kernels keep running" in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        failing_split_kernels.clear()
+        y, ref = conv("emulated", (1, 3000, 2), seed=1)  # the split plan, now on mx.fft
+        assert rel_error(y, ref) < 1e-6 and failing_split_kernels == []
+        y, ref = conv("emulated", (2, 300, 6))  # a plan without split kernels: its kernel, checked and run
+        assert rel_error(y, ref) < 1e-6 and failing_split_kernels.count("single_pass") == 2
+        failing_split_kernels.clear()
+        arrays = mixer_inputs(np.random.default_rng(2), 1, 1500, 3)  # the split mixer: its separate operations
+        assert rel_error(mix("emulated", arrays), mixer_reference(*arrays)) < 2e-6
+        assert set(failing_split_kernels) == {"single_pass"}
+
+
+def test_failed_split_kernels_raise_where_the_backend_is_forced(failing_split_kernels, monkeypatch):
+    monkeypatch.setenv(ops.BACKEND_ENV, "emulated")
+    with pytest.raises(ops.LongConvKernelError, match="split kernels failed their self-check .* forbids the fallback"):
+        conv(None, (1, 3000, 2))
