@@ -72,7 +72,7 @@ def _wrapper(spec):
                 "  auto kernel = [&](uint3 tid, uint3 group, uint3 threads) {",
                 f"    m2_body_{spec.name}<{cpp_type}, {elems}>({', '.join(args)}, constants, tid, group, threads);",
                 "  };",
-                "  return m2_emu_launch(kernel, geometry[0], geometry[1], geometry[2], geometry[3], geometry[4]);",
+                "  return m2_emu_launch(kernel, geometry);",
                 "}",
             ]
     return "\n".join(lines)
@@ -129,8 +129,10 @@ def _numpy_view(a):
     return np.asarray(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)
 
 
-def launch_fn(limit_bytes):
-    """launch_fn for kernels.run_plan that runs each launch on the CPU, with `limit_bytes` of threadgroup memory."""
+def launch_fn(limit_bytes, order=0):
+    """launch_fn for kernels.run_plan that runs each launch on the CPU, with `limit_bytes` of threadgroup memory:
+    with the threads of a group concurrent (order 0), or one at a time between barriers, in thread order (1) or its
+    reverse (-1), which shows a missing barrier whatever the timing (prelude_cpu.h)."""
 
     def run(launch, inputs, outputs, io_dtype):
         dtype_name = str(io_dtype).split(".")[-1]
@@ -147,7 +149,7 @@ def launch_fn(limit_bytes):
         ).reshape(-1)
         buffers = (ctypes.c_void_p * (len(arrays) + len(results)))(*[a.ctypes.data for a in arrays + results])
         constants = np.array([value for _, value in launch.constants], dtype=np.int32)
-        geometry = np.array([*launch.groups, launch.threads, limit_bytes], dtype=np.int32)
+        geometry = np.array([*launch.groups, launch.threads, limit_bytes, order], dtype=np.int32)
         entry = getattr(library(), _entry_name(launch.kernel, dtype_name, launch.elems))
         entry.restype = ctypes.c_int
         over = entry(

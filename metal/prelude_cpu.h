@@ -2,7 +2,8 @@
 // with the threadgroup semantics of a GPU, so that tests execute the same body as the Metal and CUDA builds.
 // Each thread of a threadgroup is one std::thread; the threadgroup buffer lives in an arena shared by the group,
 // sized to the target's threadgroup-memory limit and filled with NaN before each group, so a read of a value that
-// no thread wrote shows up in the output; M2_BARRIER() is a real std::barrier.
+// no thread wrote shows up in the output; M2_BARRIER() is a real std::barrier, or in a serial schedule a hand-over
+// of the one running thread's turn.
 #include <atomic>
 #include <barrier>
 #include <cmath>
@@ -70,8 +71,15 @@ inline float2 m2_f2(float x, float y) {
   return float2{x, y};
 }
 
+// A serial schedule (order 1: thread order, -1: its reverse) runs one thread at a time from one barrier to the next,
+// each in turn, so that every access of a thread between two barriers comes before every access of the threads after
+// it in the order: an access that lacks the barrier it needs sees the wrong value in one of the two orders, whatever
+// the timing of the threads (which a concurrent run leaves to luck).
 struct m2_emu_group {
   std::barrier<>* barrier;
+  std::vector<std::atomic<int>>* turns;  // serial: the turns granted to each thread so far, else null
+  int self;                              // serial: this thread, and the one whose turn follows its own
+  int next;
   float2* arena;
   int capacity;
   std::atomic<int>* overflow;
@@ -79,10 +87,30 @@ struct m2_emu_group {
 
 thread_local m2_emu_group m2_emu_current;
 thread_local int m2_emu_used;
+thread_local int m2_emu_turn;
 thread_local std::vector<float2> m2_emu_spill;
 
+inline void m2_emu_wait_turn() {
+  std::atomic<int>& granted = (*m2_emu_current.turns)[m2_emu_current.self];
+  ++m2_emu_turn;
+  for (int seen = granted.load(); seen < m2_emu_turn; seen = granted.load()) {
+    granted.wait(seen);
+  }
+}
+
+inline void m2_emu_pass_turn() {
+  std::atomic<int>& granted = (*m2_emu_current.turns)[m2_emu_current.next];
+  granted.fetch_add(1);
+  granted.notify_one();
+}
+
 inline void m2_emu_barrier() {
-  m2_emu_current.barrier->arrive_and_wait();
+  if (m2_emu_current.turns == nullptr) {
+    m2_emu_current.barrier->arrive_and_wait();
+  } else {
+    m2_emu_pass_turn();
+    m2_emu_wait_turn();
+  }
 }
 
 // Past the limit the request is recorded (the launch then fails) and served from private memory, so that the
@@ -99,32 +127,54 @@ inline float2* m2_emu_threadgroup_alloc(int count) {
 }
 
 // Runs kernel(thread_position_in_threadgroup, threadgroup_position_in_grid, threads_per_threadgroup) over the
-// grid of groups, one group at a time. Returns 0, or the threadgroup bytes asked for beyond `limit_bytes`.
+// grid of groups, one group at a time. geometry: the grid's groups (x, y, z), the threads of a group, the
+// threadgroup-memory limit in bytes and the schedule (0: threads concurrent, else a serial schedule's order).
+// Returns 0, or the threadgroup bytes asked for beyond the limit.
 template <typename Kernel>
-int m2_emu_launch(Kernel kernel, int groups_x, int groups_y, int groups_z, int threads, int limit_bytes) {
+int m2_emu_launch(Kernel kernel, const int* geometry) {
+  const int groups_x = geometry[0];
+  const int groups_y = geometry[1];
+  const int groups_z = geometry[2];
+  const int threads = geometry[3];
+  const int limit_bytes = geometry[4];
+  const int order = geometry[5];
   std::barrier<> sync(threads);
+  std::vector<std::atomic<int>> turns(order != 0 ? threads : 0);
   std::vector<float2> arena(limit_bytes / sizeof(float2));
   std::atomic<int> overflow{0};
   const float nan = std::numeric_limits<float>::quiet_NaN();
   auto worker = [&](int tid) {
-    m2_emu_current = m2_emu_group{&sync, arena.data(), static_cast<int>(arena.size()), &overflow};
+    const int step = order < 0 ? threads - 1 : 1;
+    m2_emu_current = m2_emu_group{
+        &sync, order != 0 ? &turns : nullptr, tid, (tid + step) % threads, arena.data(),
+        static_cast<int>(arena.size()), &overflow};
+    if (order != 0) {
+      m2_emu_turn = 0;
+      m2_emu_wait_turn();
+    }
     for (int z = 0; z < groups_z; ++z) {
       for (int y = 0; y < groups_y; ++y) {
         for (int x = 0; x < groups_x; ++x) {
           if (tid == 0) {
             std::fill(arena.begin(), arena.end(), float2{nan, nan});
           }
-          sync.arrive_and_wait();
+          m2_emu_barrier();
           m2_emu_used = 0;
           kernel(
               uint3{static_cast<unsigned>(tid), 0, 0},
               uint3{static_cast<unsigned>(x), static_cast<unsigned>(y), static_cast<unsigned>(z)},
               uint3{static_cast<unsigned>(threads), 1, 1});
-          sync.arrive_and_wait();
+          m2_emu_barrier();
         }
       }
     }
+    if (order != 0) {
+      m2_emu_pass_turn();
+    }
   };
+  if (order != 0) {
+    turns[order < 0 ? threads - 1 : 0].store(1);
+  }
   std::vector<std::thread> pool;
   pool.reserve(threads);
   for (int tid = 0; tid < threads; ++tid) {

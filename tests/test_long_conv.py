@@ -278,14 +278,26 @@ def test_cuda_plan_on_the_emulator(shape):
     assert rel_error(y, reference(u, k_fwd, k_rev, skip)) < 1e-6
 
 
-@pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_split_tiles_on_the_emulator(shape):
+# Threads concurrent, or one at a time between barriers in thread order and in reverse (emulator.launch_fn), where
+# a missing barrier shows whatever the timing of the threads: the split tiles and the Metal target's split tile.
+SCHEDULES = {"concurrent": 0, "serial": 1, "reversed": -1}
+SPLIT_PLANS = [(SPLIT, shape) for shape in SPLIT_SHAPES] + [(kernels.METAL, (1, 3000, 3))]
+
+
+def plan_id(x):
+    return "x".join(map(str, x)) if isinstance(x, tuple) else x.name
+
+
+@pytest.mark.parametrize("order", SCHEDULES.values(), ids=SCHEDULES.keys())
+@pytest.mark.parametrize(("target", "shape"), SPLIT_PLANS, ids=plan_id)
+def test_split_tiles_on_the_emulator(target, shape, order):
     rng = np.random.default_rng(29)
     u, k_fwd, k_rev, skip = inputs(rng, *shape)
-    plan = kernels.plan(SPLIT, *shape)
+    plan = kernels.plan(target, *shape)
     assert plan.launches[0].kernel == "single_pass_split"
     packed = kernels.packed_filter(mx.array(k_fwd), mx.array(k_rev), mx.array(skip), plan.n, plan.n1)
-    y = np.asarray(kernels.run_plan(plan, mx.array(u), packed, emulator.launch_fn(SPLIT.threadgroup_bytes_limit)))
+    launch_fn = emulator.launch_fn(target.threadgroup_bytes_limit, order)
+    y = np.asarray(kernels.run_plan(plan, mx.array(u), packed, launch_fn))
     assert rel_error(y, reference(u, k_fwd, k_rev, skip)) < 1e-6
 
 

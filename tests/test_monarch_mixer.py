@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from random_checkpoint import canonical_config
-from test_long_conv import SPLIT, SPLIT_SHAPES, rel_error
+from test_long_conv import SCHEDULES, SPLIT, SPLIT_SHAPES, plan_id, rel_error
 from test_long_conv import reference as long_conv_reference
 
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, emulator, kernels, ops
@@ -87,14 +87,18 @@ def test_cuda_plans_on_the_emulator(shape):
     assert rel_error(np.asarray(y), mixer_reference(*arrays)) < 2e-6
 
 
-@pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=str)
-def test_split_tiles_on_the_emulator(shape):
+@pytest.mark.parametrize("order", SCHEDULES.values(), ids=SCHEDULES.keys())
+@pytest.mark.parametrize(
+    ("target", "shape"), [(SPLIT, shape) for shape in SPLIT_SHAPES] + [(kernels.METAL, (1, 1500, 3))], ids=plan_id
+)
+def test_split_tiles_on_the_emulator(target, shape, order):
+    # Also one thread at a time between barriers, in both orders (test_long_conv.SCHEDULES).
     arrays = mixer_inputs(np.random.default_rng(31), *shape)
     z, u, weight, bias, filters, residual = to_mx(arrays)
-    plan = kernels.plan(SPLIT, *shape, mixer=True)
+    plan = kernels.plan(target, *shape, mixer=True)
     assert plan.launches[0].kernel == "mixer_single_pass_split"
     packed = [kernels.packed_filter(*f, plan.n, plan.n1) for f in (filters, residual)]
-    launch = emulator.launch_fn(SPLIT.threadgroup_bytes_limit)
+    launch = emulator.launch_fn(target.threadgroup_bytes_limit, order)
     y = kernels.run_plan(plan, u, packed[0], launch, (z, kernels.short_conv_taps(weight, bias), packed[1]))
     assert rel_error(np.asarray(y), mixer_reference(*arrays)) < 2e-6
 

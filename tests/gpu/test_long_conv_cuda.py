@@ -6,7 +6,7 @@ Skipped where MLX has no CUDA device (CI). On the GPU machine: python -m pytest 
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_long_conv import AWKWARD, SPLIT, SPLIT_SHAPES, inputs, reference, rel_error, run
+from test_long_conv import AWKWARD, SPLIT, SPLIT_SHAPES, inputs, plan_id, reference, rel_error, run
 
 from m2bert_hf_mlx import kernels, ops
 
@@ -102,7 +102,7 @@ METAL_PLANS = kernels.Target(
 @pytest.mark.parametrize(
     ("target", "shape"),
     [(SPLIT, shape) for shape in SPLIT_SHAPES] + [(METAL_PLANS, shape) for shape in [(2, 1500, 40), (2, 3000, 9)]],
-    ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else x.name,
+    ids=plan_id,
 )
 def test_split_tiles_match_float64(target, shape):
     rng = np.random.default_rng(sum(shape))

@@ -6,7 +6,7 @@ Skipped where MLX has no CUDA device (CI). On the GPU machine: python -m pytest 
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_long_conv import SPLIT, SPLIT_SHAPES, rel_error
+from test_long_conv import SPLIT, SPLIT_SHAPES, plan_id, rel_error
 from test_long_conv_cuda import METAL_PLANS
 from test_monarch_mixer import AWKWARD, mix, mixer_gradients, mixer_inputs, mixer_reference, to_mx
 
@@ -71,7 +71,7 @@ def test_every_output_is_written():
 @pytest.mark.parametrize(
     ("target", "shape"),
     [(SPLIT, shape) for shape in SPLIT_SHAPES] + [(METAL_PLANS, (2, 1500, 40)), (METAL_PLANS, (1, 2048, 6))],
-    ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else x.name,
+    ids=plan_id,
 )
 def test_split_tiles_match_float64(target, shape):
     # The split mixer kernels, the Metal target's among them (test_long_conv_cuda.METAL_PLANS), on a real GPU.
