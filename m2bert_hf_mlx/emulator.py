@@ -158,6 +158,8 @@ def launch_fn(limit_bytes, order=0):
             constants.ctypes.data_as(ctypes.c_void_p),
             geometry.ctypes.data_as(ctypes.c_void_p),
         )
+        if over < 0:
+            raise RuntimeError(f"Kernel {launch.kernel} wrote past its threadgroup buffer: an index is wrong.")
         if over:
             raise RuntimeError(
                 f"Kernel {launch.kernel} asked for {over} bytes of threadgroup memory, over the {limit_bytes}-byte "

@@ -2,8 +2,10 @@
 // with the threadgroup semantics of a GPU, so that tests execute the same body as the Metal and CUDA builds.
 // Each thread of a threadgroup is one std::thread; the threadgroup buffer lives in an arena shared by the group,
 // sized to the target's threadgroup-memory limit and filled with NaN before each group, so a read of a value that
-// no thread wrote shows up in the output; M2_BARRIER() is a real std::barrier, or in a serial schedule a hand-over
-// of the one running thread's turn.
+// no thread wrote shows up in the output; as much again lies past the limit, and a value written beyond the buffer
+// fails the launch. M2_BARRIER() is a real std::barrier, or in a serial schedule a hand-over of the one running
+// thread's turn.
+#include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <cmath>
@@ -129,7 +131,7 @@ inline float2* m2_emu_threadgroup_alloc(int count) {
 // Runs kernel(thread_position_in_threadgroup, threadgroup_position_in_grid, threads_per_threadgroup) over the
 // grid of groups, one group at a time. geometry: the grid's groups (x, y, z), the threads of a group, the
 // threadgroup-memory limit in bytes and the schedule (0: threads concurrent, else a serial schedule's order).
-// Returns 0, or the threadgroup bytes asked for beyond the limit.
+// Returns 0, the threadgroup bytes asked for beyond the limit, or -1 if a thread wrote past its buffer.
 template <typename Kernel>
 int m2_emu_launch(Kernel kernel, const int* geometry) {
   const int groups_x = geometry[0];
@@ -140,14 +142,15 @@ int m2_emu_launch(Kernel kernel, const int* geometry) {
   const int order = geometry[5];
   std::barrier<> sync(threads);
   std::vector<std::atomic<int>> turns(order != 0 ? threads : 0);
-  std::vector<float2> arena(limit_bytes / sizeof(float2));
+  const int capacity = limit_bytes / static_cast<int>(sizeof(float2));
+  std::vector<float2> arena(2 * capacity);
   std::atomic<int> overflow{0};
+  bool stray = false;
   const float nan = std::numeric_limits<float>::quiet_NaN();
   auto worker = [&](int tid) {
     const int step = order < 0 ? threads - 1 : 1;
     m2_emu_current = m2_emu_group{
-        &sync, order != 0 ? &turns : nullptr, tid, (tid + step) % threads, arena.data(),
-        static_cast<int>(arena.size()), &overflow};
+        &sync, order != 0 ? &turns : nullptr, tid, (tid + step) % threads, arena.data(), capacity, &overflow};
     if (order != 0) {
       m2_emu_turn = 0;
       m2_emu_wait_turn();
@@ -165,6 +168,11 @@ int m2_emu_launch(Kernel kernel, const int* geometry) {
               uint3{static_cast<unsigned>(x), static_cast<unsigned>(y), static_cast<unsigned>(z)},
               uint3{static_cast<unsigned>(threads), 1, 1});
           m2_emu_barrier();
+          if (tid == 0) {
+            stray = stray || std::any_of(arena.begin() + m2_emu_used, arena.end(), [](float2 f) {
+                      return !std::isnan(f.x) || !std::isnan(f.y);
+                    });
+          }
         }
       }
     }
@@ -183,5 +191,5 @@ int m2_emu_launch(Kernel kernel, const int* geometry) {
   for (auto& t : pool) {
     t.join();
   }
-  return overflow.load();
+  return stray ? -1 : overflow.load();
 }

@@ -1,6 +1,8 @@
 """long_conv on the CPU: the mx.fft reference and the emulated Metal kernel against float64, gradients, the
 precomputed spectrum and back-end selection."""
 
+import dataclasses
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -321,4 +323,18 @@ def test_emulator_enforces_the_metal_threadgroup_limit():
     plan = kernels.plan(oversized, 1, 3000, 2)
     packed = kernels.packed_filter(k_fwd, k_rev, skip, plan.n, plan.n1)
     with pytest.raises(RuntimeError, match="over the 32768-byte limit"):
+        kernels.run_plan(plan, u, packed, emulator.launch_fn(kernels.METAL.threadgroup_bytes_limit))
+
+
+def test_emulator_fails_a_kernel_that_writes_past_its_buffer():
+    # The Metal split tile's plan with a buffer one float2 (two of its values) short: the emulator's arena has room
+    # past a buffer, and a write there fails the launch.
+    rng = np.random.default_rng(19)
+    u, k_fwd, k_rev, skip = (mx.array(a) for a in inputs(rng, 1, 3000, 2))
+    plan = kernels.plan(kernels.METAL, 1, 3000, 2)
+    (launch,) = plan.launches
+    short = tuple((name, value - (name == "SMEM")) for name, value in launch.constants)
+    plan = dataclasses.replace(plan, launches=(dataclasses.replace(launch, constants=short),))
+    packed = kernels.packed_filter(k_fwd, k_rev, skip, plan.n, plan.n1)
+    with pytest.raises(RuntimeError, match="single_pass_split wrote past its threadgroup buffer"):
         kernels.run_plan(plan, u, packed, emulator.launch_fn(kernels.METAL.threadgroup_bytes_limit))
