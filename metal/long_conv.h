@@ -374,10 +374,10 @@ template <int KIND, int LOG_R>
 M2_FUNC int m2_arranged_index(int s, int log_n, int log_ns, int tid, int nthreads) {
   if (KIND == M2_BINS) {
     const int q = tid + (s >> 1) * nthreads;
-    const int half = 1 << (log_n - 1);
-    const int p = q & (half - 1);
+    const int mid = 1 << (log_n - 1);
+    const int p = q & (mid - 1);
     const int base = (q >> (log_n - 1)) << log_n;
-    return base + ((s & 1) == 0 ? p : (p == 0 ? half : 2 * half - p));
+    return base + ((s & 1) == 0 ? p : (p == 0 ? mid : 2 * mid - p));
   }
   const int w = tid + (s >> LOG_R) * nthreads;
   const int r = s & ((1 << LOG_R) - 1);
@@ -532,7 +532,7 @@ M2_FUNC void m2_split_convolve_rows_radix(
     int tid,
     int nthreads,
     int layout) {
-  const int half = 1 << (log_n - 1);
+  const int mid = 1 << (log_n - 1);
   m2_split_fft<E, LOG_B>(buf, v, log_n, tw, tid, nthreads, layout);
   M2_UNROLL_NONE for (int part = 0; part < 2; ++part) {
     m2_split_put_spectrum<E, LOG_B>(buf, v, part, log_n, tid, nthreads, layout);
@@ -543,16 +543,16 @@ M2_FUNC void m2_split_convolve_rows_radix(
   M2_UNROLL for (int i = 0; i < E / 2; ++i) {
     const int q = tid + i * nthreads;
     const int row = q >> (log_n - 1);
-    const int p = q & (half - 1);
+    const int p = q & (mid - 1);
     if (pair0 + row < pairs) {
-      const float4 gf = m2_row_filter(spectrum, residual, mixer, pair0 + row, half + 1, p);
+      const float4 gf = m2_row_filter(spectrum, residual, mixer, pair0 + row, mid + 1, p);
       const m2c g = m2_cx(gf.x, gf.y);
       const m2c f = m2_cx(gf.z, gf.w);
       const m2c a = v[2 * i];
       const m2c b = v[2 * i + 1];
       if (p == 0) {
         // Bins 0 and N / 2, each its own partner.
-        const float4 gh = m2_row_filter(spectrum, residual, mixer, pair0 + row, half + 1, half);
+        const float4 gh = m2_row_filter(spectrum, residual, mixer, pair0 + row, mid + 1, mid);
         v[2 * i] = m2_product_at_k(a, a, g, f);
         v[2 * i + 1] = m2_product_at_k(b, b, m2_cx(gh.x, gh.y), m2_cx(gh.z, gh.w));
       } else {

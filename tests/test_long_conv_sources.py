@@ -80,7 +80,9 @@ def cuda_kernel_source(launch, dtype, kernel_name):
 
 
 # A stand-in for Metal's standard library, enough for a C++ compiler to parse and type-check the Metal build
-# (address spaces and attributes are dropped: they are Metal's own).
+# (address spaces and attributes are dropped: they are Metal's own). half is a macro for a type that cannot be
+# declared as a name: in Metal half is a keyword, a built-in type like float, and a variable of that name fails
+# to compile there as it then does here.
 METAL_STDLIB_SHIM = """
 #pragma once
 #include <cstdint>
@@ -103,7 +105,7 @@ struct uint3 {
 enum class mem_flags { mem_none, mem_threadgroup };
 inline void threadgroup_barrier(mem_flags) {}
 }  // namespace metal
-using half = _Float16;
+#define half decltype(_Float16())
 struct bfloat16_t {
   uint16_t bits;
   bfloat16_t(float f) : bits(0) { (void)f; }
