@@ -56,7 +56,8 @@ def rel_error(y, ref):
 AWKWARD = [(1, 1, 1), (2, 1, 3), (1, 2, 1), (3, 37, 5), (2, 300, 70), (1, 2049, 3), (2, 4097, 2)]
 
 # Split tiles (kernels.Tile) of both radixes with the padded layout and several rows per threadgroup, for the long
-# convolution and the mixer: FFTs of 16 to 2048 points, whose last stage is a full one or of radix 2, 4 or 8.
+# convolution and the mixer: FFTs of 16 to 2048 points, each radix with every last stage it can have (a full one,
+# or of radix 2, 4 or 8).
 SPLIT = kernels.Target(
     "split",
     single_pass=(kernels.Tile(64, 256, 8, 3, split=True), kernels.Tile(2048, 2048, 16, 4, split=True)),
@@ -64,7 +65,7 @@ SPLIT = kernels.Target(
     four_step=kernels.METAL.four_step,
     pad=True,
 )
-SPLIT_SHAPES = [(2, 5, 7), (1, 16, 4), (2, 20, 9), (1, 33, 3), (3, 100, 6), (1, 300, 5), (2, 1000, 3)]
+SPLIT_SHAPES = [(2, 5, 7), (1, 16, 4), (2, 20, 9), (1, 33, 3), (3, 100, 6), (2, 200, 5), (1, 300, 5), (2, 1000, 3)]
 
 
 @pytest.mark.parametrize("backend", ["emulated", "mlx"])
@@ -96,9 +97,10 @@ def test_causal(length):
         assert rel_error(run(backend, u, k_fwd, None, skip), ref) < 1e-6
 
 
-def test_non_contiguous_inputs_are_read_in_place():
+@pytest.mark.parametrize("length", [300, 3000], ids=["single-pass", "split"])
+def test_non_contiguous_inputs_are_read_in_place(length):
     rng = np.random.default_rng(3)
-    u, k_fwd, k_rev, skip = inputs(rng, 2, 300, 6)
+    u, k_fwd, k_rev, skip = inputs(rng, 2, length, 6)
     ref = reference(u, k_fwd, k_rev, skip)
     # (B, C, L) storage seen as (B, L, C), and a view with a negative channel stride.
     transposed = mx.array(np.ascontiguousarray(u.transpose(0, 2, 1))).transpose(0, 2, 1)
@@ -124,7 +126,7 @@ def test_low_precision_inputs(dtype, tolerance):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("length", [37, 4097])
+@pytest.mark.parametrize("length", [37, 3000, 4097], ids=["single-pass", "split", "four-step"])
 def test_gradients_match_mx_fft_autodiff(causal, length):
     rng = np.random.default_rng(length + causal)
     u, k_fwd, k_rev, skip = inputs(rng, 2, length, 3, causal)
