@@ -305,6 +305,19 @@ def test_split_tiles_on_the_emulator(target, shape, order):
     assert rel_error(y, reference(u, k_fwd, k_rev, skip)) < 1e-6
 
 
+@pytest.mark.parametrize("order", [1, -1], ids=["serial", "reversed"])
+@pytest.mark.parametrize("shape", [(3, 37, 5), (2, 4097, 2)], ids=["single-pass", "four-step"])
+def test_metal_plans_in_serial_schedules(shape, order):
+    # The other kernels of the Metal target one thread at a time between barriers (SCHEDULES), in both orders.
+    rng = np.random.default_rng(37)
+    u, k_fwd, k_rev, skip = inputs(rng, *shape)
+    plan = kernels.plan(kernels.METAL, *shape)
+    packed = kernels.packed_filter(mx.array(k_fwd), mx.array(k_rev), mx.array(skip), plan.n, plan.n1)
+    launch_fn = emulator.launch_fn(kernels.METAL.threadgroup_bytes_limit, order)
+    y = np.asarray(kernels.run_plan(plan, mx.array(u), packed, launch_fn))
+    assert rel_error(y, reference(u, k_fwd, k_rev, skip)) < 1e-6
+
+
 def test_split_tile_holds_twice_the_values():
     # One row of N = 8192 in Metal's 32 KB: as 8192 complex values it needs 64 KB (the test below), split 32 KB.
     (launch,) = kernels.plan(kernels.METAL, 1, 3000, 2).launches

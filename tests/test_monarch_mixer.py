@@ -103,6 +103,19 @@ def test_split_tiles_on_the_emulator(target, shape, order):
     assert rel_error(np.asarray(y), mixer_reference(*arrays)) < 2e-6
 
 
+@pytest.mark.parametrize("order", [1, -1], ids=["serial", "reversed"])
+@pytest.mark.parametrize("shape", [(3, 37, 5), (1, 2049, 3)], ids=["single-pass", "four-step"])
+def test_metal_plans_in_serial_schedules(shape, order):
+    # The other mixer kernels of the Metal target one thread at a time between barriers, in both orders.
+    arrays = mixer_inputs(np.random.default_rng(33), *shape)
+    z, u, weight, bias, filters, residual = to_mx(arrays)
+    plan = kernels.plan(kernels.METAL, *shape, mixer=True)
+    packed = [kernels.packed_filter(*f, plan.n, plan.n1) for f in (filters, residual)]
+    launch = emulator.launch_fn(kernels.METAL.threadgroup_bytes_limit, order)
+    y = kernels.run_plan(plan, u, packed[0], launch, (z, kernels.short_conv_taps(weight, bias), packed[1]))
+    assert rel_error(np.asarray(y), mixer_reference(*arrays)) < 2e-6
+
+
 def test_mixer_plans_share_the_long_convolution_split():
     # Every FFT size to N = 65536: a mixer plan exists exactly where its N1 is the long convolution's, and its
     # threadgroups hold both rows of a channel pair (at least 2 mixer pairs). The long convolution's single pass
