@@ -131,8 +131,8 @@ def _numpy_view(a):
 
 def launch_fn(limit_bytes, order=0):
     """launch_fn for kernels.run_plan that runs each launch on the CPU, with `limit_bytes` of threadgroup memory:
-    with the threads of a group concurrent (order 0), or one at a time between barriers, in thread order (1) or its
-    reverse (-1), which shows a missing barrier whatever the timing (prelude_cpu.h)."""
+    with the threads of a group concurrent (order 0), or one at a time between barriers, in thread order (1) or in
+    reverse, the groups' order too (-1), which shows a missing barrier whatever the timing (prelude_cpu.h)."""
 
     def run(launch, inputs, outputs, io_dtype):
         dtype_name = str(io_dtype).split(".")[-1]

@@ -155,25 +155,24 @@ int m2_emu_launch(Kernel kernel, const int* geometry) {
       m2_emu_turn = 0;
       m2_emu_wait_turn();
     }
-    for (int z = 0; z < groups_z; ++z) {
-      for (int y = 0; y < groups_y; ++y) {
-        for (int x = 0; x < groups_x; ++x) {
-          if (tid == 0) {
-            std::fill(arena.begin(), arena.end(), float2{nan, nan});
-          }
-          m2_emu_barrier();
-          m2_emu_used = 0;
-          kernel(
-              uint3{static_cast<unsigned>(tid), 0, 0},
-              uint3{static_cast<unsigned>(x), static_cast<unsigned>(y), static_cast<unsigned>(z)},
-              uint3{static_cast<unsigned>(threads), 1, 1});
-          m2_emu_barrier();
-          if (tid == 0) {
-            stray = stray || std::any_of(arena.begin() + m2_emu_used, arena.end(), [](float2 f) {
-                      return !std::isnan(f.x) || !std::isnan(f.y);
-                    });
-          }
-        }
+    const int groups = groups_x * groups_y * groups_z;
+    for (int i = 0; i < groups; ++i) {
+      // The reverse schedule runs the groups in reverse too: a write into another group's outputs then shows in one
+      // of the two orders, as a barrier missing within a group does.
+      const int g = order < 0 ? groups - 1 - i : i;
+      const uint3 group{static_cast<unsigned>(g % groups_x), static_cast<unsigned>(g / groups_x % groups_y),
+                        static_cast<unsigned>(g / (groups_x * groups_y))};
+      if (tid == 0) {
+        std::fill(arena.begin(), arena.end(), float2{nan, nan});
+      }
+      m2_emu_barrier();
+      m2_emu_used = 0;
+      kernel(uint3{static_cast<unsigned>(tid), 0, 0}, group, uint3{static_cast<unsigned>(threads), 1, 1});
+      m2_emu_barrier();
+      if (tid == 0) {
+        stray = stray || std::any_of(arena.begin() + m2_emu_used, arena.end(), [](float2 f) {
+                  return !std::isnan(f.x) || !std::isnan(f.y);
+                });
       }
     }
     if (order != 0) {
