@@ -710,9 +710,10 @@ M2_FUNC int m2_mixer_channel(int m) {
 }
 
 // One causal short-conv output (Conv1d k=3, padding 2, first L kept) at step t: w0 x[t-2] + w1 x[t-1] + w2 x[t] + b,
-// with w = (w0, w1, w2, b) and x[t] at z[at], x[t-1] at z[at - step].
-template <typename T>
-M2_FUNC float m2_short_conv(const M2_GLOBAL T* z, int64_t at, int64_t step, int t, float4 w) {
+// with w = (w0, w1, w2, b) and x[t] at z[at], x[t-1] at z[at - step]. Z, the type of z here and below, is a pointer
+// of either address space MLX gives an input: constant where it has fewer than 8 elements (B L 3C < 8), else device.
+template <typename Z>
+M2_FUNC float m2_short_conv(Z z, int64_t at, int64_t step, int t, float4 w) {
   float x = 0.0f;
   if (t >= 2) {
     x = w.x * static_cast<float>(z[at - 2 * step]);
@@ -725,9 +726,9 @@ M2_FUNC float m2_short_conv(const M2_GLOBAL T* z, int64_t at, int64_t step, int 
 
 // The gated value v * x1 of channel c at step t, from in_linear's output z (B, L, 3C) = (x1, x2, v): `at` is the
 // offset of z[b, t, 0], `step` and `col` its time and channel strides; short_conv holds (w0, w1, w2, b) per z channel.
-template <typename T>
+template <typename Z>
 M2_FUNC float m2_gated_input(
-    const M2_GLOBAL T* z,
+    Z z,
     int64_t at,
     int64_t step,
     int64_t col,
@@ -742,9 +743,9 @@ M2_FUNC float m2_gated_input(
 
 // The mixer's output at (t, c) from its two convolutions: conv(v * x1) * x2 + conv(u), x2 the short conv of z's
 // channel C + c, and conv_v, conv_u the stored conj(y_c + i y_d) of the pair (part: 0 for channel c = 2j, else 1).
-template <typename T>
+template <typename Z>
 M2_FUNC float m2_mixer_output(
-    const M2_GLOBAL T* z,
+    Z z,
     int64_t at,
     int64_t step,
     int64_t col,

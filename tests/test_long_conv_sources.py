@@ -181,6 +181,64 @@ def test_metal_instantiation_compiles_as_cpp(tmp_path, dtype):
     assert result.returncode == 0, result.stderr[:4000]
 
 
+# Metal's address spaces as clang's (device 1, constant 2, threadgroup 3; thread is the default), so that a pointer
+# passed where Metal expects another address space fails to compile here too. float2 and float4 are clang's vectors,
+# assignable in any address space as Metal's are.
+METAL_ADDRESS_SPACE_SHIM = """
+#pragma once
+#include <cstdint>
+#define device __attribute__((address_space(1)))
+#define constant __attribute__((address_space(2)))
+#define threadgroup __attribute__((address_space(3)))
+#define thread
+namespace metal {
+typedef float float2 __attribute__((ext_vector_type(2)));
+typedef float float4 __attribute__((ext_vector_type(4)));
+struct uint3 {
+  unsigned x, y, z;
+};
+enum class mem_flags { mem_none, mem_threadgroup };
+inline void threadgroup_barrier(mem_flags) {}
+}  // namespace metal
+"""
+
+# What clang takes otherwise than Metal, in the Metal prelude and MLX's source: a clang vector is made with braces,
+# an address space on an automatic variable (Metal's threadgroup buffer in a kernel) only where it is static, and
+# no attributes on an explicit instantiation.
+_CLANG_FORMS = [
+    ("  return float2(x, y);", "  return float2{x, y};"),
+    ("count) threadgroup float2 name[count]", "count) static threadgroup float2 name[count]"),
+]
+
+
+@pytest.mark.skipif(shutil.which("clang++") is None, reason="needs clang++ (its address spaces stand in for Metal's)")
+@pytest.mark.parametrize("space", ["device", "constant"])
+def test_metal_instantiation_keeps_address_spaces(tmp_path, space):
+    # Every plan, with z and u in the device address space, then in the constant one, where MLX passes an input of
+    # fewer than 8 elements (B L 3C < 8 for z): every pointer a kernel passes on must fit its parameter.
+    (tmp_path / "metal_stdlib").write_text(METAL_ADDRESS_SPACE_SHIM)
+    header = kernels.header("metal")
+    for metal, clang in _CLANG_FORMS:
+        assert header.count(metal) == 1, metal
+        header = header.replace(metal, clang)
+    source = [header]
+    for i, launch in enumerate(_unique_launches(kernels.METAL, EVERY_PLAN)):
+        sizes = [
+            3 if space == "constant" and name in ("z", "u") else size
+            for (name, _), size in zip(launch.spec.inputs, _input_sizes(launch))
+        ]
+        kernel = metal_kernel_source(launch, "float32", sizes, f"k{i}")
+        source.append(
+            re.sub(r"^template \[\[host_name\(\"k\d+\"\)\]\] \[\[kernel\]\] ", "template ", kernel, flags=re.M)
+        )
+    (tmp_path / "kernels.cpp").write_text("\n".join(source))
+    flags = ["-std=c++17", "-fsyntax-only", "-Wno-unknown-attributes", "-Wno-unknown-pragmas"]
+    result = subprocess.run(
+        ["clang++", *flags, "-I", str(tmp_path), str(tmp_path / "kernels.cpp")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[:4000]
+
+
 def compile_for_hopper(launches, tmp_path):
     """nvcc's (registers per thread, bytes of spill stores) of each launch's CUDA build (float32 I/O) for sm_90a,
     each under its own launch bound as MLX builds it; AssertionError with the compiler's output if it fails."""
