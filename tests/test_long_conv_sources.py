@@ -8,6 +8,7 @@ import subprocess
 
 import mlx.core as mx
 import pytest
+from clang import cindex
 
 from m2bert_hf_mlx import kernels, ops
 from m2bert_hf_mlx.errors import BackendUnavailableError
@@ -186,7 +187,7 @@ def test_metal_instantiation_compiles_as_cpp(tmp_path, dtype):
 # assignable in any address space as Metal's are.
 METAL_ADDRESS_SPACE_SHIM = """
 #pragma once
-#include <cstdint>
+typedef long int64_t;
 #define device __attribute__((address_space(1)))
 #define constant __attribute__((address_space(2)))
 #define threadgroup __attribute__((address_space(3)))
@@ -211,7 +212,6 @@ _CLANG_FORMS = [
 ]
 
 
-@pytest.mark.skipif(shutil.which("clang++") is None, reason="needs clang++ (its address spaces stand in for Metal's)")
 @pytest.mark.parametrize("space", ["device", "constant"])
 def test_metal_instantiation_keeps_address_spaces(tmp_path, space):
     # Every plan, with z and u in the device address space, then in the constant one, where MLX passes an input of
@@ -232,11 +232,11 @@ def test_metal_instantiation_keeps_address_spaces(tmp_path, space):
             re.sub(r"^template \[\[host_name\(\"k\d+\"\)\]\] \[\[kernel\]\] ", "template ", kernel, flags=re.M)
         )
     (tmp_path / "kernels.cpp").write_text("\n".join(source))
-    flags = ["-std=c++17", "-fsyntax-only", "-Wno-unknown-attributes", "-Wno-unknown-pragmas"]
-    result = subprocess.run(
-        ["clang++", *flags, "-I", str(tmp_path), str(tmp_path / "kernels.cpp")], capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[:4000]
+    # libclang (the test extra's wheel, no system compiler needed) parses it without any system header.
+    flags = ["-x", "c++", "-std=c++17", "-nostdinc", "-nostdinc++", "-Wno-unknown-attributes", "-Wno-unknown-pragmas"]
+    unit = cindex.Index.create().parse(str(tmp_path / "kernels.cpp"), args=[*flags, "-I", str(tmp_path)])
+    errors = [str(d) for d in unit.diagnostics if d.severity >= cindex.Diagnostic.Error]
+    assert not errors, "\n".join(errors[:20])
 
 
 def compile_for_hopper(launches, tmp_path):
