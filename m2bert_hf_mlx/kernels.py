@@ -130,10 +130,15 @@ def launch_bound(threads, split=False):
     return f"\n#undef M2_LAUNCH_BOUND\n#define M2_LAUNCH_BOUND {bound}\n"
 
 
+def _is_pow2(x):
+    return x > 0 and x & (x - 1) == 0
+
+
 @dataclass(frozen=True)
 class Tile:
     """One tier of a target's plans: FFTs of up to `max_n` points, `values` complex values per threadgroup, `elems`
-    per thread (threads = values / elems) and FFT stages of radix 2^log_radix (3 or 4; 4 needs elems >= 16).
+    per thread (threads = values / elems, all powers of two) and FFT stages of radix 2^log_radix (3 or 4), at most
+    elems.
 
     split (single passes only): the values stay in registers and pass between threads through threadgroup memory
     one part at a time, real then imaginary (long_conv.h), so a threadgroup needs half the memory: the `*_split`
@@ -146,8 +151,10 @@ class Tile:
     split: bool = False
 
     def __post_init__(self):
-        if self.log_radix not in (3, 4) or (self.log_radix == 4 and self.elems < 16):
+        if self.log_radix not in (3, 4) or self.elems < 1 << self.log_radix or not _is_pow2(self.elems):
             raise ValueError(f"radix 2^{self.log_radix} with {self.elems} values per thread has no kernel")
+        if not (_is_pow2(self.values) and self.values >= self.elems and _is_pow2(self.max_n)):
+            raise ValueError(f"a tile takes powers of two, {self.values} values of at least {self.elems} per thread")
 
     def buffer_slots(self, values, log_row, pad):
         """float2 slots of the threadgroup buffer of `values` in rows of 2^log_row (one float per value if split)."""
@@ -167,6 +174,10 @@ class Target:
     mixer_single_pass: tuple
     four_step: tuple
     pad: bool
+
+    def __post_init__(self):
+        if any(tile.split for tile in self.four_step):
+            raise ValueError("split tiles are single passes: the four-step kernels keep their values in memory")
 
     @property
     def tiles(self):

@@ -2,6 +2,7 @@
 precomputed spectrum and back-end selection."""
 
 import dataclasses
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -323,6 +324,26 @@ def test_split_tile_holds_twice_the_values():
     (launch,) = kernels.plan(kernels.METAL, 1, 3000, 2).launches
     assert launch.kernel == "single_pass_split" and 8 * launch.smem_values == 32768
     assert kernels.METAL.threadgroup_bytes_limit == 32768
+
+
+@pytest.mark.parametrize(
+    "tile, message",
+    [
+        (dict(max_n=64, values=256, elems=4, log_radix=3), "radix 2^3 with 4 values per thread has no kernel"),
+        (dict(max_n=64, values=256, elems=8, log_radix=4), "radix 2^4 with 8 values per thread has no kernel"),
+        (dict(max_n=64, values=256, elems=12, log_radix=3), "with 12 values per thread has no kernel"),
+        (dict(max_n=64, values=384, elems=8, log_radix=3), "powers of two, 384 values"),
+        (dict(max_n=48, values=256, elems=8, log_radix=3), "powers of two"),
+    ],
+)
+def test_tiles_without_a_kernel_are_refused(tile, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        kernels.Tile(**tile)
+
+
+def test_split_four_step_tiles_are_refused():
+    with pytest.raises(ValueError, match="split tiles are single passes"):
+        kernels.Target("t", (), (), (kernels.Tile(1 << 62, 4096, 16, 4, split=True),), pad=False)
 
 
 def test_emulator_enforces_the_metal_threadgroup_limit():
