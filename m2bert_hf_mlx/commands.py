@@ -1,13 +1,17 @@
-"""`m2bert-mlx fill-mask`, `embed`, `demo`, `info` and `upload`: the pipelines, a model summary and Hub uploads on
-the command line (`m2bert_hf_mlx.cli` runs them and reports their errors)."""
+"""`m2bert-mlx fill-mask`, `embed`, `demo`, `info`, `check-kernels` and `upload`: the pipelines, a model summary,
+the kernels' self-checks and Hub uploads on the command line (`m2bert_hf_mlx.cli` runs them and reports their
+errors)."""
 
 import argparse
+import platform
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from . import ops
 from ._package import DEMO_MODEL
 from .distributed import MANIFEST_FILE, add_distributed_arguments, embed_corpus, init_group
 from .embedding_precision import PRECISIONS, quantize_embeddings
@@ -78,6 +82,19 @@ def register(subparsers):
     )
     add_model_arguments(info)
     info.set_defaults(func=run_info)
+
+    check = subparsers.add_parser(
+        "check-kernels",
+        help="check every long-convolution kernel of this machine's GPU against mx.fft",
+        description=(
+            "Build every kernel that long convolutions and the Monarch mixer use up to --max-length tokens on this "
+            "machine's GPU back end (or --backend), and check each against mx.fft as its first use would: one line "
+            "per FFT size and dtype. Exits 1 if any fails; please report that output."
+        ),
+    )
+    check.add_argument("--backend", choices=("metal", "cuda", "emulated"), help="default: this machine's GPU")
+    check.add_argument("--max-length", type=positive_int, default=32768, metavar="L", help="default: 32768")
+    check.set_defaults(func=run_check_kernels)
 
     _register_upload(subparsers)
 
@@ -300,6 +317,25 @@ def run_info(args):
     names = {p: p.name if p.name.isprintable() else quote(p.name) for p in files}
     name_width = max(len(name) for name in names.values())
     print("\n".join(f"  {names[p]:<{name_width}}  {format_size(p.stat().st_size):>9}" for p in files))
+    return 0
+
+
+def run_check_kernels(args):
+    backend = ops.resolve_backend(args.backend)
+    checks = ops.check_kernels(backend, args.max_length)
+    for check in checks:
+        kernels = " + ".join(launch.kernel for launch in check.plan.launches)
+        status = "ok" if check.failure is None else f"FAILED: {check.failure}"
+        print(f"N={check.plan.n:<6} {DTYPE_NAMES[check.dtype]:<9} {kernels:<60} {status}")
+    failed = sum(check.failure is not None for check in checks)
+    where = f"{backend} back end, MLX {mx.__version__}, {platform.platform()}"
+    if failed:
+        print(
+            f"{failed} of {len(checks)} kernel checks failed ({where}). Those plans would run on mx.fft; please "
+            "report this output to the m2bert-hf-mlx issue tracker."
+        )
+        return 1
+    print(f"All {len(checks)} kernel checks passed ({where}).")
     return 0
 
 

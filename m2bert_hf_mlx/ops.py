@@ -14,8 +14,9 @@ CUDA on an NVIDIA GPU and "mlx" on the CPU; the environment variable M2BERT_LONG
 A kernel back end checks itself before its first use of each plan (kernel build) and dtype: it compiles the plan's
 kernels and runs one small convolution against the ``mx.fft`` path. If a build fails or a result is wrong, that back
 end computes every later convolution of the process from the same filter spectrum with ``mx.fft`` (the same
-function, slower) after one `LongConvFallbackWarning`; when M2BERT_LONG_CONV_BACKEND names the back end, it raises
-`LongConvKernelError` instead.
+function, slower) after one `LongConvFallbackWarning` (a split kernel's failure turns off the split kernels alone);
+when M2BERT_LONG_CONV_BACKEND names the back end, it raises `LongConvKernelError` instead. `check_kernels` runs
+every build's check at once and reports them all.
 """
 
 import os
@@ -269,12 +270,44 @@ def _kernels_pass(backend, plan, dtype):
             "kernel on an NVIDIA H200 (docs/benchmarks.md of m2bert-hf-mlx)."
         )
     warn_at_caller(
-        f"The {failed} ({failure}). {fallback} Please report this message with your device, "
-        f"OS and MLX versions to the m2bert-hf-mlx issue tracker; set {BACKEND_ENV}=mlx to skip the check.",
+        f"The {failed} ({failure}). {fallback} Please report this message with your device, OS and MLX versions, "
+        "and the output of `m2bert-mlx check-kernels`, to the m2bert-hf-mlx issue tracker; set "
+        f"{BACKEND_ENV}=mlx to skip the check.",
         LongConvFallbackWarning,
     )
     _failed_scopes[scope] = failure
     return False
+
+
+@dataclass(frozen=True)
+class KernelCheck:
+    """One self-check of `check_kernels`: the plan (its kernels and FFT size), the dtype, and what failed (None)."""
+
+    plan: kernels.Plan
+    dtype: mx.Dtype
+    failure: str | None
+
+
+def check_kernels(backend=None, max_length=32768, dtypes=(mx.float32, mx.float16, mx.bfloat16)):
+    """Runs now the first-use self-check of every kernel build that long convolutions and the mixer of up to
+    `max_length` tokens use on `backend` ("metal", "cuda" or "emulated"; None: the default): one small convolution
+    per FFT size, kernel and dtype against mx.fft, as a first use would. Returns the KernelCheck of each; turns no
+    kernel off and warns nothing, so a failing build can be reported at once (`m2bert-mlx check-kernels`)."""
+    backend = resolve_backend(backend)
+    if backend == "mlx":
+        raise BackendUnavailableError(
+            "There is no kernel back end to check here ('mlx' is mx.fft); use the back end 'emulated' "
+            "(--backend emulated) to run the Metal build on the CPU."
+        )
+    target = _target(backend)
+    # Each FFT size up to max_length's (N = 2L for L a power of two), at the width of the 80M models.
+    lengths = sorted({1 << k for k in range(max_length.bit_length()) if 1 << k <= max_length} | {max_length})
+    plans = {}
+    for length in lengths:
+        for plan in (kernels.plan(target, 1, length, 768), kernels.mixer_plan(target, 1, length, 768)):
+            if plan is not None:
+                plans.setdefault(plan.builds, plan)
+    return [KernelCheck(plan, dtype, _self_check(backend, plan, dtype)) for plan in plans.values() for dtype in dtypes]
 
 
 def _self_check(backend, plan, dtype):

@@ -11,6 +11,8 @@ from test_long_conv import inputs, reference, rel_error
 from test_monarch_mixer import mix, mixer_inputs, mixer_reference
 
 from m2bert_hf_mlx import ops
+from m2bert_hf_mlx.cli import main
+from m2bert_hf_mlx.errors import BackendUnavailableError
 
 # Every test starts from a process that has checked nothing (the fixture is in conftest.py).
 pytestmark = pytest.mark.usefixtures("fresh_checks")
@@ -165,3 +167,50 @@ def test_failed_split_kernels_raise_where_the_backend_is_forced(failing_split_ke
     monkeypatch.setenv(ops.BACKEND_ENV, "emulated")
     with pytest.raises(ops.LongConvKernelError, match="split kernels failed their self-check .* forbids the fallback"):
         conv(None, (1, 3000, 2))
+
+
+def test_check_kernels_checks_every_build_and_turns_none_off(failing_split_kernels):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        checks = ops.check_kernels("emulated", max_length=3000, dtypes=(mx.float32,))
+    # N = 2 to 8192 for the long convolution, the mixer where it has a plan (not at N = 8192 on Metal).
+    assert sorted({check.plan.n for check in checks}) == [1 << k for k in range(1, 14)]
+    for check in checks:
+        split = any(launch.spec.split for launch in check.plan.launches)
+        assert (check.failure is not None) == split, (check.plan.launches[0].kernel, check.failure)
+    assert {check.plan.launches[0].kernel for check in checks if check.failure} == {
+        "single_pass_split",
+        "mixer_single_pass_split",
+    }
+    assert ops._failed_scopes == {} and ops._kernel_checks == {}
+    with pytest.warns(ops.LongConvFallbackWarning, match="split kernels"):  # a first use still checks, and warns
+        conv("emulated", (1, 3000, 2))
+
+
+def test_check_kernels_on_the_command_line(capsys):
+    assert main(["check-kernels", "--backend", "emulated", "--max-length", "64"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 + 3 * 14  # N = 2..128, each dtype, the long convolution and the mixer
+    assert out[-1].startswith("All 42 kernel checks passed (emulated back end, MLX ")
+
+
+def test_check_kernels_on_the_command_line_reports_failures(capsys, failing_split_kernels):
+    assert main(["check-kernels", "--backend", "emulated", "--max-length", "3000"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    failed = [line for line in out if "FAILED" in line]
+    assert len(failed) == 6 and all("_split" in line for line in failed)
+    assert out[-1].startswith("6 of ") and "please report this output" in out[-1]
+
+
+def test_check_kernels_needs_a_kernel_back_end(capsys, monkeypatch):
+    with pytest.raises(BackendUnavailableError, match="no kernel back end to check"):
+        ops.check_kernels("mlx")
+    # A machine without a GPU: its default back end is mx.fft.
+    monkeypatch.setattr(mx.metal, "is_available", lambda: False)
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: False)
+    assert main(["check-kernels"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "m2bert-mlx check-kernels: error: There is no kernel back end to check here ('mlx' is mx.fft); use the back "
+        "end 'emulated' (--backend emulated) to run the Metal build on the CPU."
+    ]
