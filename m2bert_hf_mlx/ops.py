@@ -293,6 +293,8 @@ def check_kernels(backend=None, max_length=32768, dtypes=(mx.float32, mx.float16
     `max_length` tokens use on `backend` ("metal", "cuda" or "emulated"; None: the default): one small convolution
     per FFT size, kernel and dtype against mx.fft, as a first use would. Returns the KernelCheck of each; turns no
     kernel off and warns nothing, so a failing build can be reported at once (`m2bert-mlx check-kernels`)."""
+    if not isinstance(max_length, int) or max_length < 1:
+        raise InputError(f"check_kernels takes max_length as a positive number of tokens; got {max_length!r}.")
     backend = resolve_backend(backend)
     if backend == "mlx":
         raise BackendUnavailableError(

@@ -12,7 +12,7 @@ from test_monarch_mixer import mix, mixer_inputs, mixer_reference
 
 from m2bert_hf_mlx import ops
 from m2bert_hf_mlx.cli import main
-from m2bert_hf_mlx.errors import BackendUnavailableError
+from m2bert_hf_mlx.errors import BackendUnavailableError, InputError
 
 # Every test starts from a process that has checked nothing (the fixture is in conftest.py).
 pytestmark = pytest.mark.usefixtures("fresh_checks")
@@ -205,6 +205,8 @@ def test_check_kernels_on_the_command_line_reports_failures(capsys, failing_spli
 def test_check_kernels_needs_a_kernel_back_end(capsys, monkeypatch):
     with pytest.raises(BackendUnavailableError, match="no kernel back end to check"):
         ops.check_kernels("mlx")
+    with pytest.raises(InputError, match="positive number of tokens; got 0"):
+        ops.check_kernels("emulated", max_length=0)
     # A machine without a GPU: its default back end is mx.fft.
     monkeypatch.setattr(mx.metal, "is_available", lambda: False)
     monkeypatch.setattr(mx.cuda, "is_available", lambda: False)
