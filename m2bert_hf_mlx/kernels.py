@@ -124,8 +124,9 @@ def header(target, threads=None, split=False):
 def launch_bound(threads, split=False):
     """The CUDA prelude's launch bound (prelude_cuda.h) for the kernels that follow it, launched in blocks of
     `threads`: blocks of 1024 threads carry one (there it caps a thread at 64 registers), and split kernels, which
-    nvcc left alone gives more registers than a block of 512 can hold (168 at N = 8192). Bounding the other blocks
-    changed the code of the four-step passes and cost them about 25 % on the H200 (L = 32768)."""
+    keep every value in registers: unbounded, nvcc may give them more than a block of 512 can hold, and the bounded
+    build is the one tests/test_long_conv_sources.py checks. Bounding the other blocks changed the code of the
+    four-step passes and cost them about 25 % on the H200 (L = 32768)."""
     bound = f"__launch_bounds__({threads})" if threads == 1024 or (split and threads) else ""
     return f"\n#undef M2_LAUNCH_BOUND\n#define M2_LAUNCH_BOUND {bound}\n"
 
@@ -137,8 +138,8 @@ def _is_pow2(x):
 @dataclass(frozen=True)
 class Tile:
     """One tier of a target's plans: FFTs of up to `max_n` points, `values` complex values per threadgroup, `elems`
-    per thread (threads = values / elems, all powers of two) and FFT stages of radix 2^log_radix (3 or 4), at most
-    elems.
+    per thread (threads = values / elems, all powers of two) and FFT stages of radix 2^log_radix (3 or 4), which
+    may not exceed elems.
 
     split (single passes only): the values stay in registers and pass between threads through threadgroup memory
     one part at a time, real then imaginary (long_conv.h), so a threadgroup needs half the memory: the `*_split`
