@@ -322,11 +322,13 @@ def run_info(args):
 
 def run_check_kernels(args):
     backend = ops.resolve_backend(args.backend)
-    checks = ops.check_kernels(backend, args.max_length)
-    for check in checks:
+    checks = []
+    for check in ops.check_kernels(backend, args.max_length):
         kernels = " + ".join(launch.kernel for launch in check.plan.launches)
         status = "ok" if check.failure is None else f"FAILED: {check.failure}"
-        print(f"N={check.plan.n:<6} {DTYPE_NAMES[check.dtype]:<9} {kernels:<60} {status}")
+        # Flushed line by line: on CUDA the whole run takes minutes, and a report cut short keeps what it found.
+        print(f"N={check.plan.n:<6} {DTYPE_NAMES[check.dtype]:<9} {kernels:<60} {status}", flush=True)
+        checks.append(check)
     failed = sum(check.failure is not None for check in checks)
     where = f"{backend} back end, MLX {mx.__version__}, {platform.platform()}"
     if failed:

@@ -289,10 +289,12 @@ class KernelCheck:
 
 
 def check_kernels(backend=None, max_length=32768, dtypes=(mx.float32, mx.float16, mx.bfloat16)):
-    """Runs now the first-use self-check of every kernel build that long convolutions and the mixer of up to
+    """Runs the first-use self-check of every kernel build that long convolutions and the mixer of up to
     `max_length` tokens use on `backend` ("metal", "cuda" or "emulated"; None: the default): one small convolution
-    per FFT size, kernel and dtype against mx.fft, as a first use would. Returns the KernelCheck of each; turns no
-    kernel off and warns nothing, so a failing build can be reported at once (`m2bert-mlx check-kernels`)."""
+    per FFT size, kernel and dtype against mx.fft, as a first use would. Returns an iterator that yields the
+    KernelCheck of each as it finishes (a CUDA build compiles for about two seconds); turns no kernel off and warns
+    nothing, so a failing build can be reported at once (`m2bert-mlx check-kernels`). The arguments are checked at
+    the call, the kernels as the iterator is consumed."""
     if not isinstance(max_length, int) or max_length < 1:
         raise InputError(f"check_kernels takes max_length as a positive number of tokens; got {max_length!r}.")
     backend = resolve_backend(backend)
@@ -309,7 +311,7 @@ def check_kernels(backend=None, max_length=32768, dtypes=(mx.float32, mx.float16
         for plan in (kernels.plan(target, 1, length, 768), kernels.mixer_plan(target, 1, length, 768)):
             if plan is not None:
                 plans.setdefault(plan.builds, plan)
-    return [KernelCheck(plan, dtype, _self_check(backend, plan, dtype)) for plan in plans.values() for dtype in dtypes]
+    return (KernelCheck(plan, dtype, _self_check(backend, plan, dtype)) for plan in plans.values() for dtype in dtypes)
 
 
 def _self_check(backend, plan, dtype):

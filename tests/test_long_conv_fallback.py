@@ -172,7 +172,9 @@ def test_failed_split_kernels_raise_where_the_backend_is_forced(failing_split_ke
 def test_check_kernels_checks_every_build_and_turns_none_off(failing_split_kernels):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        checks = ops.check_kernels("emulated", max_length=3000, dtypes=(mx.float32,))
+        pending = ops.check_kernels("emulated", max_length=3000, dtypes=(mx.float32,))
+        assert iter(pending) is pending  # checks run as they are consumed, so a caller can report each at once
+        checks = list(pending)
     # N = 2 to 8192 for the long convolution, the mixer where it has a plan (not at N = 8192 on Metal).
     assert sorted({check.plan.n for check in checks}) == [1 << k for k in range(1, 14)]
     for check in checks:
