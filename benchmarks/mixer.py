@@ -156,16 +156,8 @@ def gradients(args, lengths, channels, path):
             json.dump([{**record, **args.context} for record in records], f, indent=1)
 
 
-# Single-pass tiles for the mixer sweep: values per block, per thread, the log2 of the FFT radix and whether the
-# tile is split (kernels.Tile: half the shared memory).
-SWEEP_TILES = [
-    (2048, 8, 3, False),
-    (4096, 8, 3, False),
-    (4096, 16, 4, False),
-    (8192, 16, 3, False),
-    (8192, 16, 4, False),
-    (8192, 16, 4, True),
-]
+# Single-pass tiles for the mixer sweep: values per block, per thread and the log2 of the FFT radix.
+SWEEP_TILES = [(2048, 8, 3), (4096, 8, 3), (4096, 16, 4), (8192, 16, 3), (8192, 16, 4)]
 
 
 def sweep(args, lengths, channels, path):
@@ -191,10 +183,8 @@ def sweep(args, lengths, channels, path):
             "four-step": tuple(tile for tile in kernels.CUDA.mixer_single_pass if tile.max_n < n),
         }
         variants |= {
-            f"{v} values, {e} per thread, radix {1 << r}" + (", split" if split else ""): (
-                kernels.Tile(n, v, e, r, split),
-            )
-            for v, e, r, split in SWEEP_TILES
+            f"{v} values, {e} per thread, radix {1 << r}": (kernels.Tile(n, v, e, r),)
+            for v, e, r in SWEEP_TILES
             if v >= 2 * n and e * 1024 >= v
         }
         for name, tiles in variants.items():

@@ -88,12 +88,6 @@ KERNELS = {
             _SINGLE_PASS_CONSTANTS,
         ),
         KernelSpec(
-            "mixer_single_pass_split",
-            _MIXER_INPUTS + (("spectrum", "f32"), ("residual_spectrum", "f32"), ("tw", "f32")),
-            (("y", "io"),),
-            _SINGLE_PASS_CONSTANTS,
-        ),
-        KernelSpec(
             "mixer_columns_forward",
             _MIXER_INPUTS + (("tw", "f32"),),
             (("scratch", "f32"),),
@@ -141,9 +135,10 @@ class Tile:
     per thread (threads = values / elems, all powers of two) and FFT stages of radix 2^log_radix (3 or 4), which
     may not exceed elems.
 
-    split (single passes only): the values stay in registers and pass between threads through threadgroup memory
-    one part at a time, real then imaginary (long_conv.h), so a threadgroup needs half the memory: the `*_split`
-    kernels, at twice the barriers per exchange, for FFTs of at least 2^log_radix points."""
+    split (the long convolution's single passes only): the values stay in registers and pass between threads
+    through threadgroup memory one part at a time, real then imaginary (long_conv.h), so a threadgroup needs half the
+    memory: the `single_pass_split` kernel, at twice the barriers per exchange, for FFTs of at least 2^log_radix
+    points."""
 
     max_n: int
     values: int
@@ -179,6 +174,8 @@ class Target:
     def __post_init__(self):
         if any(tile.split for tile in self.four_step):
             raise ValueError("split tiles are single passes: the four-step kernels keep their values in memory")
+        if any(tile.split for tile in self.mixer_single_pass):
+            raise ValueError("split tiles serve the long convolution alone: the mixer has no split kernel")
 
     @property
     def tiles(self):
@@ -192,13 +189,15 @@ class Target:
 
 _ANY_N = 1 << 62
 # Metal: 32 KB of threadgroup memory holds 4096 complex fp32 values, without room for padding, and 8192 values of a
-# split tile: one row of N = 8192 (L <= 4096) or the mixer's two rows of N = 4096 (L <= 2048) in one pass instead of
-# the four-step passes' three through device memory (on the H200 the one-block pass was 1.7 times as fast as those
-# at N = 16384). Untimed: no Apple GPU was available; the first-use self-check guards the build.
+# split tile: one row of N = 8192 (L <= 4096) in one pass instead of the four-step passes' three through device
+# memory (built for CUDA, 1.1 times as fast on the H200 as the four-step passes of this target's tile). The mixer's
+# two rows fit up to N = 2048; beyond, it runs as separate operations: a split mixer kernel at N = 4096 took 1.3
+# times as long as them on the H200 (docs/benchmarks.md). Untimed on Apple GPUs; the first-use self-check guards
+# the builds.
 METAL = Target(
     "metal",
     single_pass=(Tile(4096, 4096, 16, 4), Tile(8192, 8192, 16, 4, split=True)),
-    mixer_single_pass=(Tile(2048, 4096, 16, 4), Tile(4096, 8192, 16, 4, split=True)),
+    mixer_single_pass=(Tile(2048, 4096, 16, 4),),
     four_step=(Tile(_ANY_N, 4096, 16, 4),),
     pad=False,
 )

@@ -261,8 +261,8 @@ def _kernels_pass(backend, plan, dtype):
         )
     if split:
         fallback = (
-            "The plans that use them (the longest single passes) now run without them for the rest of this process, "
-            "the long convolution on mx.fft and the mixer as separate operations; the other kernels keep running."
+            "The plans that use them (the longest single passes) now run on mx.fft for the rest of this process, "
+            "the mixer's separate operations at those lengths among them; the other kernels keep running."
         )
     else:
         fallback = (

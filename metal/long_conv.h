@@ -360,7 +360,7 @@ M2_FUNC void m2_convolve_rows(
 // Register-resident convolutions ("split" tiles). A thread keeps its E values in registers from the load to the
 // store, and threadgroup memory only carries values between threads, one part at a time (all real parts, then all
 // imaginary parts): a threadgroup convolves twice the values its memory holds as complex numbers (on Metal, one row
-// of N = 8192 in 32 KB). The buffer is a float array of the rows' values (m2_slot layout); total = E * nthreads.
+// of N = 8192 in 32 KB; the long convolution only). The buffer is a float array of the rows' values (m2_slot layout); total = E * nthreads.
 //
 // An arrangement says which value index register slot s of a thread holds: the inputs of a Stockham stage of radix
 // 2^LOG_R (STAGE_IN), its outputs after sub-transforms of 2^log_ns (STAGE_OUT), or the bin pairs of the spectral
@@ -526,8 +526,6 @@ M2_FUNC void m2_split_convolve_rows_radix(
     int pair0,
     int pairs,
     const M2_GLOBAL float* spectrum,
-    const M2_GLOBAL float* residual,
-    int mixer,
     const M2_GLOBAL float* tw,
     int tid,
     int nthreads,
@@ -545,14 +543,14 @@ M2_FUNC void m2_split_convolve_rows_radix(
     const int row = q >> (log_n - 1);
     const int p = q & (mid - 1);
     if (pair0 + row < pairs) {
-      const float4 gf = m2_row_filter(spectrum, residual, mixer, pair0 + row, mid + 1, p);
+      const float4 gf = m2_load_float4(spectrum, (pair0 + row) * (mid + 1) + p);
       const m2c g = m2_cx(gf.x, gf.y);
       const m2c f = m2_cx(gf.z, gf.w);
       const m2c a = v[2 * i];
       const m2c b = v[2 * i + 1];
       if (p == 0) {
         // Bins 0 and N / 2, each its own partner.
-        const float4 gh = m2_row_filter(spectrum, residual, mixer, pair0 + row, mid + 1, mid);
+        const float4 gh = m2_load_float4(spectrum, (pair0 + row) * (mid + 1) + mid);
         v[2 * i] = m2_product_at_k(a, a, g, f);
         v[2 * i + 1] = m2_product_at_k(b, b, m2_cx(gh.x, gh.y), m2_cx(gh.z, gh.w));
       } else {
@@ -593,18 +591,14 @@ M2_FUNC void m2_split_convolve_rows(
     int pair0,
     int pairs,
     const M2_GLOBAL float* spectrum,
-    const M2_GLOBAL float* residual,
-    int mixer,
     const M2_GLOBAL float* tw,
     int tid,
     int nthreads,
     int layout) {
   if (log_radix == 4 && E >= 16) {
-    m2_split_convolve_rows_radix<E, 4>(
-        buf, v, log_n, pair0, pairs, spectrum, residual, mixer, tw, tid, nthreads, layout);
+    m2_split_convolve_rows_radix<E, 4>(buf, v, log_n, pair0, pairs, spectrum, tw, tid, nthreads, layout);
   } else {
-    m2_split_convolve_rows_radix<E, 3>(
-        buf, v, log_n, pair0, pairs, spectrum, residual, mixer, tw, tid, nthreads, layout);
+    m2_split_convolve_rows_radix<E, 3>(buf, v, log_n, pair0, pairs, spectrum, tw, tid, nthreads, layout);
   }
 }
 

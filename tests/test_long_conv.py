@@ -56,13 +56,12 @@ def rel_error(y, ref):
 # plan (N = 8192: L = 2049) and its four-step path (L = 4097).
 AWKWARD = [(1, 1, 1), (2, 1, 3), (1, 2, 1), (3, 37, 5), (2, 300, 70), (1, 2049, 3), (2, 4097, 2)]
 
-# Split tiles (kernels.Tile) of both radixes with the padded layout and several rows per threadgroup, for the long
-# convolution and the mixer: FFTs of 16 to 2048 points, each radix with every last stage it can have (a full one,
-# or of radix 2, 4 or 8).
+# Split tiles (kernels.Tile) of both radixes with the padded layout and several rows per threadgroup: FFTs of 16 to
+# 2048 points, each radix with every last stage it can have (a full one, or of radix 2, 4 or 8).
 SPLIT = kernels.Target(
     "split",
     single_pass=(kernels.Tile(64, 256, 8, 3, split=True), kernels.Tile(2048, 2048, 16, 4, split=True)),
-    mixer_single_pass=(kernels.Tile(64, 512, 8, 3, split=True), kernels.Tile(2048, 4096, 16, 4, split=True)),
+    mixer_single_pass=kernels.METAL.mixer_single_pass,
     four_step=kernels.METAL.four_step,
     pad=True,
 )
@@ -341,9 +340,11 @@ def test_tiles_without_a_kernel_are_refused(tile, message):
         kernels.Tile(**tile)
 
 
-def test_split_four_step_tiles_are_refused():
+def test_split_four_step_and_mixer_tiles_are_refused():
     with pytest.raises(ValueError, match="split tiles are single passes"):
         kernels.Target("t", (), (), (kernels.Tile(1 << 62, 4096, 16, 4, split=True),), pad=False)
+    with pytest.raises(ValueError, match="the mixer has no split kernel"):
+        kernels.Target("t", (), (kernels.Tile(4096, 8192, 16, 4, split=True),), (), pad=False)
 
 
 def test_emulator_enforces_the_metal_threadgroup_limit():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from random_checkpoint import canonical_config
-from test_long_conv import SCHEDULES, SPLIT, SPLIT_SHAPES, plan_id, rel_error
 from test_long_conv import reference as long_conv_reference
+from test_long_conv import rel_error
 
 from m2bert_hf_mlx import M2BertConfig, M2BertForMaskedLM, emulator, kernels, ops
 from m2bert_hf_mlx.errors import InputError, InputTypeError
@@ -59,8 +59,8 @@ def mix(backend, arrays, dtype=mx.float32, **kwargs):
     return np.asarray(y.astype(mx.float32))
 
 
-# Metal plans: single pass (one threadgroup, channels left over, odd C), the split single pass at 1024 < L <= 2048
-# (N = 4096), separate operations at 2048 < L <= 4096 (N = 8192), four-step from L = 4097.
+# Metal plans: single pass (one threadgroup, channels left over, odd C), separate operations at 1024 < L <= 4096
+# (N = 4096 and 8192, the latter on the long convolution's split tile), four-step from L = 4097.
 AWKWARD = [(1, 1, 1), (2, 2, 3), (3, 37, 5), (2, 300, 70), (1, 1500, 3), (1, 2049, 3), (2, 4097, 2)]
 
 
@@ -87,22 +87,6 @@ def test_cuda_plans_on_the_emulator(shape):
     assert rel_error(np.asarray(y), mixer_reference(*arrays)) < 2e-6
 
 
-@pytest.mark.parametrize("order", SCHEDULES.values(), ids=SCHEDULES.keys())
-@pytest.mark.parametrize(
-    ("target", "shape"), [(SPLIT, shape) for shape in SPLIT_SHAPES] + [(kernels.METAL, (1, 1500, 3))], ids=plan_id
-)
-def test_split_tiles_on_the_emulator(target, shape, order):
-    # Also one thread at a time between barriers, in both orders (test_long_conv.SCHEDULES).
-    arrays = mixer_inputs(np.random.default_rng(31), *shape)
-    z, u, weight, bias, filters, residual = to_mx(arrays)
-    plan = kernels.plan(target, *shape, mixer=True)
-    assert plan.launches[0].kernel == "mixer_single_pass_split"
-    packed = [kernels.packed_filter(*f, plan.n, plan.n1) for f in (filters, residual)]
-    launch = emulator.launch_fn(target.threadgroup_bytes_limit, order)
-    y = kernels.run_plan(plan, u, packed[0], launch, (z, kernels.short_conv_taps(weight, bias), packed[1]))
-    assert rel_error(np.asarray(y), mixer_reference(*arrays)) < 2e-6
-
-
 @pytest.mark.parametrize("order", [1, -1], ids=["serial", "reversed"])
 @pytest.mark.parametrize("shape", [(3, 37, 5), (1, 2049, 3)], ids=["single-pass", "four-step"])
 def test_metal_plans_in_serial_schedules(shape, order):
@@ -119,9 +103,9 @@ def test_metal_plans_in_serial_schedules(shape, order):
 def test_mixer_plans_share_the_long_convolution_split():
     # Every FFT size to N = 65536: a mixer plan exists exactly where its N1 is the long convolution's, and its
     # threadgroups hold both rows of a channel pair (at least 2 mixer pairs). The long convolution's single pass
-    # reaches one N further than the mixer's, whose two rows of that N do not fit: N = 8192 on Metal (32 KB, split
-    # tiles), 16384 on CUDA (227 KB).
-    without = {kernels.METAL: {8192}, kernels.CUDA: {16384}}
+    # reaches further than the mixer's, whose two rows of those N do not fit: N = 4096 and 8192 on Metal (32 KB, the
+    # long convolution's split tile at 8192), 16384 on CUDA (227 KB).
+    without = {kernels.METAL: {4096, 8192}, kernels.CUDA: {16384}}
     for target in (kernels.METAL, kernels.CUDA):
         for log_n in range(1, 17):
             length = 1 << (log_n - 1)
@@ -131,8 +115,8 @@ def test_mixer_plans_share_the_long_convolution_split():
             assert same_split == ((1 << log_n) not in without[target]), (target.name, length)
             first = dict(mixer.launches[0].constants)
             assert first["LOG_P"] >= 1
-    assert ops.mixer_plan("emulated", 1, 2048, 8).launches[0].kernel == "mixer_single_pass_split"
-    assert ops.mixer_plan("emulated", 1, 2049, 8) is None  # Metal: two rows of N = 8192 exceed 32 KB, even split
+    assert ops.mixer_plan("emulated", 1, 1024, 8).launches[0].kernel == "mixer_single_pass"
+    assert ops.mixer_plan("emulated", 1, 1025, 8) is None  # Metal: two rows of N = 4096 exceed 32 KB
     assert ops.mixer_plan("emulated", 1, 4097, 8) is not None
     assert ops.mixer_plan("mlx", 1, 128, 8) is None
 
@@ -159,9 +143,8 @@ def test_causal_filters():
     assert rel_error(mix("emulated", arrays), mixer_reference(*arrays)) < 2e-6
 
 
-@pytest.mark.parametrize("length", [300, 1500], ids=["single-pass", "split"])
-def test_non_contiguous_inputs_are_read_in_place(length):
-    arrays = mixer_inputs(np.random.default_rng(5), 2, length, 6)
+def test_non_contiguous_inputs_are_read_in_place():
+    arrays = mixer_inputs(np.random.default_rng(5), 2, 300, 6)
     z, u, weight, bias, filters, residual = to_mx(arrays)
     # Transposed storage: (B, C, L) arrays viewed as (B, L, C).
     z_t = mx.array(np.ascontiguousarray(np.asarray(z).transpose(0, 2, 1))).transpose(0, 2, 1)
@@ -170,10 +153,9 @@ def test_non_contiguous_inputs_are_read_in_place(length):
     assert rel_error(np.asarray(y), mixer_reference(*arrays)) < 2e-6
 
 
-@pytest.mark.parametrize("length", [300, 1500], ids=["single-pass", "split"])
 @pytest.mark.parametrize(("dtype", "tolerance"), [(mx.float16, 2e-3), (mx.bfloat16, 1.5e-2)], ids=["fp16", "bf16"])
-def test_low_precision_inputs(dtype, tolerance, length):
-    arrays = mixer_inputs(np.random.default_rng(11), 2, length, 6)
+def test_low_precision_inputs(dtype, tolerance):
+    arrays = mixer_inputs(np.random.default_rng(11), 2, 300, 6)
     z, u = (np.asarray(mx.array(a.astype(np.float32)).astype(dtype).astype(mx.float32)) for a in arrays[:2])
     exact = mixer_reference(z, u, *arrays[2:])
     fused = mix("emulated", (z, u, *arrays[2:]), dtype)
@@ -194,7 +176,7 @@ def mixer_gradients(backend, arrays, seed=14):
     return mx.vjp(f, [z, u, weight, bias, k_fwd, k_rev, skip, r_fwd, r_rev, r_skip], [cotangent])[1]
 
 
-@pytest.mark.parametrize("length", [40, 1500, 4097], ids=["single-pass", "split", "four-step"])
+@pytest.mark.parametrize("length", [40, 4097], ids=["single-pass", "four-step"])
 def test_gradients_match_the_separate_operations(length):
     arrays = mixer_inputs(np.random.default_rng(13), 2, length, 4)
     for fused, separate in zip(mixer_gradients("emulated", arrays), mixer_gradients("mlx", arrays)):
@@ -287,7 +269,7 @@ def tiny_config(length):
     )
 
 
-@pytest.mark.parametrize("length", [30, 1500, 4097], ids=["single-pass", "split", "four-step"])
+@pytest.mark.parametrize("length", [30, 1500, 4097], ids=["single-pass", "separate", "four-step"])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_model_outputs_and_gradients_equal_the_separate_operations(monkeypatch, training, length):
     mx.random.seed(0)
@@ -318,14 +300,18 @@ def test_model_outputs_and_gradients_equal_the_separate_operations(monkeypatch, 
         value, grads = mx.value_and_grad(loss)(model.trainable_parameters())
         results[backend] = (float(value), grads)
     assert results["emulated"][0] == pytest.approx(results["mlx"][0], rel=1e-5)
-    # The forward ran the mixer kernels (once per layer, and the emulator runs eagerly what a GPU would skip), the
-    # backward the long convolutions' kernels.
+    # The forward ran the mixer kernels (once per layer, and the emulator runs eagerly what a GPU would skip), or at
+    # L = 1500 (Metal: N = 4096) the mixer's separate operations; the backward the long convolutions' kernels.
     mixer, long_conv = {
         30: ("mixer_single_pass", "single_pass"),
-        1500: ("mixer_single_pass_split", "single_pass"),
+        1500: (None, "single_pass"),
         4097: ("mixer_columns_forward", "columns_forward"),
     }[length]
-    assert kernels_run.count(mixer) >= 2 and long_conv in kernels_run
+    assert long_conv in kernels_run
+    if mixer is None:
+        assert not any(kernel.startswith("mixer") for kernel in kernels_run)
+    else:
+        assert kernels_run.count(mixer) >= 2
     fused, separate = dict(tree_flatten(results["emulated"][1])), dict(tree_flatten(results["mlx"][1]))
     assert all(float(mx.abs(grad).max()) > 0 for grad in fused.values())
     assert any("filter_fn2.implicit_filter" in name for name in fused)

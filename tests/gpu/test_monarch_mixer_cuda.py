@@ -6,11 +6,10 @@ Skipped where MLX has no CUDA device (CI). On the GPU machine: python -m pytest 
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_long_conv import SPLIT, SPLIT_SHAPES, plan_id, rel_error
-from test_long_conv_cuda import METAL_PLANS
-from test_monarch_mixer import AWKWARD, mix, mixer_gradients, mixer_inputs, mixer_reference, to_mx
+from test_long_conv import rel_error
+from test_monarch_mixer import AWKWARD, mix, mixer_gradients, mixer_inputs, mixer_reference
 
-from m2bert_hf_mlx import kernels, ops
+from m2bert_hf_mlx import ops
 
 pytestmark = [
     pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX with its CUDA back end and a GPU"),
@@ -66,20 +65,3 @@ def test_every_output_is_written():
         del poison
         y = mix("cuda", mixer_inputs(np.random.default_rng(9), *shape))
         assert np.isfinite(y).all(), shape
-
-
-@pytest.mark.parametrize(
-    ("target", "shape"),
-    [(SPLIT, shape) for shape in SPLIT_SHAPES] + [(METAL_PLANS, (2, 1500, 40)), (METAL_PLANS, (1, 2048, 6))],
-    ids=plan_id,
-)
-def test_split_tiles_match_float64(target, shape):
-    # The split mixer kernels, the Metal target's among them (test_long_conv_cuda.METAL_PLANS), on a real GPU.
-    arrays = mixer_inputs(np.random.default_rng(sum(shape)), *shape)
-    z, u, weight, bias, filters, residual = to_mx(arrays)
-    plan = kernels.plan(target, *shape, mixer=True)
-    assert plan.launches[0].kernel == "mixer_single_pass_split"
-    packed = [kernels.packed_filter(*f, plan.n, plan.n1) for f in (filters, residual)]
-    taps = kernels.short_conv_taps(weight, bias)
-    y = kernels.run_plan(plan, u, packed[0], kernels.gpu_launch("cuda"), (z, taps, packed[1]))
-    assert rel_error(np.asarray(y), mixer_reference(*arrays)) < 2e-6
