@@ -190,10 +190,10 @@ class Target:
 _ANY_N = 1 << 62
 # Metal: 32 KB of threadgroup memory holds 4096 complex fp32 values, without room for padding, and 8192 values of a
 # split tile: one row of N = 8192 (L <= 4096) in one pass instead of the four-step passes' three through device
-# memory (built for CUDA, 1.1 times as fast on the H200 as the four-step passes of this target's tile). The mixer's
-# two rows fit up to N = 2048; beyond, it runs as separate operations: a split mixer kernel at N = 4096 took 1.3
-# times as long as them on the H200 (docs/benchmarks.md). Untimed on Apple GPUs; the first-use self-check guards
-# the builds.
+# memory (built for CUDA, 1.1 times as fast on the H200 as the four-step passes of this target's tile, within the
+# noise of that sweep). The mixer's two rows fit up to N = 2048; beyond, it runs as separate operations: a split
+# mixer kernel at N = 4096 took 1.3 times as long as them on the H200 (docs/benchmarks.md). Untimed on Apple GPUs;
+# the first-use self-check guards the builds.
 METAL = Target(
     "metal",
     single_pass=(Tile(4096, 4096, 16, 4), Tile(8192, 8192, 16, 4, split=True)),
@@ -316,7 +316,7 @@ def _fft_rows(channels, mixer):
 def mixer_plan(target, batch, length, channels):
     """The mixer's plan on `target`, or None where its FFT split differs from the long convolution's, so that one
     filter spectrum could not serve both: where one threadgroup holds a single pass of one row but not the mixer's
-    two, N = 8192 on Metal (2048 < L <= 4096, 32 KB) and N = 16384 on CUDA (4096 < L <= 8192)."""
+    two, N = 4096 and 8192 on Metal (1024 < L <= 4096, 32 KB) and N = 16384 on CUDA (4096 < L <= 8192)."""
     mixer = plan(target, batch, length, channels, mixer=True)
     return mixer if mixer.n1 == plan(target, batch, length, channels).n1 else None
 
