@@ -14,7 +14,7 @@ CUDA on an NVIDIA GPU and "mlx" on the CPU; the environment variable M2BERT_LONG
 A kernel back end checks itself before its first use of each plan (kernel build) and dtype: it compiles the plan's
 kernels and runs one small convolution against the ``mx.fft`` path. If a build fails or a result is wrong, that back
 end computes every later convolution of the process from the same filter spectrum with ``mx.fft`` (the same
-function, slower) after one `LongConvFallbackWarning` (a split kernel's failure turns off the split kernels alone);
+function, slower) after one `LongConvFallbackWarning` (a failure of the split kernel turns off that kernel alone);
 when M2BERT_LONG_CONV_BACKEND names the back end, it raises `LongConvKernelError` instead. `check_kernels` runs
 every build's check at once and reports them all.
 """
@@ -235,9 +235,9 @@ _failed_scopes = {}
 
 
 def _failure_scope(backend, plan):
-    """What a failed self-check of `plan` turns off: the back end's split kernels alone where the plan uses them
-    (kernels.Tile.split: groups of 512 register-heavy threads, which a GPU's compiler may refuse while the smaller
-    builds run), else every kernel of the back end."""
+    """What a failed self-check of `plan` turns off: every build of the back end's split kernel alone where the plan
+    uses it (kernels.Tile.split: groups of 512 register-heavy threads, which a GPU's compiler may refuse while the
+    smaller builds run), else every kernel of the back end."""
     return (backend, "split") if any(launch.spec.split for launch in plan.launches) else backend
 
 
@@ -253,7 +253,7 @@ def _kernels_pass(backend, plan, dtype):
     if failure is None:
         return True
     split = scope != backend
-    failed = f"{backend} long-convolution {'split kernels failed their' if split else 'kernel failed its'} self-check"
+    failed = f"{backend} long-convolution {'split kernel' if split else 'kernel'} failed its self-check"
     if os.environ.get(BACKEND_ENV) == backend:
         raise LongConvKernelError(
             f"The {failed} ({failure}); {BACKEND_ENV}={backend} forbids the fallback: unset it to run on mx.fft, and "
@@ -261,7 +261,7 @@ def _kernels_pass(backend, plan, dtype):
         )
     if split:
         fallback = (
-            "The plans that use them (the longest single passes) now run on mx.fft for the rest of this process, "
+            "The plans that use it (the longest single pass) now run on mx.fft for the rest of this process, "
             "the mixer's separate operations at those lengths among them; the other kernels keep running."
         )
     else:

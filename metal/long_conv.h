@@ -17,7 +17,7 @@
 // The FFT is a Stockham transform of radix B = 16 or 8 (the plan's LOG_RADIX), with one stage of a smaller radix
 // last, over rows held in threadgroup memory. Each thread keeps at most E complex values in registers between the
 // two barriers of a stage, so a threadgroup of `nthreads` threads transforms up to E * nthreads values; the split
-// kernels keep theirs in registers throughout (see "Register-resident convolutions" below). Twiddle factors come
+// kernel keeps them in registers throughout (see "Register-resident convolutions" below). Twiddle factors come
 // from a host-side table (float64, rounded once), so every back end multiplies by the same numbers. The stage after
 // sub-transforms of length ns = B^i reads block i of the table, tw[B (B^i - 1) / (B - 1) + r * ns + k] =
 // exp(-2 pi i r k / (B ns)) for r < B, k < ns: adjacent threads (adjacent k) read adjacent entries.
@@ -360,7 +360,8 @@ M2_FUNC void m2_convolve_rows(
 // Register-resident convolutions ("split" tiles). A thread keeps its E values in registers from the load to the
 // store, and threadgroup memory only carries values between threads, one part at a time (all real parts, then all
 // imaginary parts): a threadgroup convolves twice the values its memory holds as complex numbers (on Metal, one row
-// of N = 8192 in 32 KB; the long convolution only). The buffer is a float array of the rows' values (m2_slot layout); total = E * nthreads.
+// of N = 8192 in 32 KB; long_conv_single_pass_split.inc, the long convolution only). The buffer is a float array of
+// the rows' values (m2_slot layout); total = E * nthreads.
 //
 // An arrangement says which value index register slot s of a thread holds: the inputs of a Stockham stage of radix
 // 2^LOG_R (STAGE_IN), its outputs after sub-transforms of 2^log_ns (STAGE_OUT), or the bin pairs of the spectral
@@ -563,7 +564,7 @@ M2_FUNC void m2_split_convolve_rows_radix(
   m2_split_fft<E, LOG_B>(buf, v, log_n, tw, tid, nthreads, layout);
 }
 
-// The split kernels' entry points, radix 2^log_radix (3 or 4, 4 needs E >= 16; a compile-time constant on the GPUs):
+// The split kernel's entry points, radix 2^log_radix (3 or 4, 4 needs E >= 16; a compile-time constant on the GPUs):
 // the load's arrangement, the convolution, and the store's.
 template <int E>
 M2_FUNC void m2_split_get_rows(
