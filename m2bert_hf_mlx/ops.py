@@ -292,11 +292,17 @@ def check_kernels(backend=None, max_length=32768, dtypes=(mx.float32, mx.float16
     """Runs the first-use self-check of every kernel build that long convolutions and the mixer of up to
     `max_length` tokens use on `backend` ("metal", "cuda" or "emulated"; None: the default): one small convolution
     per FFT size, kernel and dtype against mx.fft, as a first use would. Returns an iterator that yields the
-    KernelCheck of each as it finishes (a CUDA build compiles for about two seconds); turns no kernel off and warns
+    KernelCheck of each as it finishes (a CUDA build compiles for about 2.5 s); turns no kernel off and warns
     nothing, so a failing build can be reported at once (`m2bert-mlx check-kernels`). The arguments are checked at
-    the call, the kernels as the iterator is consumed."""
+    the call, each build as the iterator reaches it."""
     if not isinstance(max_length, int) or max_length < 1:
         raise InputError(f"check_kernels takes max_length as a positive number of tokens; got {max_length!r}.")
+    dtypes = tuple(dtypes)  # iterated once per plan
+    unknown = [dtype for dtype in dtypes if dtype not in _CHECK_TOLERANCE]
+    if unknown:
+        raise InputTypeError(
+            f"check_kernels takes dtypes among mx.float32, mx.float16 and mx.bfloat16; got {unknown[0]!r}."
+        )
     backend = resolve_backend(backend)
     if backend == "mlx":
         raise BackendUnavailableError(

@@ -12,7 +12,7 @@ from test_monarch_mixer import mix, mixer_inputs, mixer_reference
 
 from m2bert_hf_mlx import ops
 from m2bert_hf_mlx.cli import main
-from m2bert_hf_mlx.errors import BackendUnavailableError, InputError
+from m2bert_hf_mlx.errors import BackendUnavailableError, InputError, InputTypeError
 
 # Every test starts from a process that has checked nothing (the fixture is in conftest.py).
 pytestmark = pytest.mark.usefixtures("fresh_checks")
@@ -171,9 +171,12 @@ def test_failed_split_kernels_raise_where_the_backend_is_forced(failing_split_ke
 def test_check_kernels_checks_every_build_and_turns_none_off(failing_split_kernels):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        pending = ops.check_kernels("emulated", max_length=3000, dtypes=(mx.float32,))
-        assert iter(pending) is pending  # checks run as they are consumed, so a caller can report each at once
-        checks = list(pending)
+        pending = ops.check_kernels("emulated", max_length=3000, dtypes=iter([mx.float32]))
+        # The checks run as they are consumed, so that a caller can report each at once.
+        assert failing_split_kernels == []
+        first = next(pending)
+        assert failing_split_kernels == ["single_pass"] and first.plan.n == 2
+        checks = [first, *pending]
     # N = 2 to 8192 for the long convolution, the mixer where it has a plan (not at N = 4096 or 8192 on Metal).
     assert sorted({check.plan.n for check in checks}) == [1 << k for k in range(1, 14)]
     for check in checks:
@@ -205,6 +208,8 @@ def test_check_kernels_needs_a_kernel_back_end(capsys, monkeypatch):
         ops.check_kernels("mlx")
     with pytest.raises(InputError, match="positive number of tokens; got 0"):
         ops.check_kernels("emulated", max_length=0)
+    with pytest.raises(InputTypeError, match="dtypes among mx.float32, mx.float16 and mx.bfloat16; got mlx.core.int32"):
+        ops.check_kernels("emulated", dtypes=(mx.float32, mx.int32))
     # A machine without a GPU: its default back end is mx.fft.
     monkeypatch.setattr(mx.metal, "is_available", lambda: False)
     monkeypatch.setattr(mx.cuda, "is_available", lambda: False)
