@@ -143,8 +143,13 @@ def test_causal_filters():
     assert rel_error(mix("emulated", arrays), mixer_reference(*arrays)) < 2e-6
 
 
-def test_non_contiguous_inputs_are_read_in_place():
-    arrays = mixer_inputs(np.random.default_rng(5), 2, 300, 6)
+# The kernels that read z and u: the single pass and the four-step passes' first (and, for z, last).
+READERS = pytest.mark.parametrize("length", [300, 4097], ids=["single-pass", "four-step"])
+
+
+@READERS
+def test_non_contiguous_inputs_are_read_in_place(length):
+    arrays = mixer_inputs(np.random.default_rng(5), 2, length, 6)
     z, u, weight, bias, filters, residual = to_mx(arrays)
     # Transposed storage: (B, C, L) arrays viewed as (B, L, C).
     z_t = mx.array(np.ascontiguousarray(np.asarray(z).transpose(0, 2, 1))).transpose(0, 2, 1)
@@ -153,9 +158,10 @@ def test_non_contiguous_inputs_are_read_in_place():
     assert rel_error(np.asarray(y), mixer_reference(*arrays)) < 2e-6
 
 
+@READERS
 @pytest.mark.parametrize(("dtype", "tolerance"), [(mx.float16, 2e-3), (mx.bfloat16, 1.5e-2)], ids=["fp16", "bf16"])
-def test_low_precision_inputs(dtype, tolerance):
-    arrays = mixer_inputs(np.random.default_rng(11), 2, 300, 6)
+def test_low_precision_inputs(dtype, tolerance, length):
+    arrays = mixer_inputs(np.random.default_rng(11), 2, length, 6)
     z, u = (np.asarray(mx.array(a.astype(np.float32)).astype(dtype).astype(mx.float32)) for a in arrays[:2])
     exact = mixer_reference(z, u, *arrays[2:])
     fused = mix("emulated", (z, u, *arrays[2:]), dtype)

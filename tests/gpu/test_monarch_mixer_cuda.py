@@ -7,9 +7,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from test_long_conv import rel_error
-from test_monarch_mixer import AWKWARD, mix, mixer_gradients, mixer_inputs, mixer_reference
+from test_long_conv_cuda import METAL_PLANS
+from test_monarch_mixer import AWKWARD, mix, mixer_gradients, mixer_inputs, mixer_reference, to_mx
 
-from m2bert_hf_mlx import ops
+from m2bert_hf_mlx import kernels, ops
 
 pytestmark = [
     pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX with its CUDA back end and a GPU"),
@@ -65,3 +66,19 @@ def test_every_output_is_written():
         del poison
         y = mix("cuda", mixer_inputs(np.random.default_rng(9), *shape))
         assert np.isfinite(y).all(), shape
+
+
+@pytest.mark.parametrize(
+    ("shape", "kernel"), [((2, 1000, 40), "mixer_single_pass"), ((1, 4097, 6), "mixer_columns_forward")], ids=str
+)
+def test_metal_plans_match_float64(shape, kernel):
+    # The Metal target's mixer plans built for CUDA (test_long_conv_cuda.METAL_PLANS), its single pass and its
+    # four-step passes: the same bodies on a real GPU's concurrent threads, the nearest check of them to an Apple GPU.
+    arrays = mixer_inputs(np.random.default_rng(sum(shape)), *shape)
+    z, u, weight, bias, filters, residual = to_mx(arrays)
+    plan = kernels.plan(METAL_PLANS, *shape, mixer=True)
+    assert plan.launches[0].kernel == kernel
+    packed = [kernels.packed_filter(*f, plan.n, plan.n1) for f in (filters, residual)]
+    taps = kernels.short_conv_taps(weight, bias)
+    y = kernels.run_plan(plan, u, packed[0], kernels.gpu_launch("cuda"), (z, taps, packed[1]))
+    assert rel_error(np.asarray(y), mixer_reference(*arrays)) < 2e-6
