@@ -89,7 +89,7 @@ def register(subparsers):
         description=(
             "Build every kernel that long convolutions and the Monarch mixer use up to --max-length tokens on this "
             "machine's GPU back end (or --backend), and check each against mx.fft as its first use would: one line "
-            "per FFT size and dtype. Exits 1 if any fails; please report that output."
+            "per FFT size, kernel and dtype, as each finishes. Exits 1 if any fails; please report that output."
         ),
     )
     check.add_argument("--backend", choices=("metal", "cuda", "emulated"), help="default: this machine's GPU")
