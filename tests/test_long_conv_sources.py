@@ -80,11 +80,22 @@ def cuda_kernel_source(launch, dtype, kernel_name):
     )
 
 
+# What both stand-ins for Metal's standard library below declare alike in namespace metal: the grid's coordinates
+# and the barrier.
+_METAL_GRID_AND_BARRIER = """
+struct uint3 {
+  unsigned x, y, z;
+};
+enum class mem_flags { mem_none, mem_threadgroup };
+inline void threadgroup_barrier(mem_flags) {}
+"""
+
 # A stand-in for Metal's standard library, enough for a C++ compiler to parse and type-check the Metal build
 # (address spaces and attributes are dropped: they are Metal's own). half is a macro for a type that cannot be
 # declared as a name: in Metal half is a keyword, a built-in type like float, and a variable of that name fails
 # to compile there as it then does here.
-METAL_STDLIB_SHIM = """
+METAL_STDLIB_SHIM = (
+    """
 #pragma once
 #include <cstdint>
 #define device
@@ -100,12 +111,9 @@ struct float2 {
 struct float4 {
   float x, y, z, w;
 };
-struct uint3 {
-  unsigned x, y, z;
-};
-enum class mem_flags { mem_none, mem_threadgroup };
-inline void threadgroup_barrier(mem_flags) {}
-}  // namespace metal
+"""
+    + _METAL_GRID_AND_BARRIER
+    + """}  // namespace metal
 #define half decltype(_Float16())
 struct bfloat16_t {
   uint16_t bits;
@@ -113,6 +121,7 @@ struct bfloat16_t {
   operator float() const { return 0.0f; }
 };
 """
+)
 
 CUDA_UTILS_STUB = """
 #pragma once
@@ -185,7 +194,8 @@ def test_metal_instantiation_compiles_as_cpp(tmp_path, dtype):
 # Metal's address spaces as clang's (device 1, constant 2, threadgroup 3; thread is the default), so that a pointer
 # passed where Metal expects another address space fails to compile here too. float2 and float4 are clang's vectors,
 # assignable in any address space as Metal's are.
-METAL_ADDRESS_SPACE_SHIM = """
+METAL_ADDRESS_SPACE_SHIM = (
+    """
 #pragma once
 typedef long int64_t;
 #define device __attribute__((address_space(1)))
@@ -195,13 +205,10 @@ typedef long int64_t;
 namespace metal {
 typedef float float2 __attribute__((ext_vector_type(2)));
 typedef float float4 __attribute__((ext_vector_type(4)));
-struct uint3 {
-  unsigned x, y, z;
-};
-enum class mem_flags { mem_none, mem_threadgroup };
-inline void threadgroup_barrier(mem_flags) {}
-}  // namespace metal
 """
+    + _METAL_GRID_AND_BARRIER
+    + "}  // namespace metal\n"
+)
 
 # What clang takes otherwise than Metal, in the Metal prelude and MLX's source: a clang vector is made with braces,
 # an address space on an automatic variable (Metal's threadgroup buffer in a kernel) only where it is static, and
